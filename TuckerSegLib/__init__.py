@@ -1,0 +1,13 @@
+"""TuckerSeg: TotalSegmentator with Tucker-2 compressed nnU-Net networks.
+
+Layers, from the bottom up:
+
+- ``decomposition``: tensor math (Tucker-2 of a conv kernel) and rank policies;
+- ``network``: factorised conv modules, network surgery, params/MACs accounting;
+- ``models``: nnU-Net model folders, TotalSegmentator weights, compressed-model files, the cache;
+- ``engines``: PyTorch / OpenVINO execution of a (compressed) network;
+- ``pipeline``: TotalSegmentator's own segmentation pipeline with compressed networks;
+- ``evaluation``, ``finetune``, ``demo``: quality, recovery and the offline demo;
+- ``cli``: the ``tuckerseg`` command; the Slicer module lives in ``TuckerSeg/``.
+"""
+__version__ = "0.1.0"

@@ -1,0 +1,104 @@
+"""Entry point of the ``tuckerseg`` command.
+
+Each subcommand lives in its own module ``TuckerSegLib.cli.<name>_cmd`` exposing
+``HELP`` (one line), ``add_arguments(parser)`` and ``run(args, progress) -> int``. Modules are
+imported only for the command that runs, so ``tuckerseg --help`` stays fast.
+
+User errors (``TuckerSegError``) print one line and exit non-zero; ``--debug`` shows tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import List, Optional
+
+from TuckerSegLib.errors import TuckerSegError
+from TuckerSegLib.progress import make_progress
+
+# name -> (module, one-line help). The order is the order of `tuckerseg --help`.
+COMMANDS = {
+    "demo": ("demo_cmd", "offline demo: phantom CT, compress the built-in model at a few ratios, segment, report"),
+    "compress": ("compress_cmd", "compress an nnU-Net model folder at a ratio into a compressed-model folder"),
+    "info": ("info_cmd", "report params, MACs and ranks of an nnU-Net or compressed-model folder"),
+    "segment": ("segment_cmd", "segment a CT with compressed TotalSegmentator models"),
+    "eval": ("eval_cmd", "compare compressed models against references and the uncompressed model"),
+    "bench": ("bench_cmd", "time stock vs compressed networks per patch and end to end"),
+    "finetune": ("finetune_cmd", "recover quality by distilling a compressed model from its original"),
+}
+
+
+def _available_commands() -> dict:
+    """Commands whose module is present in this installation."""
+    found = {}
+    for name, (module, help_text) in COMMANDS.items():
+        if importlib.util.find_spec(f"TuckerSegLib.cli.{module}") is not None:
+            found[name] = (module, help_text)
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from TuckerSegLib import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="tuckerseg",
+        description="TotalSegmentator with Tucker-2 compressed nnU-Net networks: pick a compression "
+                    "ratio, get the segmentation faster.",
+    )
+    parser.add_argument("--version", action="version", version=f"tuckerseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in _available_commands().items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--progress", choices=["bar", "json", "none"], default="bar",
+                       help="progress display: tqdm bar on stderr (default), JSON event lines on "
+                            "stdout (for the Slicer module), or none")
+        p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+        p.set_defaults(_module=module)
+        # The command's own arguments are added lazily, only for the command being parsed.
+        p.set_defaults(_lazy=True)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    commands = _available_commands()
+    # Add the chosen command's arguments before parsing (keeps --help of other commands cheap).
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    if chosen in commands:
+        mod = importlib.import_module(f"TuckerSegLib.cli.{commands[chosen][0]}")
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        mod.add_arguments(subparsers.choices[chosen])
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 1
+    mod = importlib.import_module(f"TuckerSegLib.cli.{args._module}")
+    progress = make_progress(args.progress)
+    debug = args.debug or os.environ.get("TUCKERSEG_DEBUG") == "1"
+    try:
+        code = mod.run(args, progress)
+        return int(code or 0)
+    except TuckerSegError as exc:
+        if debug:
+            raise
+        progress.error(str(exc))
+        print(f"tuckerseg {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        progress.error("cancelled")
+        print(f"tuckerseg {args.command}: cancelled", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure: still one line unless --debug
+        if debug:
+            raise
+        message = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        progress.error(message)
+        print(f"tuckerseg {args.command}: internal error: {message} (rerun with --debug for the "
+              f"traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
