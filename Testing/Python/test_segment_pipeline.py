@@ -38,8 +38,17 @@ def stock_fast(shared_data, weights_root, tmp_path_factory) -> Path:
     from totalsegmentator.python_api import totalsegmentator
 
     out = tmp_path_factory.mktemp("stock") / "seg.nii.gz"
-    totalsegmentator(str(shared_data / "example_ct_sm.nii.gz"), str(out), ml=True, fast=True,
-                     device="cpu", quiet=True)
+    home = weights_root.parents[1]
+    # Session fixtures run before conftest's per-test isolated home: set the same home here.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOTALSEG_HOME_DIR", str(home))
+        mp.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
+        if not (home / "config.json").exists():
+            (home / "config.json").write_text(json.dumps({
+                "totalseg_id": "totalseg_tests", "send_usage_stats": False, "prediction_counter": 0,
+                "statistics_disclaimer_shown": True}))
+        totalsegmentator(str(shared_data / "example_ct_sm.nii.gz"), str(out), ml=True, fast=True,
+                         device="cpu", quiet=True)
     return out
 
 
