@@ -7,7 +7,10 @@ nnunetv2's ``PlansManager`` converts ("Detected old nnU-Net plans format"), so t
 from them come out of nnU-Net's own code path.
 
 Verified (see Testing/Python/test_totalseg_models.py): 291-295 give 31.19 M params (25-class head)
-and 480.6 G MACs per 128^3 patch; 297 gives 16.55 M params and 369.1 G MACs per patch.
+and 480.6 G MACs per 128^3 patch; 297 gives 16.55 M params and 369.1 G MACs per patch. These are
+the paper's conventions: params of the modules that run (nnU-Net also builds unused
+deep-supervision heads: 31.21 / 16.60 M with them), MACs as fvcore counts them (conv MACs
+478.8 / 367.8 G plus 5 per InstanceNorm output element).
 Dataset 298 (6 mm) is a best guess (same network as 297): NOT verified against its plans.json.
 Intensity statistics are typical CT foreground values, not TotalSegmentator's exact numbers
 (they only affect the CT normalisation of the test models, never the architecture).
