@@ -77,7 +77,7 @@ def build_segmentation(labelmap_node, labels: Mapping[int, str],
         term = terminology.get(name)
         segment.SetColor(*(term.color if term else DEFAULT_COLOR))
         if term:
-            segment.SetTag(segment.GetTerminologyEntryTagName(), term.entry)
+            segment.SetTerminology(term.entry)  # the TerminologyEntry tag
         segment.AddRepresentation(binary, image)  # shared layer: every segment, one image
         segmentation.AddSegment(segment, name)
     return segmentation
@@ -125,7 +125,8 @@ def commit_segmentation(segmentation, input_volume, output_node=None, name: Opti
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     if sh is not None:
         volume_item = sh.GetItemByDataNode(input_volume)
-        seg_item = sh.GetItemByDataNode(output_node)
-        if volume_item and seg_item:
-            sh.SetItemParent(seg_item, sh.GetItemParent(volume_item))
+        if volume_item:
+            study = sh.GetItemParent(volume_item)
+            seg_item = sh.GetItemByDataNode(output_node) or sh.CreateItem(study, output_node)
+            sh.SetItemParent(seg_item, study)
     return output_node
