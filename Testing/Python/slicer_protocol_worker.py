@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     else:
         hu = np.asanyarray(image.dataobj)
         labels = np.zeros(hu.shape, np.uint8)
-        labels[hu > 300] = 25      # vertebrae-like: bright bone
+        labels[hu > 300] = 25      # bright bone, named sacrum
         labels[(hu > 30) & (hu <= 80)] = 5   # soft tissue, named liver
     if args.roi_subset:
         keep = [v for v, n in names.items() if n in args.roi_subset]
