@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from TuckerSegLib.errors import Cancelled, InputError, TuckerSegError, check_ratio
 
 from . import segmentation_import, structures, terminology, volume_io
-from .worker import WorkerProcess, python_executable
+from .worker import WorkerProcess, python_executable, worker_environment
 
 QUALITIES = {"default": None, "fast": "--fast", "fastest": "--fastest"}
 QUALITY_SPACING_MM = {"default": 1.5, "fast": 3.0, "fastest": 6.0}
@@ -134,7 +134,7 @@ class SegmentationRun:
             argv = build_command(self.request, input_path, self._temp / "output.nii.gz",
                                  self.command_prefix)
             self.callbacks.on_log("Running: " + " ".join(argv))
-            self.worker = WorkerProcess(argv, env=self.env).start()
+            self.worker = WorkerProcess(argv, env=worker_environment(self.env)).start()
         except Exception:
             self._cleanup()
             raise

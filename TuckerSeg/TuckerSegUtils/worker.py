@@ -144,6 +144,22 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
+def worker_environment(base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The child's environment: ``base`` (default: ours) with ``TuckerSegLib`` importable.
+
+    Inside Slicer the extension's ``TuckerSegLib`` sits in the scripted-modules folder, which
+    Slicer puts on its own ``sys.path`` but a fresh ``PythonSlicer`` would not search.
+    """
+    import TuckerSegLib
+
+    env = dict(os.environ if base is None else base)
+    lib_parent = os.path.dirname(os.path.dirname(os.path.abspath(TuckerSegLib.__file__)))
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if lib_parent not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([lib_parent, *paths])
+    return env
+
+
 def python_executable() -> str:
     """The Python that runs the worker: ``PythonSlicer`` inside Slicer, else this interpreter."""
     import shutil
