@@ -11,8 +11,8 @@ Console use (synchronous)::
     logic = slicer.util.getModuleLogic("TuckerSeg")  # or TuckerSeg.TuckerSegLogic()
     summary = logic.process(volumeNode, None, ratio=0.3, task="total", quality="fast")
 """
-from __future__ import annotations
 
+# No "from __future__ import annotations": parameterNodeWrapper reads the annotations as types.
 import logging
 import os
 from typing import Annotated, Callable, List, Optional

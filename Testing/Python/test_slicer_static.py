@@ -237,3 +237,9 @@ def test_catalog_entry_has_the_required_fields():
     sets = cmake_sets(REPO / "CMakeLists.txt")
     assert entry["category"] == " ".join(sets["EXTENSION_CATEGORY"])
     assert entry["build_dependencies"] == sets["EXTENSION_DEPENDS"]
+
+
+def test_module_annotations_stay_real_types():
+    """parameterNodeWrapper inspects the class annotations: postponed (string) ones would break it."""
+    tree = ast.parse(MODULE_PY.read_text())
+    assert not any(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in tree.body)

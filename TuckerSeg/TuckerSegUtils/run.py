@@ -130,7 +130,8 @@ class SegmentationRun:
         self._t0 = time.perf_counter()
         self._temp = Path(tempfile.mkdtemp(prefix="tuckerseg-slicer-"))
         try:
-            input_path = volume_io.export_volume(self.input_volume, self._temp / "input.nii.gz")
+            # Uncompressed: writing is then a plain copy, quick even for large CTs.
+            input_path = volume_io.export_volume(self.input_volume, self._temp / "input.nii")
             argv = build_command(self.request, input_path, self._temp / "output.nii.gz",
                                  self.command_prefix)
             self.callbacks.on_log("Running: " + " ".join(argv))
