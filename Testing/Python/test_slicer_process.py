@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from slicer_helpers import (REPO, WORKER_SCRIPT, load_volume, new_scene, segment_array,

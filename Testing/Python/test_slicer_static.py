@@ -13,7 +13,6 @@ import struct
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "TuckerSeg"
@@ -243,3 +242,22 @@ def test_module_annotations_stay_real_types():
     """parameterNodeWrapper inspects the class annotations: postponed (string) ones would break it."""
     tree = ast.parse(MODULE_PY.read_text())
     assert not any(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in tree.body)
+
+
+def test_names_the_module_imports_from_its_helpers_exist():
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(MODULE))
+    try:
+        tree = ast.parse(MODULE_PY.read_text())
+        imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                   and (n.module or "").startswith("TuckerSegUtils")]
+        assert imports
+        for node in imports:
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                if not hasattr(module, alias.name):
+                    importlib.import_module(f"{node.module}.{alias.name}")  # a submodule
+    finally:
+        sys.path.remove(str(MODULE))
