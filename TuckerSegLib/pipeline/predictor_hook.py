@@ -10,7 +10,6 @@ predictor reloads it into the network before every case.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import os
 import time
@@ -23,10 +22,13 @@ import torch
 from torch import nn
 
 from TuckerSegLib.errors import EngineError, ModelError
+from TuckerSegLib.models.checkpoint import load_checkpoint
 from TuckerSegLib.progress import NullProgress, Progress
 
 # Engines turn a (compressed) PyTorch network into the module the predictor runs. "torch" runs it
 # as is; other engines (e.g. OpenVINO) register a wrapper here: fn(network, patch_size, device).
+# The predictor calls ``load_state_dict(list_of_parameters[0])`` on the module before each case, so
+# a wrapper must accept the wrapped network's state dict (e.g. delegate it, or ignore identical ones).
 EngineFn = Callable[[nn.Module, Tuple[int, ...], torch.device], nn.Module]
 ENGINES: Dict[str, EngineFn] = {"torch": lambda network, patch_size, device: network}
 
@@ -52,45 +54,12 @@ class ModelUse:
     manifest: dict = field(default_factory=dict)
 
 
-def load_checkpoint(path: Union[str, Path]) -> dict:
-    """Load an nnU-Net checkpoint without executing pickled code (tensors, numbers, numpy scalars)."""
-    import numpy as np
-
-    safe = [np.dtype, np.ndarray]
-    try:
-        safe.append(np.core.multiarray.scalar)  # type: ignore[attr-defined]
-    except AttributeError:  # numpy >= 2 moved it
-        pass
-    try:
-        from numpy._core.multiarray import scalar as _scalar  # type: ignore
-        safe.append(_scalar)
-    except ImportError:
-        pass
-    try:
-        from numpy.core.multiarray import _reconstruct  # type: ignore
-        safe.append(_reconstruct)
-    except ImportError:
-        pass
-    safe += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
-    try:
-        with torch.serialization.safe_globals(safe):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelError(f"checkpoint not found: {path}") from None
-    except Exception as exc:
-        raise ModelError(f"cannot load checkpoint {path} safely ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:160]})") from None
-
-
 def count_cost(network: nn.Module, patch_size: Tuple[int, ...], in_channels: int = 1) -> Tuple[int, int]:
-    """Params and MACs per patch of a network (MACs counted on a meta-device copy, no compute)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Params and MACs per patch, in the project's convention (``TuckerSegLib.network.cost``)."""
+    from TuckerSegLib.network.cost import count_cost as _count
 
-    params = sum(p.numel() for p in network.parameters())
-    meta = copy.deepcopy(network).to("meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        meta(torch.empty(1, in_channels, *patch_size, device="meta"))
-    return int(params), int(counter.get_total_flops() // 2)
+    cost = _count(network, (1, in_channels, *patch_size))
+    return int(cost.params), int(cost.macs)
 
 
 def _dataset_id(folder: Path) -> Optional[int]:
@@ -147,50 +116,65 @@ class CompressedPredictorHook:
             raise ModelError(f"model folder {folder} is incomplete: {exc.filename} is missing") from None
         plans_manager = PlansManager(plans)
 
-        checkpoints = [load_checkpoint(folder / f"fold_{f}" / checkpoint_name) for f in use_folds]
-        first = checkpoints[0]
-        trainer_name = first["trainer_name"]
-        configuration_name = first["init_args"]["configuration"]
-        mirroring = first.get("inference_allowed_mirroring_axes")
-        configuration_manager = plans_manager.get_configuration(configuration_name)
-        num_in = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
-        num_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-        trainer_class = prd.recursive_find_trainer_class_by_name(trainer_name)
-        if "plans_manager" in inspect.signature(trainer_class.build_network_architecture).parameters:
-            original = trainer_class.build_network_architecture(
-                plans_manager, configuration_manager, num_in, num_out, enable_deep_supervision=False)
-        else:
-            original = trainer_class.build_network_architecture(
-                configuration_manager.network_arch_class_name,
-                configuration_manager.network_arch_init_kwargs,
-                configuration_manager.network_arch_init_kwargs_req_import,
-                num_in, num_out, enable_deep_supervision=False)
-        original.load_state_dict(first["network_weights"])
-        patch = tuple(int(p) for p in configuration_manager.patch_size)
-        params0, macs0 = count_cost(original, patch, num_in)
-
         manifest: dict = {}
         if self.ratio >= 1.0:
-            network = original
+            # Stock behaviour: nnU-Net's own network, every requested fold's weights.
+            checkpoints = [load_checkpoint(folder / f"fold_{f}" / checkpoint_name) for f in use_folds]
+            first = checkpoints[0]
+            trainer_name = first["trainer_name"]
+            configuration_name = first["init_args"]["configuration"]
+            mirroring = first.get("inference_allowed_mirroring_axes")
+            configuration_manager = plans_manager.get_configuration(configuration_name)
+            num_in = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+            num_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+            trainer_class = prd.recursive_find_trainer_class_by_name(trainer_name)
+            if "plans_manager" in inspect.signature(trainer_class.build_network_architecture).parameters:
+                network = trainer_class.build_network_architecture(
+                    plans_manager, configuration_manager, num_in, num_out, enable_deep_supervision=False)
+            else:
+                network = trainer_class.build_network_architecture(
+                    configuration_manager.network_arch_class_name,
+                    configuration_manager.network_arch_init_kwargs,
+                    configuration_manager.network_arch_init_kwargs_req_import,
+                    num_in, num_out, enable_deep_supervision=False)
+            network.load_state_dict(first["network_weights"])
             parameters = [c["network_weights"] for c in checkpoints]
+            patch = tuple(int(p) for p in configuration_manager.patch_size)
+            params0, macs0 = count_cost(network, patch, num_in)
             params, macs = params0, macs0
         else:
-            from TuckerSegLib.models.cache import get_compressed_network
+            # Compressed: from the cache (built once, then loaded without the original checkpoint).
+            from TuckerSegLib.models.cache import get_compressed_model
 
-            self.progress.stage("compress", f"compressing {folder.parent.name} to ratio {self.ratio:g}")
-            network, manifest = get_compressed_network(
-                folder, fold=use_folds[0], policy=self.policy, ratio=self.ratio,
-                cache_dir=self.cache_dir, checkpoint_name=checkpoint_name, progress=self.progress)
-            network.eval()
+            self.progress.stage("compress", f"compressed network for {folder.parent.name} "
+                                            f"(ratio {self.ratio:g}, {self.policy})")
+            model = get_compressed_model(folder, fold=use_folds[0], policy=self.policy,
+                                         ratio=self.ratio, cache_dir=self.cache_dir,
+                                         checkpoint_name=checkpoint_name, progress=self.progress)
+            network = model.network.eval()
+            manifest = model.manifest or {}
+            trainer_name = model.trainer_name
+            configuration_manager = plans_manager.get_configuration(model.configuration)
+            if "NoMirroring" in trainer_name:
+                mirroring = None  # what these trainers store; saves reading the original checkpoint
+            else:
+                ckpt = load_checkpoint(folder / f"fold_{use_folds[0]}" / checkpoint_name)
+                mirroring = ckpt.get("inference_allowed_mirroring_axes")
             parameters = [network.state_dict()]
-            params, macs = count_cost(network, patch, num_in)
-            del original
+            patch = tuple(int(p) for p in model.patch_size)
+            report = manifest.get("report", {})
+            if "original" in report and "compressed" in report:
+                params0, macs0 = int(report["original"]["params"]), int(report["original"]["macs"])
+                params, macs = int(report["compressed"]["params"]), int(report["compressed"]["macs"])
+            else:
+                params, macs = count_cost(network, patch, model.num_input_channels)
+                params0, macs0 = params, macs
 
+        network.load_state_dict(parameters[0])
         network = ENGINES[self.engine](network, patch, predictor.device)
         predictor.plans_manager = plans_manager
         predictor.configuration_manager = configuration_manager
         predictor.list_of_parameters = parameters
-        network.load_state_dict(parameters[0])
         predictor.network = network
         predictor.dataset_json = dataset_json
         predictor.trainer_name = trainer_name
