@@ -164,6 +164,7 @@ def _bad_inputs(tmp: Path, ct: Path):
         ("4d", ["-i", _write(tmp / "4d.nii.gz", np.stack([vol, vol], -1))], "4D image"),
         ("nan", ["-i", _write(tmp / "nan.nii.gz", nan)], "NaN"),
         ("constant", ["-i", _write(tmp / "const.nii.gz", np.zeros((20, 20, 20), np.float32))], "empty"),
+        ("no_dicom", ["-i", tmp / "readonly"], "without a DICOM series"),
         ("task", ["-i", ct, "--task", "no_such_task"], "unknown task"),
         ("ratio", ["-i", ct, "--ratio", "1.5"], "ratio must be in"),
         ("ratio0", ["-i", ct, "--ratio", "0"], "ratio must be in"),
@@ -189,6 +190,13 @@ def test_bad_inputs_give_one_line_and_no_output(shared_data, weights_root, tmp_p
         assert "Traceback" not in proc.stderr and fragment in lines[0], (name, lines[0])
         assert not out.exists(), name
     assert not list(tmp_path.rglob(".tuckerseg-tmp-*"))
+
+
+def test_dicom_folder_is_accepted(shared_data):
+    from TuckerSegLib.pipeline.inputs import check_input
+
+    checked = check_input(shared_data / "example_ct_dicom")
+    assert checked.kind == "dicom" and len(checked.shape) == 3 and min(checked.shape) > 1
 
 
 def test_missing_weights_offline_one_line(shared_data, tmp_path):

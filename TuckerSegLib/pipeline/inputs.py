@@ -73,11 +73,15 @@ def _check_nifti(path: Path) -> CheckedInput:
 def _check_dicom(path: Path) -> CheckedInput:
     import SimpleITK as sitk
 
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM would print "No Series were found"
     try:
         reader = sitk.ImageSeriesReader()
         series = reader.GetGDCMSeriesIDs(str(path))
     except Exception:
         series = ()
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
     if not series:
         raise InputError(f"{path} is a folder without a DICOM series (and not a .nii/.nii.gz file)")
     try:
