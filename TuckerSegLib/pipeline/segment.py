@@ -44,6 +44,7 @@ class SegmentResult:
     mode: str
     device: str
     models: List[Dict[str, Any]] = field(default_factory=list)
+    files: List[str] = field(default_factory=list)  # every file written (segmentation, statistics)
 
     def to_event(self) -> dict:
         """The JSON-serialisable ``result`` event payload (the Slicer module reads these keys)."""
@@ -221,6 +222,11 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
         timings[f"model_{i + 1}_load"] = m.load_seconds
         timings[f"model_{i + 1}_predict"] = m.predict_seconds
 
+    if ml:
+        files = [str(output)] + [str(output.parent / n) for n in ("statistics.json",)
+                                 if totalseg_kwargs.get("statistics") and (output.parent / n).exists()]
+    else:
+        files = sorted(str(f) for f in output.iterdir() if f.is_file())
     used = [{"dataset_id": m.dataset_id, "folder": m.folder, "params": m.params, "macs": m.macs,
              "params_original": m.params_original, "macs_original": m.macs_original,
              "patch_size": list(m.patch_size), "load_seconds": round(m.load_seconds, 3),
@@ -232,7 +238,8 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
         params_original=sum(m.params_original for m in hook.models),
         macs_original=sum(m.macs_original for m in hook.models),
         ratio=ratio, policy=policy, task=task,
-        mode="fast" if fast else ("fastest" if fastest else "default"), device=ts_device, models=used)
+        mode="fast" if fast else ("fastest" if fastest else "default"), device=ts_device,
+        models=used, files=files)
     progress.update(1.0, "done", stage="predict")
     progress.result(result.to_event())
     return result
