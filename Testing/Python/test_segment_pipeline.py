@@ -117,6 +117,7 @@ def test_compressed_fast_output_and_cache_reuse(stock_fast, shared_data, tmp_pat
     evs = [e for e in map(parse_event, proc.stdout.splitlines()) if e]
     res = [e for e in evs if e["type"] == "result"][0]["result"]
     assert not [e for e in evs if e["type"] == "log" and "compressing" in e["message"]]
+    assert [e for e in evs if e["type"] == "stage" and e["stage"] == "predict"]
     assert {p: p.stat().st_mtime_ns for p in cached_files} == mtimes
     assert sorted(p for p in cache.rglob("*") if p.is_file()) == cached_files
     assert np.array_equal(_data(out2), _data(out))

@@ -83,7 +83,7 @@ class CompressedPredictorHook:
         self.cache_dir = cache_dir
         self.engine = engine
         self.progress = progress or NullProgress()
-        self.on_model = on_model  # called as on_model(index, folder) before each model loads
+        self.on_model = on_model  # on_model(index, folder) once a model is loaded, before it predicts
         self.models: List[ModelUse] = []
         self._original = None
         self._t_last: Optional[float] = None
@@ -99,8 +99,6 @@ class CompressedPredictorHook:
 
         self._close_previous()
         folder = Path(model_training_output_dir)
-        if self.on_model is not None:
-            self.on_model(len(self.models), folder)
         t0 = time.perf_counter()
         if use_folds is None:
             use_folds = prd.nnUNetPredictor.auto_detect_available_folds(str(folder), checkpoint_name)
@@ -188,6 +186,8 @@ class CompressedPredictorHook:
                                     macs=macs, params_original=params0, macs_original=macs0,
                                     patch_size=patch, load_seconds=now - t0, manifest=manifest))
         self._t_last = now
+        if self.on_model is not None:  # prediction with this model starts now
+            self.on_model(len(self.models) - 1, folder)
 
     def _close_previous(self) -> None:
         """Attribute the time since the last model loaded to that model's prediction."""

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from TuckerSegLib.errors import InputError, TuckerSegError, check_ratio
 from TuckerSegLib.pipeline.inputs import check_input
 from TuckerSegLib.pipeline.predictor_hook import ENGINES, compressed_predictors
-from TuckerSegLib.progress import NullProgress, Progress
+from TuckerSegLib.progress import JsonProgress, NullProgress, Progress
 
 POLICIES = ("budget", "uniform", "paper", "energy")
 
@@ -203,6 +203,9 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
         with compressed_predictors(ratio=ratio, policy=policy,
                                    cache_dir=Path(cache_dir) if cache_dir else None,
                                    engine=engine, progress=progress, on_model=on_model) as hook:
+            # quiet: TotalSegmentator's prints go to stderr, JSON event lines stay on stdout.
+            if quiet and isinstance(progress, JsonProgress) and progress.stream is None:
+                progress.stream = sys.stdout
             stdout = contextlib.redirect_stdout(sys.stderr) if quiet else contextlib.nullcontext()
             with stdout:
                 totalsegmentator(str(checked.path), str(tmp), ml=ml, fast=fast, fastest=fastest,
