@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import List
 
@@ -32,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, progress) -> int:
+    warnings.filterwarnings("ignore", message=".*torch.jit.interface.*")
     from TuckerSegLib.demo.run_demo import run_demo
 
     ratios = parse_ratios(args.ratios)

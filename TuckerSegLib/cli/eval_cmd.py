@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 from TuckerSegLib.cli.demo_cmd import parse_ratios
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, progress) -> int:
+    warnings.filterwarnings("ignore", message=".*torch.jit.interface.*")
     from TuckerSegLib.evaluation.evaluate import evaluate, format_statistics
 
     policies = [p for p in args.policies.replace(" ", "").split(",") if p]

@@ -1,8 +1,8 @@
 """Synthetic abdominal CT phantoms with ground truth, so that the demo and its model need no data.
 
 A phantom is a body outline (air outside, a subcutaneous fat layer, a muscle wall, a fat/bowel
-mixture inside) holding organ-like structures with typical HU values: lungs, liver, spleen,
-kidneys in perirenal fat, the aorta (contrast-enhanced) and a vertebral column of bone bodies
+mixture inside) holding organ-like structures with typical HU values of a portal-venous contrast CT: lungs,
+liver, spleen, kidneys in perirenal fat, the aorta and a vertebral column of bone bodies
 separated by discs. Every phantom is drawn from a seed: organ sizes and positions vary, the whole
 anatomy is smoothly deformed, and the image gets partial-volume blur and noise.
 
@@ -145,7 +145,9 @@ def make_phantom(seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE,
     image[subcut] = u(-110, -90)
     image[muscle] = u(45, 60)
     image[perirenal & interior & (labels == 0)] = u(-110, -90)
-    tissue_hu = {1: u(55, 70), 2: u(40, 50), 3: u(25, 35), 4: u(25, 35), 5: u(180, 230),
+    # Portal-venous contrast phase (as in most abdominal CTs): enhanced liver, spleen, kidneys
+    # and aorta; bone, lungs and fat as without contrast.
+    tissue_hu = {1: u(95, 115), 2: u(110, 130), 3: u(150, 190), 4: u(150, 190), 5: u(160, 210),
                  6: u(400, 700), 7: u(-870, -830), 8: u(-870, -830)}
     for label, hu in tissue_hu.items():
         image[labels == label] = hu

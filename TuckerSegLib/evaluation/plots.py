@@ -39,8 +39,9 @@ def _save(fig, path: Path) -> Path:
 def _label_cmap(n_labels: int):
     from matplotlib.colors import ListedColormap
 
-    base = _pyplot().get_cmap("tab20")
-    colours = [(0, 0, 0, 0)] + [base(i % 20) for i in range(max(n_labels, 1))]
+    name, n = ("tab10", 10) if n_labels <= 10 else ("tab20", 20)
+    base = _pyplot().get_cmap(name)
+    colours = [(0, 0, 0, 0)] + [base(i % n) for i in range(max(n_labels, 1))]
     return ListedColormap(colours)
 
 
