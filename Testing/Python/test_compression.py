@@ -1,0 +1,187 @@
+"""Network surgery, rank policies and cost accounting on real nnU-Net architectures."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from TuckerSegLib.compression import compress_network, factorise_structure
+from TuckerSegLib.errors import InputError
+from TuckerSegLib.network.cost import count_cost
+from TuckerSegLib.network.surgery import factorised_layers, find_sites
+from TuckerSegLib.network.tucker_conv import TuckerConv
+
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+
+
+def plain_unet(features=(8, 16, 32, 32), n_out=4, conv=nn.Conv3d, norm=nn.InstanceNorm3d):
+    n = len(features)
+    return PlainConvUNet(1, n, list(features), conv, 3, [1] + [2] * (n - 1), 2, n_out, 2, True, norm,
+                         {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True})
+
+
+def totalseg_unet(stages, features, n_out):
+    with torch.device("meta"):
+        return plain_unet(features, n_out)
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return plain_unet().eval()
+
+
+def test_each_physical_layer_found_once(net):
+    sites = find_sites(net)
+    n_conv_modules = len({id(m) for m in net.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))})
+    assert len(sites) == n_conv_modules
+    # nnU-Net keeps convs under .conv and .all_modules.0: both paths are recorded
+    assert any(len(s.aliases) == 2 for s in sites)
+
+
+def test_full_rank_network_reproduces_original(net):
+    res = compress_network(net, 0.9999, "paper", patch_size=(32, 32, 32), rank_min=10_000)
+    layers = factorised_layers(res.network)
+    unused_heads = len(net.decoder.seg_layers) - 1  # deep-supervision heads do not run at inference
+    assert len(layers) == len(find_sites(net)) - unused_heads  # every conv that runs, replaced once
+    assert sum(e.get("reason") == "not executed at this patch size" for e in res.report["layers"]) == unused_heads
+    # both nnU-Net references point at the same factorised module
+    for site in find_sites(res.network, include_factorised=True):
+        if not site.name.startswith("decoder.seg_layers"):
+            assert isinstance(site.module, TuckerConv)
+            assert all(res.network.get_submodule(p) is site.module for p in site.aliases)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(res.network(x), net(x), atol=1e-4)
+    # the deduped parameter count of the forward path (no double counting through aliases)
+    assert res.report["compressed"]["params"] == sum(
+        p.numel() for p in res.network.parameters()) - sum(
+        p.numel() for m in res.network.decoder.seg_layers[:-1] for p in m.parameters())
+
+
+def test_ratio_one_is_unchanged(net):
+    res = compress_network(net, 1.0, "budget", patch_size=(32, 32, 32))
+    assert not factorised_layers(res.network)
+    assert res.report["macs_ratio"] == 1.0
+
+
+def test_default_selection_skips_stem_and_1x1(net):
+    res = compress_network(net, 0.3, "uniform", patch_size=(32, 32, 32))
+    by_name = {e["name"]: e for e in res.report["layers"]}
+    stem = by_name["encoder.stages.0.0.convs.0.conv"]
+    assert stem["status"] == "dense" and "single input channel" in stem["reason"]
+    head = by_name[f"decoder.seg_layers.{len(net.decoder.seg_layers) - 1}"]
+    assert head["status"] == "dense" and "1x1" in head["reason"]
+    # the study's preset factorises everything, stem and head included
+    paper = compress_network(net, 0.3, "paper", patch_size=(32, 32, 32))
+    assert all(e["status"] == "factorised" for e in paper.report["layers"]
+               if e["macs_before"] > 0)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.35, 0.5, 0.7])
+def test_budget_hits_mac_target(ratio):
+    torch.manual_seed(0)
+    net = plain_unet((16, 32, 64, 128, 128)).eval()
+    res = compress_network(net, ratio, "budget", patch_size=(64, 64, 64))
+    achieved = res.report["macs_ratio"]
+    assert abs(achieved - ratio) <= 0.02 * ratio, achieved
+    # and what the report claims is what the network runs
+    assert count_cost(res.network, (1, 1, 64, 64, 64)).macs == res.report["compressed"]["macs"]
+
+
+def test_budget_leaves_a_layer_dense_when_factorising_would_not_pay():
+    torch.manual_seed(0)
+    net = plain_unet((16, 32, 64, 128, 128)).eval()
+    res = compress_network(net, 0.9, "budget", patch_size=(64, 64, 64))
+    for e in res.report["layers"]:
+        if e["status"] == "factorised":
+            assert e["macs_after"] < e["macs_before"]
+    assert any(e["status"] == "dense" and e["reason"] == "kept dense by the policy"
+               for e in res.report["layers"])
+
+
+def test_uniform_ranks_are_rounded_and_energy_monotone(net):
+    res = compress_network(net, 0.3, "uniform", patch_size=(32, 32, 32))
+    for e in res.report["layers"]:
+        if e["ranks"]:
+            for r, c in zip(e["ranks"], (e["out_channels"], e["in_channels"])):
+                assert r == c or r % 8 == 0
+    lo = compress_network(net, 0.5, "energy", patch_size=(32, 32, 32)).report
+    hi = compress_network(net, 0.95, "energy", patch_size=(32, 32, 32)).report
+    assert lo["compressed"]["params"] <= hi["compressed"]["params"]
+
+
+def test_error_falls_as_ratio_rises(net):
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        ref = net(x)
+        errs = []
+        for r in (0.3, 0.6, 0.9):
+            out = compress_network(net, r, "paper", patch_size=(32, 32, 32)).network(x)
+            errs.append(float((out - ref).norm() / ref.norm()))
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_residual_encoder_unet_and_2d():
+    torch.manual_seed(0)
+    res_net = ResidualEncoderUNet(1, 4, [8, 16, 32, 32], nn.Conv3d, 3, [1, 2, 2, 2], [1, 2, 2, 2], 3,
+                                  [2, 2, 2], True, nn.InstanceNorm3d, {"eps": 1e-5, "affine": True},
+                                  None, None, nn.LeakyReLU, {"inplace": True}).eval()
+    r = compress_network(res_net, 0.9999, "paper", patch_size=(32, 32, 32), rank_min=10_000)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(r.network(x), res_net(x), atol=1e-4)
+    net2d = plain_unet((8, 16, 32), 3, nn.Conv2d, nn.InstanceNorm2d).eval()
+    r2 = compress_network(net2d, 0.5, "budget", patch_size=(64, 64))
+    assert factorised_layers(r2.network)
+    assert r2.network(torch.randn(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_factorise_structure_roundtrip(net):
+    res = compress_network(net, 0.4, "budget", patch_size=(32, 32, 32))
+    shell = factorise_structure(plain_unet().eval(), res.layer_ranks)
+    shell.load_state_dict(res.network.state_dict())
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(shell(x), res.network(x))
+    with pytest.raises(KeyError):
+        factorise_structure(plain_unet(), {"no.such.layer": [2, 2]})
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan"), "x"])
+def test_bad_ratio(net, bad):
+    with pytest.raises(InputError):
+        compress_network(net, bad, "budget", patch_size=(32, 32, 32))
+
+
+def test_unknown_policy(net):
+    with pytest.raises(InputError):
+        compress_network(net, 0.5, "magic", patch_size=(32, 32, 32))
+
+
+# --- The exact TotalSegmentator architectures (NOTES section 2), on the meta device -----------
+
+TOTALSEG = {
+    "1.5mm": ((32, 64, 128, 256, 320, 320), 25, (128, 128, 128), 31.19, 480.6, 3.69),
+    "3mm": ((32, 64, 128, 256, 320), 118, (112, 112, 128), 16.55, 369.1, 1.98),
+}
+
+
+@pytest.mark.parametrize("key", list(TOTALSEG))
+def test_totalsegmentator_architecture_costs(key):
+    features, n_out, patch, params_m, macs_g, paper03_m = TOTALSEG[key]
+    with torch.device("meta"):
+        net = plain_unet(features, n_out)
+    cost = count_cost(net, (1, 1, *patch))
+    assert round(cost.params / 1e6, 2) == params_m
+    assert round(cost.macs / 1e9, 1) == macs_g
+    # the study's preset at 0.3 (parameter count of the factorised network)
+    from TuckerSegLib.decomposition.ranks import choose_ranks
+    from TuckerSegLib.network.cost import layer_shapes, trace
+
+    tr = trace(net, (1, 1, *patch))
+    shapes = layer_shapes(net, tr)
+    ranks = choose_ranks(list(shapes.values()), 0.3, "paper")
+    params = cost.params - sum(s.dense_params() for s in shapes.values()) + sum(
+        shapes[n].params(r) for n, r in ranks.items())
+    assert abs(params / 1e6 - paper03_m) < 0.01, params

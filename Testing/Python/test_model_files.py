@@ -1,0 +1,193 @@
+"""nnU-Net folders, compressed-model files, the cache and the compress/info commands."""
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from TuckerSegLib.errors import InputError, ModelError
+from TuckerSegLib.models import open_model
+from TuckerSegLib.models.cache import get_compressed_model, get_compressed_network
+from TuckerSegLib.models.compressed_file import load_compressed, save_compressed
+from TuckerSegLib.models.nnunet_folder import load_model_folder
+from TuckerSegLib.compression import compress_network
+
+from tiny_models import write_model_folder
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_model_folder(tmp_path_factory.mktemp("models") / "Dataset999_Tiny" / "nnUNetTrainer__nnUNetPlans__3d_fullres")
+
+
+def _x(model):
+    torch.manual_seed(3)
+    return torch.randn(1, model.num_input_channels, *model.patch_size)
+
+
+def test_load_model_folder(model_dir):
+    m = load_model_folder(model_dir)
+    assert m.patch_size == (32, 32, 32)
+    assert m.num_classes == 3
+    assert m.label_names == {0: "background", 1: "structure_1", 2: "structure_2"}
+    with torch.no_grad():
+        assert m.network(_x(m)).shape == (1, 3, 32, 32, 32)
+
+
+def test_save_load_identical_outputs(model_dir, tmp_path):
+    m = load_model_folder(model_dir)
+    res = compress_network(m.network, 0.4, "budget", patch_size=m.patch_size)
+    out = save_compressed(tmp_path / "c", m, res)
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "manifest.json", "model.safetensors", "plans.json"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["sha256"] == m.source_sha256()
+    assert manifest["compression"]["policy"] == "budget" and manifest["compression"]["ratio"] == 0.4
+    assert any(r is not None for r in manifest["layers"].values())
+    loaded = load_compressed(out)
+    x = _x(m)
+    with torch.no_grad():
+        assert torch.equal(loaded.network(x), res.network(x))
+    assert open_model(out).manifest["weights"]["sha256"] == manifest["weights"]["sha256"]
+    # never a pickle in our own files
+    assert not any(p.suffix in (".pth", ".pkl", ".pt") for p in out.iterdir())
+
+
+def test_corrupted_or_mismatched_file_refused(model_dir, tmp_path):
+    m = load_model_folder(model_dir)
+    res = compress_network(m.network, 0.4, "budget", patch_size=m.patch_size)
+    out = save_compressed(tmp_path / "c", m, res)
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="corrupt"):
+        load_compressed(out)
+    # a manifest whose ranks do not match the weights: refused even without the hash check
+    out2 = save_compressed(tmp_path / "c2", m, res)
+    manifest = json.loads((out2 / "manifest.json").read_text())
+    name = next(k for k, v in manifest["layers"].items() if v)
+    manifest["layers"][name] = [v + 1 if v > 1 else v for v in manifest["layers"][name]]
+    (out2 / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="does not match"):
+        load_compressed(out2, verify_hash=False)
+    (out2 / "manifest.json").write_text("{not json")
+    with pytest.raises(ModelError):
+        load_compressed(out2)
+
+
+def test_bad_model_folders(tmp_path, model_dir):
+    with pytest.raises(ModelError, match="not found"):
+        load_model_folder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="plans.json"):
+        load_model_folder(tmp_path / "empty")
+    with pytest.raises(ModelError, match="fold 3"):
+        load_model_folder(model_dir, fold=3)
+
+
+def test_unsafe_checkpoint_refused(tmp_path, model_dir):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"network_weights": {}, "payload": Evil()}, bad / "fold_0" / "checkpoint_final.pth")
+    with pytest.raises(ModelError, match="safely"):
+        load_model_folder(bad)
+
+
+def test_cache_builds_once_and_rebuilds_damaged(model_dir, tmp_path):
+    cache = tmp_path / "cache"
+    net1, man1 = get_compressed_network(model_dir, 0, "uniform", 0.5, cache_dir=cache)
+    entries = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(entries) == 1
+    mtime = (entries[0] / "model.safetensors").stat().st_mtime_ns
+    net2, man2 = get_compressed_network(model_dir, 0, "uniform", 0.5, cache_dir=cache)
+    assert (entries[0] / "model.safetensors").stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net1(x), net2(x))
+    (entries[0] / "model.safetensors").write_bytes(b"garbage")
+    net3, _ = get_compressed_network(model_dir, 0, "uniform", 0.5, cache_dir=cache)
+    with torch.no_grad():
+        assert torch.equal(net3(x), net1(x))
+    # ratio 1.0: the original network, nothing cached
+    net4, man4 = get_compressed_network(model_dir, 0, "uniform", 1.0, cache_dir=cache)
+    assert man4["report"]["macs_ratio"] == 1.0
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
+
+
+def test_cache_concurrent_builders(model_dir, tmp_path):
+    cache = tmp_path / "cache"
+    code = ("import sys; from TuckerSegLib.models.cache import get_compressed_network as g;"
+            f"g(r'{model_dir}', 0, 'budget', 0.3, cache_dir=r'{cache}')")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE) for _ in range(3)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    entries = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(entries) == 1 and not any(p.name.startswith(".") for p in entries)
+    load_compressed(entries[0])  # intact
+
+
+def _cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "TuckerSegLib", *map(str, args), "--progress", "none"],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def test_cli_compress_and_info(model_dir, tmp_path):
+    out = tmp_path / "compressed"
+    r = _cli("compress", model_dir, "--ratio", "0.3", "--policy", "paper", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "params:" in r.stdout
+    r = _cli("info", out, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["compressed"]["params"] < info["original"]["params"]
+    assert info["compressed"]["macs"] < info["original"]["macs"]
+    assert info["layers"] and {"name", "ranks", "params_before", "params_after", "macs_before",
+                               "macs_after", "rel_error"} <= set(info["layers"][0])
+    r = _cli("info", model_dir, "--json")
+    orig = json.loads(r.stdout)
+    assert orig["original"] == orig["compressed"] == info["original"]
+    r = _cli("info", model_dir)
+    assert r.returncode == 0 and "MACs per patch" in r.stdout and "encoder.stages" in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ratio", "0"], "ratio"),
+    (["--ratio", "1.5"], "ratio"),
+    (["--ratio", "0.5", "--policy", "uniform"], None),  # valid: control
+])
+def test_cli_bad_ratio(model_dir, tmp_path, args, needle):
+    out = tmp_path / "o"
+    r = _cli("compress", model_dir, *args, "-o", out)
+    if needle is None:
+        assert r.returncode == 0, r.stderr
+        return
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr
+    assert not out.exists()
+
+
+def test_cli_bad_folders(tmp_path):
+    r = _cli("compress", tmp_path / "nope", "--ratio", "0.5", "-o", tmp_path / "o")
+    assert r.returncode != 0 and "not found" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "notnnunet").mkdir()
+    (tmp_path / "notnnunet" / "readme.txt").write_text("hi")
+    r = _cli("info", tmp_path / "notnnunet")
+    assert r.returncode != 0 and "not an nnU-Net model folder" in r.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,221 @@
+"""The Slicer module's worker handling with real child processes.
+
+A small worker script (``slicer_protocol_worker.py``) speaks the real progress protocol; with it
+these tests check parsing, the result import, failures (one-line message, scene unchanged) and
+Cancel (the whole process group ends, scene unchanged). The last test drives the real
+``tuckerseg segment`` command when that command is present.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slicer_helpers import (REPO, WORKER_SCRIPT, load_volume, new_scene, segment_array,
+                            synthetic_ct, worker_env)
+
+from TuckerSegLib.errors import Cancelled, InputError, TuckerSegError
+from TuckerSegLib.progress import format_event, parse_event
+from TuckerSegUtils.run import RunCallbacks, SegmentationRequest, SegmentationRun, build_command
+from TuckerSegUtils.segmentation_import import scene_snapshot
+from TuckerSegUtils.worker import WorkerProcess
+
+PREFIX = [sys.executable, str(WORKER_SCRIPT)]
+
+
+class Recorder:
+    """Collects what a run reports, as the widget would show it."""
+
+    def __init__(self):
+        self.progress, self.logs, self.finished, self.errors, self.cancelled = [], [], [], [], 0
+
+    def callbacks(self) -> RunCallbacks:
+        def cancelled():
+            self.cancelled += 1
+        return RunCallbacks(on_progress=lambda f, m: self.progress.append((f, m)),
+                            on_log=self.logs.append, on_finished=self.finished.append,
+                            on_error=self.errors.append, on_cancelled=cancelled)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as ended)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in handle)
+    except OSError:
+        return True
+
+
+# -- protocol ----------------------------------------------------------------------------------
+def test_protocol_lines_from_a_real_child_are_parsed_in_order(tmp_path):
+    scene = new_scene()
+    ct = synthetic_ct(scene)
+    from TuckerSegUtils import volume_io
+    src = volume_io.export_volume(ct, tmp_path / "in.nii.gz")
+    argv = build_command(SegmentationRequest(ratio=0.4, quality="fastest"), src,
+                         tmp_path / "out.nii.gz", PREFIX)
+    worker = WorkerProcess(argv, env=worker_env("ok")).start()
+    events = []
+    deadline = time.monotonic() + 60
+    while worker.running and time.monotonic() < deadline:
+        events += worker.wait_events(0.2)
+    kinds = [e["type"] for e in events]
+    assert kinds[-1] == "exit" and events[-1]["returncode"] == 0
+    assert "stage" in kinds and "result" in kinds
+    assert {"type": "log", "message": "a line that is not a protocol event, as nnU-Net prints them"} in events
+    fractions = [e["fraction"] for e in events if e["type"] == "progress"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    result = next(e["result"] for e in events if e["type"] == "result")
+    assert Path(result["output"]).exists() and result["ratio"] == 0.4
+    assert result["labels"] == {"5": "liver", "25": "sacrum"}
+
+
+def test_parse_event_round_trip_and_rejects_other_lines():
+    line = format_event({"type": "progress", "stage": "segment", "fraction": 0.5, "message": "x"})
+    assert parse_event(line)["fraction"] == 0.5
+    assert parse_event("TUCKERSEG_EVENT {not json") is None
+    assert parse_event("100%|#####| 5/5 [00:01<00:00]") is None
+
+
+def test_command_line_matches_the_segment_interface(tmp_path):
+    req = SegmentationRequest(ratio=0.3, quality="fast", policy="uniform", device="cpu",
+                              engine="openvino", subset=["liver", "spleen", "liver"]).check()
+    argv = build_command(req, tmp_path / "i.nii.gz", tmp_path / "o.nii.gz", ["py", "-m", "x"])
+    assert argv[:3] == ["py", "-m", "x"]
+    tail = argv[3:]
+    assert tail[:4] == ["-i", str(tmp_path / "i.nii.gz"), "-o", str(tmp_path / "o.nii.gz")]
+    assert "--ml" in tail and "--fast" in tail and "--fastest" not in tail
+    assert tail[tail.index("--ratio") + 1] == "0.3" and tail[tail.index("--policy") + 1] == "uniform"
+    assert tail[tail.index("--roi-subset") + 1: tail.index("--progress")] == ["liver", "spleen"]
+    assert tail[-2:] == ["--progress", "json"]
+    default = build_command(SegmentationRequest(quality="default").check(), "i", "o")
+    assert default[1:4] == ["-m", "TuckerSegLib", "segment"] and "--fast" not in default
+    with pytest.raises(InputError, match="ratio"):
+        SegmentationRequest(ratio=1.5).check()
+    with pytest.raises(InputError, match="unknown structure"):
+        SegmentationRequest(subset=["liverr"]).check()
+
+
+# -- whole runs --------------------------------------------------------------------------------
+def test_run_imports_the_result_as_segments(tmp_path):
+    scene = new_scene()
+    ct = synthetic_ct(scene)
+    rec = Recorder()
+    run = SegmentationRun(ct, None, SegmentationRequest(ratio=0.25), rec.callbacks(),
+                          command_prefix=PREFIX, env=worker_env("ok"))
+    summary = run.run_to_end()
+    assert run.state == "finished" and rec.finished == [summary] and not rec.errors
+    node = scene.GetNodeByID(summary["output_node_id"])
+    seg = node.GetSegmentation()
+    assert sorted(seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())) == \
+        sorted(["liver", "sacrum"])
+    bone = segment_array(node, "sacrum", ct)
+    assert bone.sum() == 4 * 4 * 4  # the 700 HU block of the synthetic CT
+    assert summary["ratio"] == 0.25 and summary["macs"] == 2_000_000_000
+    assert any(0 < f < 1 for f, _ in rec.progress) and rec.progress[-1][0] == 1.0
+    assert run._temp is None  # temporary files removed
+
+
+def test_run_with_subset_and_real_reference_labels(shared_data):
+    scene = new_scene()
+    ct = load_volume(scene, shared_data / "example_ct_sm.nii.gz")
+    run = SegmentationRun(ct, None, SegmentationRequest(subset=["liver", "spleen", "aorta"]),
+                          command_prefix=PREFIX,
+                          env=worker_env("ok", TUCKERSEG_TEST_WORKER_LABELS=shared_data / "example_seg.nii.gz"))
+    summary = run.run_to_end()
+    seg = scene.GetNodeByID(summary["output_node_id"]).GetSegmentation()
+    assert sorted(seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())) == \
+        ["aorta", "liver", "spleen"]
+
+
+def test_error_event_gives_its_one_line_message_and_leaves_the_scene_unchanged():
+    scene = new_scene()
+    ct = synthetic_ct(scene)
+    out = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "previous result")
+    out.GetSegmentation().AddEmptySegment("kept", "kept")
+    before = scene_snapshot(scene)
+    rec = Recorder()
+    run = SegmentationRun(ct, out, SegmentationRequest(), rec.callbacks(),
+                          command_prefix=PREFIX, env=worker_env("error"))
+    with pytest.raises(TuckerSegError) as info:
+        run.run_to_end()
+    assert str(info.value) == "TotalSegmentator weights for task total are not installed"
+    assert rec.errors == [str(info.value)] and not rec.finished
+    assert scene_snapshot(scene) == before
+    assert out.GetSegmentation().GetSegment("kept") is not None
+
+
+def test_crash_without_event_shows_the_last_stderr_lines():
+    scene = new_scene()
+    ct = synthetic_ct(scene)
+    before = scene_snapshot(scene)
+    rec = Recorder()
+    run = SegmentationRun(ct, None, SegmentationRequest(), rec.callbacks(),
+                          command_prefix=PREFIX, env=worker_env("crash"))
+    with pytest.raises(TuckerSegError):
+        run.run_to_end()
+    assert "exit code 1" in rec.errors[0] and "RuntimeError: boom" in rec.errors[0]
+    assert scene_snapshot(scene) == before
+
+
+def test_cancel_ends_the_process_group_and_leaves_the_scene_unchanged(tmp_path):
+    scene = new_scene()
+    ct = synthetic_ct(scene)
+    before = scene_snapshot(scene)
+    pidfile = tmp_path / "pids"
+    rec = Recorder()
+    run = SegmentationRun(ct, None, SegmentationRequest(), rec.callbacks(), command_prefix=PREFIX,
+                          env=worker_env("hang", TUCKERSEG_TEST_WORKER_PIDFILE=pidfile)).start()
+    temp = run._temp
+    deadline = time.monotonic() + 60
+    while not any(0 < f < 1 for f, _ in rec.progress) and time.monotonic() < deadline:
+        assert run.poll()  # the GUI's timer: returns at once, the run goes on
+        time.sleep(0.05)
+    leader, child = (int(p) for p in pidfile.read_text().split())
+    assert _alive(leader) and _alive(child)
+    t0 = time.monotonic()
+    run.cancel()
+    assert time.monotonic() - t0 < 10
+    deadline = time.monotonic() + 10
+    while (_alive(leader) or _alive(child)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(leader) and not _alive(child), "cancel left processes running"
+    assert run.state == "cancelled" and rec.cancelled == 1 and not rec.finished and not rec.errors
+    assert not run.poll()
+    assert scene_snapshot(scene) == before
+    assert not temp.exists()
+    with pytest.raises(Cancelled):
+        run.run_to_end()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("TuckerSegLib.cli.segment_cmd") is None,
+                    reason="the `tuckerseg segment` command is not in this checkout yet")
+def test_real_segment_command_result_or_one_line_error(shared_data):
+    """The real core: either segments appear, or its error arrives as one line, scene unchanged."""
+    scene = new_scene()
+    ct = load_volume(scene, shared_data / "example_ct_sm.nii.gz")
+    before = scene_snapshot(scene)
+    rec = Recorder()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    run = SegmentationRun(ct, None, SegmentationRequest(ratio=0.3, quality="fastest", device="cpu",
+                                                        subset=["liver", "spleen"]),
+                          rec.callbacks(), command_prefix=[sys.executable, "-m", "TuckerSegLib", "segment"],
+                          env=env)
+    try:
+        summary = run.run_to_end()
+    except TuckerSegError as exc:
+        assert "Traceback" not in str(exc) and "\n" not in str(exc).strip(), str(exc)
+        assert scene_snapshot(scene) == before
+        return
+    seg = scene.GetNodeByID(summary["output_node_id"]).GetSegmentation()
+    names = {seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())}
+    assert names and names <= {"liver", "spleen"}

@@ -1,0 +1,259 @@
+"""One segmentation run, from an input volume node to an output segmentation node.
+
+``SegmentationRun`` writes the input to a temporary NIfTI, starts ``python -m TuckerSegLib segment
+... --progress json`` as a ``WorkerProcess``, forwards its events to callbacks and, when the
+worker reports a result and exits with 0, imports the multilabel output into the scene. A failed,
+crashed or cancelled run changes nothing in the scene and reports a one-line message.
+
+The run is driven by ``poll()`` on the caller's thread: the Slicer widget calls it from a QTimer
+(Slicer stays responsive), ``run_to_end()`` loops over it for the synchronous console API.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from TuckerSegLib.errors import Cancelled, InputError, TuckerSegError, check_ratio
+
+from . import segmentation_import, structures, terminology, volume_io
+from .worker import WorkerProcess, python_executable, worker_environment
+
+QUALITIES = {"default": None, "fast": "--fast", "fastest": "--fastest"}
+QUALITY_SPACING_MM = {"default": 1.5, "fast": 3.0, "fastest": 6.0}
+POLICIES = ("budget", "uniform", "paper", "energy")
+DEVICES = ("auto", "cpu", "gpu", "mps")
+ENGINES = ("auto", "torch", "openvino")
+
+
+@dataclass
+class SegmentationRequest:
+    """What the user asked for; validated by ``check()``."""
+
+    ratio: float = 0.3
+    task: str = "total"
+    quality: str = "fast"
+    policy: str = "budget"
+    device: str = "auto"
+    engine: str = "auto"
+    subset: Optional[List[str]] = None
+
+    def check(self) -> "SegmentationRequest":
+        self.ratio = check_ratio(self.ratio)
+        if self.quality not in QUALITIES:
+            raise InputError(f"quality must be one of {', '.join(QUALITIES)}, got {self.quality!r}")
+        if self.policy not in POLICIES:
+            raise InputError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.device not in DEVICES and not self.device.startswith(("cuda", "gpu:")):
+            raise InputError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.engine not in ENGINES:
+            raise InputError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.subset:
+            known = set(structures.structure_names(self.task))
+            unknown = [s for s in self.subset if s not in known]
+            if unknown:
+                raise InputError(f"unknown structure(s) for task {self.task}: {', '.join(unknown)}")
+            self.subset = list(dict.fromkeys(self.subset))
+        else:
+            self.subset = None
+        return self
+
+
+def build_command(request: SegmentationRequest, input_path: Path, output_path: Path,
+                  prefix: Optional[Sequence[str]] = None) -> List[str]:
+    """The worker's command line (``prefix`` defaults to ``PythonSlicer -m TuckerSegLib segment``)."""
+    argv = list(prefix) if prefix else [python_executable(), "-m", "TuckerSegLib", "segment"]
+    argv += ["-i", str(input_path), "-o", str(output_path), "--ml",
+             "--ratio", f"{request.ratio:g}", "--policy", request.policy, "--task", request.task]
+    if QUALITIES[request.quality]:
+        argv.append(QUALITIES[request.quality])
+    argv += ["--device", request.device, "--engine", request.engine]
+    if request.subset:
+        argv += ["--roi-subset", *request.subset]
+    argv += ["--progress", "json"]
+    return argv
+
+
+@dataclass
+class RunCallbacks:
+    """What the caller wants to hear about; every callback runs on the thread calling ``poll``."""
+
+    # fraction in [0, 1]; a negative fraction means "new stage: show the message, keep the bar"
+    on_progress: Callable[[float, str], None] = lambda fraction, message: None
+    on_log: Callable[[str], None] = lambda message: None
+    on_finished: Callable[[dict], None] = lambda summary: None
+    on_error: Callable[[str], None] = lambda message: None
+    on_cancelled: Callable[[], None] = lambda: None
+
+
+@dataclass
+class SegmentationRun:
+    """A started-on-demand run; see the module docstring."""
+
+    input_volume: object
+    output_segmentation: Optional[object]
+    request: SegmentationRequest
+    callbacks: RunCallbacks = field(default_factory=RunCallbacks)
+    command_prefix: Optional[Sequence[str]] = None
+    env: Optional[Dict[str, str]] = None
+    keep_temp: bool = False
+
+    def __post_init__(self):
+        self.worker: Optional[WorkerProcess] = None
+        self.state = "new"  # new -> running -> finished | failed | cancelled
+        self.summary: Optional[dict] = None
+        self.error: Optional[str] = None
+        self.output_node = None
+        self._result: Optional[dict] = None
+        self._error_event: Optional[str] = None
+        self._temp: Optional[Path] = None
+        self._t0 = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("finished", "failed", "cancelled")
+
+    # -- start -----------------------------------------------------------------------------
+    def start(self) -> "SegmentationRun":
+        """Validate, write the input, launch the worker. Raises TuckerSegError on bad input."""
+        if self.input_volume is None or not self.input_volume.IsA("vtkMRMLScalarVolumeNode"):
+            raise InputError("select a CT volume as input")
+        if self.input_volume.GetScene() is None:
+            raise InputError("the input volume is not in a scene")
+        if (self.output_segmentation is not None
+                and not self.output_segmentation.IsA("vtkMRMLSegmentationNode")):
+            raise InputError("the output must be a segmentation node")
+        self.request.check()
+        self._t0 = time.perf_counter()
+        self._temp = Path(tempfile.mkdtemp(prefix="tuckerseg-slicer-"))
+        try:
+            # Uncompressed: writing is then a plain copy, quick even for large CTs.
+            input_path = volume_io.export_volume(self.input_volume, self._temp / "input.nii")
+            argv = build_command(self.request, input_path, self._temp / "output.nii.gz",
+                                 self.command_prefix)
+            self.callbacks.on_log("Running: " + " ".join(argv))
+            self.worker = WorkerProcess(argv, env=worker_environment(self.env)).start()
+        except Exception:
+            self._cleanup()
+            raise
+        self.state = "running"
+        return self
+
+    # -- drive -----------------------------------------------------------------------------
+    def poll(self) -> bool:
+        """Handle the worker's new events; True while the run is still going."""
+        if self.state != "running" or self.worker is None:
+            return False
+        for event in self.worker.poll():
+            self._handle(event)
+            if self.done:
+                break
+        return not self.done
+
+    def run_to_end(self, poll_seconds: float = 0.1) -> dict:
+        """Block until the run ends; return the summary or raise TuckerSegError / Cancelled."""
+        if self.state == "new":
+            self.start()
+        while self.state == "running":
+            for event in self.worker.wait_events(poll_seconds):
+                self._handle(event)
+                if self.done:
+                    break
+        if self.state == "cancelled":
+            raise Cancelled("segmentation cancelled")
+        if self.state == "failed":
+            raise TuckerSegError(self.error or "segmentation failed")
+        return self.summary or {}
+
+    def cancel(self) -> None:
+        """Stop the worker and its children; the scene stays as it was."""
+        if self.state != "running":
+            return
+        self.callbacks.on_log("Cancelling...")
+        if self.worker is not None:
+            self.worker.cancel()
+        self.state = "cancelled"
+        self._cleanup()
+        self.callbacks.on_cancelled()
+
+    # -- events ----------------------------------------------------------------------------
+    def _handle(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "progress":
+            message = event.get("message") or event.get("stage") or ""
+            self.callbacks.on_progress(float(event.get("fraction", 0.0)), message)
+        elif kind == "stage":
+            self.callbacks.on_progress(-1.0, event.get("message") or event.get("stage", ""))
+            self.callbacks.on_log(event.get("message") or event.get("stage", ""))
+        elif kind == "log":
+            self.callbacks.on_log(str(event.get("message", "")))
+        elif kind == "result":
+            self._result = event.get("result") or {}
+        elif kind == "error":
+            self._error_event = str(event.get("message", "")).strip() or "segmentation failed"
+        elif kind == "exit":
+            self._finish(int(event.get("returncode") or 0))
+
+    def _finish(self, returncode: int) -> None:
+        if self.state == "cancelled":
+            return
+        if returncode != 0 or self._result is None:
+            self._fail(self._error_event or self._crash_message(returncode))
+            return
+        try:
+            self.output_node, self.summary = self._import_result(self._result)
+        except TuckerSegError as exc:
+            self._fail(str(exc))
+            return
+        except Exception as exc:  # an unexpected import failure: still one line
+            self._fail(f"could not import the result: {type(exc).__name__}: {exc}")
+            return
+        self.state = "finished"
+        self._cleanup()
+        self.callbacks.on_progress(1.0, "Done")
+        self.callbacks.on_finished(self.summary)
+
+    def _crash_message(self, returncode: int) -> str:
+        tail = self.worker.last_stderr() if self.worker else ""
+        if returncode == 0:
+            return "the segmentation process ended without a result" + (f":\n{tail}" if tail else "")
+        return (f"the segmentation process failed (exit code {returncode})"
+                + (f":\n{tail}" if tail else ""))
+
+    def _fail(self, message: str) -> None:
+        self.state = "failed"
+        self.error = message
+        self._cleanup()
+        self.callbacks.on_error(message)
+
+    def _import_result(self, result: dict):
+        output_path = Path(result.get("output") or (self._temp / "output.nii.gz"))
+        labels = result.get("labels") or structures.label_map(self.request.task)
+        labels = {int(k): v for k, v in labels.items()}
+        labelmap = volume_io.read_labelmap(output_path)
+        segmentation = segmentation_import.build_segmentation(
+            labelmap, labels, terminology.load_terminology())
+        node = segmentation_import.commit_segmentation(segmentation, self.input_volume,
+                                                       self.output_segmentation)
+        summary = {
+            "seconds": float(result.get("seconds", time.perf_counter() - self._t0)),
+            "wall_seconds": time.perf_counter() - self._t0,
+            "segments": segmentation.GetNumberOfSegments(),
+            "ratio": result.get("ratio", self.request.ratio),
+            "params": result.get("params"),
+            "macs": result.get("macs"),
+            "params_original": result.get("params_original"),
+            "macs_original": result.get("macs_original"),
+            "quality": self.request.quality,
+            "policy": self.request.policy,
+            "output_node_id": node.GetID(),
+        }
+        return node, summary
+
+    def _cleanup(self) -> None:
+        if self._temp is not None and not self.keep_temp:
+            shutil.rmtree(self._temp, ignore_errors=True)
+            self._temp = None

@@ -1,0 +1,75 @@
+"""``tuckerseg compress``: an nnU-Net model folder -> a compressed-model folder."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from TuckerSegLib.compression import RANK_MULTIPLE
+from TuckerSegLib.decomposition.ranks import POLICIES
+from TuckerSegLib.decomposition.tucker import METHODS
+from TuckerSegLib.errors import InputError, check_ratio
+
+HELP = "compress an nnU-Net model folder at a ratio into a compressed-model folder"
+
+POLICY_HELP = ("budget (default): ratio = fraction of the network's MACs kept, ranks spent where "
+               "they cost least error; uniform: the study's rank = ceil(C*ratio) (min 16, rounded "
+               "up to multiples of 8) on spatial layers; energy: ratio = fraction of singular-value "
+               "energy kept per layer; paper: the study's rule exactly, on every conv layer")
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ratio", type=float, required=True,
+                        help="compression ratio in (0, 1]; 1.0 = the original network; its meaning "
+                             "depends on --policy")
+    parser.add_argument("--policy", choices=POLICIES, default="budget", help=POLICY_HELP)
+    parser.add_argument("--method", choices=METHODS, default="hosvd",
+                        help="factorisation: truncated HOSVD (default, fast) or HOOI (tensorly)")
+    parser.add_argument("--rank-multiple", type=int, default=RANK_MULTIPLE,
+                        help=f"round ranks to multiples of this (default {RANK_MULTIPLE}; not for paper)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", type=Path,
+                        help="nnU-Net trained-model folder (plans.json, dataset.json, fold_N/checkpoint_final.pth)")
+    add_policy_arguments(parser)
+    parser.add_argument("-o", "--output", type=Path, required=True, help="compressed-model folder to write")
+    parser.add_argument("--fold", default="0", help="fold to compress (default 0)")
+    parser.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name")
+    parser.add_argument("--rank-min", type=int, default=None,
+                        help="rank floor (default: 0 for paper, 16 for uniform, 1 otherwise)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def run(args: argparse.Namespace, progress) -> int:
+    from TuckerSegLib.compression import compress_network
+    from TuckerSegLib.models.compressed_file import save_compressed
+    from TuckerSegLib.models.nnunet_folder import load_model_folder
+    from TuckerSegLib.report import format_report
+
+    ratio = check_ratio(args.ratio)
+    if args.rank_multiple < 1:
+        raise InputError("--rank-multiple must be at least 1")
+    fold = int(args.fold) if str(args.fold).isdigit() else args.fold
+    out = Path(args.output)
+    if out.exists() and not (out / "manifest.json").is_file():
+        if not out.is_dir() or any(out.iterdir()):
+            raise InputError(f"output {out} exists and is not a compressed-model folder; not overwriting it")
+    progress.stage("load", f"loading {args.model_dir}")
+    model = load_model_folder(args.model_dir, fold, args.checkpoint)
+    progress.stage("compress", f"compressing ({args.policy}, ratio {ratio:g})")
+    result = compress_network(model.network, ratio, args.policy, patch_size=model.patch_size,
+                              in_channels=model.num_input_channels, method=args.method,
+                              rank_min=args.rank_min, rank_multiple=args.rank_multiple,
+                              inplace=True, progress=progress)
+    progress.stage("save", f"writing {out}")
+    save_compressed(out, model, result)
+    progress.result({"output": str(out), "original": result.report["original"],
+                     "compressed": result.report["compressed"]})
+    if args.json:
+        print(json.dumps(result.report))
+    else:
+        print(format_report(result.report, layers=False))
+        print(f"wrote {out}")
+    return 0

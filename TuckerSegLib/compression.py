@@ -1,0 +1,157 @@
+"""Compress a network: choose ranks, factorise the chosen layers, report what changed.
+
+``compress_network`` is the whole job on an in-memory ``nn.Module``; ``factorise_structure``
+rebuilds the factorised layout from saved ranks (used when loading a compressed-model file, so
+that nothing is decomposed twice). Model folders and files are handled in ``TuckerSegLib.models``.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from TuckerSegLib.decomposition.ranks import POLICIES, LayerShape, Ranks, choose_ranks
+from TuckerSegLib.decomposition.tucker import METHODS, mode_spectra, tucker2
+from TuckerSegLib.errors import InputError, check_ratio
+from TuckerSegLib.network.cost import Cost, layer_shapes, trace
+from TuckerSegLib.network.surgery import find_sites, replace_site
+from TuckerSegLib.network.tucker_conv import TuckerConv, conv_layout_weight
+from TuckerSegLib.progress import NullProgress, Progress
+
+# Ranks are rounded to multiples of this for fast kernels (uniform, energy, budget).
+RANK_MULTIPLE = 8
+
+
+@dataclass
+class CompressionResult:
+    """The compressed network, the ranks per layer (None = dense) and the report (a JSON dict)."""
+
+    network: nn.Module
+    layer_ranks: Dict[str, Optional[List[int]]]
+    report: dict
+
+
+def _module_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _candidates(shapes: Mapping[str, LayerShape], policy: str) -> Tuple[List[LayerShape], Dict[str, str]]:
+    """Layers the policy may factorise, and the reason each other layer stays dense."""
+    chosen, reasons = [], {}
+    for s in shapes.values():
+        if s.groups != 1:
+            reasons[s.name] = "grouped convolution: left dense"
+        elif policy == "paper" or s.worth_factorising():
+            chosen.append(s)
+        elif s.kernel_volume == 1:
+            reasons[s.name] = "1x1 kernel: already a channel projection"
+        else:
+            reasons[s.name] = "single input channel: nothing to factorise"
+    return chosen, reasons
+
+
+def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
+                     patch_size: Sequence[int] = (128, 128, 128), in_channels: int = 1,
+                     method: str = "hosvd", rank_min: Optional[int] = None,
+                     rank_multiple: int = RANK_MULTIPLE, inplace: bool = False,
+                     progress: Optional[Progress] = None) -> CompressionResult:
+    """Factorise ``network`` at ``ratio`` under ``policy`` (see ``decomposition.ranks``).
+
+    Costs are counted at ``patch_size`` (the model's sliding-window patch). The input network is
+    left untouched unless ``inplace``. ``ratio = 1.0`` returns the network unchanged.
+    """
+    ratio = check_ratio(ratio)
+    if policy not in POLICIES:
+        raise InputError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    progress = progress or NullProgress()
+    t0 = time.perf_counter()
+    net = network if inplace else copy.deepcopy(network)
+    net.eval()
+    input_shape = (1, in_channels, *patch_size)
+    before = trace(net, input_shape)
+    shapes = layer_shapes(net, before)
+    candidates, reasons = _candidates(shapes, policy)
+
+    spectra = {}
+    if ratio < 1.0 and (policy in ("budget", "energy") or method == "hosvd"):
+        sites = {s.name: s for s in find_sites(net)}
+        for i, layer in enumerate(candidates):
+            spectra[layer.name] = mode_spectra(conv_layout_weight(sites[layer.name].module))
+            progress.update(0.5 * (i + 1) / max(1, len(candidates)), f"analysing {layer.name}")
+
+    dense_candidates = sum(l.dense_macs() for l in candidates)
+    ranks = choose_ranks(candidates, ratio, policy, spectra=spectra, rank_min=rank_min,
+                         rank_multiple=rank_multiple, fixed_macs=before.cost.macs - dense_candidates,
+                         total_macs=before.cost.macs)
+
+    layers_report = []
+    sites = find_sites(net)
+    todo = [s for s in sites if ranks.get(s.name) is not None]
+    done = 0
+    for site in sites:
+        shape = shapes.get(site.name)
+        conv = site.module
+        entry = {
+            "name": site.name, "type": type(conv).__name__,
+            "weight_shape": list(conv.weight.shape),
+            "out_channels": conv.out_channels, "in_channels": conv.in_channels,
+            "kernel": list(conv.kernel_size), "stride": list(conv.stride),
+            "params_before": _module_params(conv), "macs_before": shape.dense_macs() if shape else 0,
+        }
+        r: Ranks = ranks.get(site.name)
+        if r is None:
+            entry.update(ranks=None, status="dense", params_after=entry["params_before"],
+                         macs_after=entry["macs_before"], rel_error=0.0,
+                         reason=reasons.get(site.name) or ("not executed at this patch size" if shape is None
+                                                            else "kept dense by the policy"))
+        else:
+            factors = tucker2(conv_layout_weight(conv), r, method=method, spectra=spectra.get(site.name))
+            new = TuckerConv.from_factors(conv, factors)
+            entry.update(ranks=list(r), status="factorised", params_after=_module_params(new),
+                         macs_after=shape.factorised_macs(*r),
+                         rel_error=factors.relative_error(conv_layout_weight(conv)))
+            replace_site(net, site, new)
+            done += 1
+            progress.update(0.5 + 0.5 * done / max(1, len(todo)), f"factorising {site.name}")
+        layers_report.append(entry)
+
+    after = trace(net, input_shape).cost if todo else before.cost
+    report = _report(before.cost, after, layers_report, policy=policy, ratio=ratio, method=method,
+                     patch_size=list(patch_size), in_channels=in_channels, rank_min=rank_min,
+                     rank_multiple=rank_multiple, seconds=time.perf_counter() - t0)
+    layer_ranks = {e["name"]: e["ranks"] for e in layers_report}
+    return CompressionResult(net, layer_ranks, report)
+
+
+def _report(before: Cost, after: Cost, layers: list, **settings) -> dict:
+    return {
+        **settings,
+        "original": before.as_dict(),
+        "compressed": after.as_dict(),
+        "params_ratio": after.params / max(1, before.params),
+        "macs_ratio": after.macs / max(1, before.macs),
+        "layers": layers,
+    }
+
+
+def factorise_structure(network: nn.Module, layer_ranks: Mapping[str, Optional[Sequence[int]]]) -> nn.Module:
+    """Replace the named layers by ``TuckerConv`` shells of the given ranks (weights to be loaded).
+
+    Raises ``KeyError`` when a named layer does not exist: a manifest that does not match the
+    architecture must never produce a model.
+    """
+    sites = {s.name: s for s in find_sites(network)}
+    for name, r in layer_ranks.items():
+        if r is None:
+            continue
+        if name not in sites:
+            raise KeyError(f"layer {name!r} not found in the network")
+        site = sites[name]
+        replace_site(network, site, TuckerConv(site.module, (int(r[0]), int(r[1]))))
+    return network

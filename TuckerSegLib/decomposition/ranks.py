@@ -1,0 +1,234 @@
+"""Rank policies: one user-facing ratio in (0, 1] -> Tucker-2 ranks for every layer.
+
+``ratio = 1.0`` always means the original network, unchanged. Below that, per policy:
+
+- ``paper``: the study's rule, exactly: every Conv and ConvTranspose (1x1 and single-input-channel
+  layers too) gets ``rank = min(C, max(rank_min, ceil(C * ratio)))`` on each channel mode. The
+  study's published parameter counts (e.g. 3.69 M at 0.3 for the 1.5 mm network) correspond to
+  no rank floor, so ``rank_min`` defaults to 0 here. Use it to compare with the paper.
+- ``uniform``: the same rule on the layers worth factorising (spatial kernel, more than one input
+  channel), ranks rounded up to a multiple of ``rank_multiple`` (8) for fast kernels; a layer whose
+  factorised form would cost at least as many MACs as the dense one stays dense.
+- ``energy``: per layer and channel mode, the smallest rank that keeps ``ratio`` of the squared
+  singular-value energy (rounded up to ``rank_multiple``); ratio is an energy fraction, not a cost.
+- ``budget`` (default): ``ratio`` is the fraction of the whole network's MACs kept. Ranks are
+  allocated across layers greedily by reconstruction error added per MAC saved (along each
+  layer's convex hull of error against MACs), then the slack is filled back so that the result
+  lands on the target. A layer stays dense where factorising would not reduce its MACs. Ranks
+  are multiples of ``rank_multiple`` (8), or of 1 for channel counts below it.
+
+Everything here works on ``LayerShape`` (channel counts, kernel, voxels in and out) and on the
+kernels' ``ModeSpectra``, not on modules: network surgery lives in ``TuckerSegLib.network``.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from TuckerSegLib.decomposition.tucker import ModeSpectra
+
+POLICIES = ("budget", "uniform", "energy", "paper")
+# Rank floors when the caller gives none: the study's published counts use none; ``uniform``
+# keeps the study code's default of 16 so that thin layers are not crushed.
+DEFAULT_RANK_MIN = {"paper": 0, "uniform": 16, "energy": 1, "budget": 1}
+Ranks = Optional[Tuple[int, int]]  # None = keep the layer dense
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What rank choice needs to know about one convolution layer (channels in conv layout)."""
+
+    name: str
+    c_out: int
+    c_in: int
+    kernel: Tuple[int, ...]
+    in_voxels: int  # spatial size of the layer's input at the model's patch size
+    out_voxels: int
+    transposed: bool = False
+    groups: int = 1
+
+    @property
+    def kernel_volume(self) -> int:
+        return int(np.prod(self.kernel)) if self.kernel else 1
+
+    def dense_macs(self) -> int:
+        per = self.c_out * (self.c_in // self.groups) * self.kernel_volume
+        return per * (self.in_voxels if self.transposed else self.out_voxels)
+
+    def dense_params(self) -> int:
+        return self.c_out * (self.c_in // self.groups) * self.kernel_volume
+
+    def factorised_macs(self, r_out: int, r_in: int) -> int:
+        """MACs of 1x1 (C_in->r_in) -> core (r_in->r_out) -> 1x1 (r_out->C_out)."""
+        core_voxels = self.in_voxels if self.transposed else self.out_voxels
+        return (self.c_in * r_in * self.in_voxels
+                + r_in * r_out * self.kernel_volume * core_voxels
+                + r_out * self.c_out * self.out_voxels)
+
+    def factorised_params(self, r_out: int, r_in: int) -> int:
+        return self.c_in * r_in + r_in * r_out * self.kernel_volume + r_out * self.c_out
+
+    def macs(self, ranks: Ranks) -> int:
+        return self.dense_macs() if ranks is None else self.factorised_macs(*ranks)
+
+    def params(self, ranks: Ranks) -> int:
+        """Weight parameters (bias excluded: it is the same either way)."""
+        return self.dense_params() if ranks is None else self.factorised_params(*ranks)
+
+    def worth_factorising(self) -> bool:
+        """The default selection: a spatial kernel and more than one input channel, not grouped."""
+        return self.groups == 1 and self.kernel_volume > 1 and self.c_in > 1
+
+
+def _round_up(value: int, multiple: int, cap: int) -> int:
+    if multiple > 1 and cap >= multiple:
+        value = int(math.ceil(value / multiple) * multiple)
+    return max(1, min(cap, value))
+
+
+def _study_rank(channels: int, ratio: float, rank_min: int) -> int:
+    return min(channels, max(rank_min, int(math.ceil(channels * ratio))))
+
+
+def _cheaper(layer: LayerShape, ranks: Tuple[int, int]) -> Ranks:
+    return ranks if layer.factorised_macs(*ranks) < layer.dense_macs() else None
+
+
+def rank_grid(channels: int, multiple: int) -> List[int]:
+    """Candidate ranks for a channel mode: multiples of ``multiple`` up to C, and C itself."""
+    if channels < multiple or multiple <= 1:
+        return list(range(1, channels + 1))
+    grid = list(range(multiple, channels + 1, multiple))
+    if grid[-1] != channels:
+        grid.append(channels)
+    return grid
+
+
+def _convex_hull_steps(points: List[Tuple[int, float, Ranks]]) -> List[Tuple[int, float, Ranks]]:
+    """Lower-left convex hull of (macs, error) points, from the dense point toward cheaper ones.
+
+    Returns the hull vertices ordered by decreasing MACs; successive vertices have increasing
+    slope (error added per MAC saved), which makes the greedy allocation optimal on the hull.
+    """
+    # Pareto front: walking from the cheapest point up, keep a point only if it has less error
+    # than every cheaper one; then walk it from the dense (most expensive) end.
+    frontier: List[Tuple[int, float, Ranks]] = []
+    best = math.inf
+    for p in sorted(points, key=lambda p: (p[0], p[1])):
+        if p[1] < best:
+            frontier.append(p)
+            best = p[1]
+    frontier.reverse()
+    hull: List[Tuple[int, float, Ranks]] = []
+    for p in frontier:  # decreasing macs, increasing error
+        while len(hull) >= 2:
+            (m1, e1, _), (m2, e2, _) = hull[-2], hull[-1]
+            # slope from hull[-2] to hull[-1] must be smaller than from hull[-1] to p
+            s12 = (e2 - e1) / max(m1 - m2, 1)
+            s2p = (p[1] - e2) / max(m2 - p[0], 1)
+            if s2p <= s12:
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def _budget(layers: Sequence[LayerShape], spectra: Mapping[str, ModeSpectra], target_macs: float,
+            fixed_macs: int, multiple: int) -> Dict[str, Ranks]:
+    """Greedy rank allocation to a global MAC target (see module docstring)."""
+    candidates: Dict[str, List[Tuple[int, float, Ranks]]] = {}
+    for layer in layers:
+        sp = spectra[layer.name]
+        dense = layer.dense_macs()
+        pts: List[Tuple[int, float, Ranks]] = [(dense, 0.0, None)]
+        for r_out in rank_grid(layer.c_out, multiple):
+            for r_in in rank_grid(layer.c_in, multiple):
+                m = layer.factorised_macs(r_out, r_in)
+                if m < dense:
+                    pts.append((m, sp.error_bound(r_out, r_in), (r_out, r_in)))
+        candidates[layer.name] = pts
+
+    hulls = {name: _convex_hull_steps(pts) for name, pts in candidates.items()}
+    position = {name: 0 for name in hulls}
+    total = fixed_macs + sum(h[0][0] for h in hulls.values())
+    heap: List[Tuple[float, str]] = []
+
+    def push(name: str) -> None:
+        i = position[name]
+        hull = hulls[name]
+        if i + 1 < len(hull):
+            (m0, e0, _), (m1, e1, _) = hull[i], hull[i + 1]
+            heapq.heappush(heap, ((e1 - e0) / max(m0 - m1, 1), name))
+
+    for name in hulls:
+        push(name)
+    while total > target_macs and heap:
+        _, name = heapq.heappop(heap)
+        i = position[name]
+        total -= hulls[name][i][0] - hulls[name][i + 1][0]
+        position[name] = i + 1
+        push(name)
+
+    chosen = {name: hulls[name][position[name]] for name in hulls}
+    # Fill the slack left by the last (possibly large) step with the best error reduction per
+    # extra MAC among all candidates that still fit under the target.
+    slack = target_macs - total
+    improved = True
+    while improved and slack > 0:
+        improved = False
+        best: Optional[Tuple[float, str, Tuple[int, float, Ranks]]] = None
+        for name, pts in candidates.items():
+            m0, e0, _ = chosen[name]
+            for p in pts:
+                extra = p[0] - m0
+                if 0 < extra <= slack and p[1] < e0 - 1e-15:
+                    gain = (e0 - p[1]) / extra
+                    if best is None or gain > best[0]:
+                        best = (gain, name, p)
+        if best is not None:
+            _, name, p = best
+            slack -= p[0] - chosen[name][0]
+            chosen[name] = p
+            improved = True
+    return {name: p[2] for name, p in chosen.items()}
+
+
+def choose_ranks(layers: Sequence[LayerShape], ratio: float, policy: str = "budget",
+                 spectra: Optional[Mapping[str, ModeSpectra]] = None, rank_min: Optional[int] = None,
+                 rank_multiple: int = 8, fixed_macs: int = 0, total_macs: Optional[int] = None,
+                 ) -> Dict[str, Ranks]:
+    """Ranks for each layer in ``layers`` (the candidates a policy may factorise).
+
+    ``fixed_macs`` are the MACs of everything that is not a candidate (other layers), and
+    ``total_macs`` the whole network's MACs, both needed by ``budget`` to turn the ratio into a
+    global target. ``spectra`` (per layer name) are needed by ``energy`` and ``budget``.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if ratio >= 1.0:
+        return {layer.name: None for layer in layers}
+    if rank_min is None:
+        rank_min = DEFAULT_RANK_MIN[policy]
+    if policy == "paper":
+        return {l.name: (_study_rank(l.c_out, ratio, rank_min), _study_rank(l.c_in, ratio, rank_min))
+                for l in layers}
+    if policy == "uniform":
+        return {l.name: _cheaper(l, (_round_up(_study_rank(l.c_out, ratio, rank_min), rank_multiple, l.c_out),
+                                     _round_up(_study_rank(l.c_in, ratio, rank_min), rank_multiple, l.c_in)))
+                for l in layers}
+    if spectra is None:
+        raise ValueError(f"policy {policy!r} needs the layers' spectra")
+    if policy == "energy":
+        out: Dict[str, Ranks] = {}
+        for l in layers:
+            sp = spectra[l.name]
+            out[l.name] = _cheaper(l, (_round_up(sp.rank_for_energy(ratio, "out"), rank_multiple, l.c_out),
+                                       _round_up(sp.rank_for_energy(ratio, "in"), rank_multiple, l.c_in)))
+        return out
+    total = total_macs if total_macs is not None else fixed_macs + sum(l.dense_macs() for l in layers)
+    return _budget(layers, spectra, ratio * total, fixed_macs, rank_multiple)

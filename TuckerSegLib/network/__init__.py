@@ -1,0 +1,1 @@
+"""Network surgery: factorised conv modules, finding and replacing layers, counting cost."""
