@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from TuckerSegLib.demo.demo_model import materialize_demo_model  # noqa: E402
 from TuckerSegLib.demo.phantom import LABEL_NAMES, make_phantom  # noqa: E402
 from TuckerSegLib.demo.run_demo import compressed_network  # noqa: E402
-from TuckerSegLib.evaluation.cost import network_cost  # noqa: E402
+from TuckerSegLib.network.cost import count_cost  # noqa: E402
 from TuckerSegLib.evaluation.metrics import mean_score, per_class_scores  # noqa: E402
 from TuckerSegLib.evaluation.plots import plot_ratio_curves  # noqa: E402
 from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume  # noqa: E402
@@ -47,7 +47,7 @@ def main() -> int:
 
     def run(policy: str, ratio: float):
         net, _ = compressed_network(folder, ratio, policy, cache)
-        cost = network_cost(net, patch)
+        cost = count_cost(net, (1, 1, *patch)).as_dict()
         segs = [predict_volume(predictor, p.image, p.affine, network=net) for p in phantoms]
         return cost, segs
 

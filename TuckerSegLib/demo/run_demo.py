@@ -70,7 +70,7 @@ def run_demo(outdir: Path = Path("tuckerseg-demo"), ratios: Sequence[float] = DE
     """Run the demo; returns the summary also written to ``results.json``."""
     from TuckerSegLib.demo.demo_model import materialize_demo_model
     from TuckerSegLib.demo.phantom import make_phantom, save_nifti
-    from TuckerSegLib.evaluation.cost import network_cost
+    from TuckerSegLib.network.cost import count_cost
     from TuckerSegLib.evaluation.metrics import mean_score, per_class_scores
     from TuckerSegLib.evaluation.plots import plot_ratio_curves, plot_slices
     from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume, resolve_device
@@ -104,7 +104,7 @@ def run_demo(outdir: Path = Path("tuckerseg-demo"), ratios: Sequence[float] = DE
             t0 = time.perf_counter()
             network, _manifest = compressed_network(folder, ratio, policy, cache_dir)
             load_s = time.perf_counter() - t0
-            cost = network_cost(network, patch)
+            cost = count_cost(network, (1, 1, *patch)).as_dict()
             progress.stage("segment", f"ratio {ratio:g}: segmenting")
             t0 = time.perf_counter()
             seg = predict_volume(predictor, ct_path, network=network)

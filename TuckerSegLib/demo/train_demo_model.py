@@ -1,12 +1,12 @@
 """Train the built-in demo model: a small nnU-Net v2 network on synthetic phantoms.
 
 The network is nnU-Net's own: a ``PlainConvUNet`` built by ``nnUNetTrainer.build_network_architecture``
-from the plans written here (nnU-Net v2 plans format, ``3d_fullres``, 48^3 patch at 3 mm,
-5 stages with 8..64 features, InstanceNorm, LeakyReLU, conv bias, as in TotalSegmentator's
+from the plans written here (nnU-Net v2 plans format, ``3d_fullres``, 32^3 patch at 6 mm,
+5 stages with 16..64 features, InstanceNorm, LeakyReLU, conv bias, as in TotalSegmentator's
 networks). Inputs are normalised with nnU-Net's ``CTNormalization`` and the plans'
 ``foreground_intensity_properties_per_channel``, so nnU-Net's ``nnUNetPredictor`` reproduces
-training-time behaviour. Phantoms are already at the plans' spacing, so nnU-Net's
-preprocessing (crop to non-zero, normalise, resample) reduces to the normalisation done here.
+training-time behaviour. Training data goes through nnU-Net's own ``DefaultPreprocessor``
+(crop to non-zero, normalise, resample the 3 mm phantoms to the model's 6 mm).
 
 The loop is deliberately simple (Adam, poly learning rate, nnU-Net's deep-supervised Dice+CE
 loss, random patches with foreground oversampling) and fully seeded: with the same versions of
@@ -33,8 +33,9 @@ RESOURCE_DIR = Path(__file__).resolve().parents[1] / "resources" / "demo_model"
 DATASET_NAME = "Dataset900_TuckerSegPhantom"
 TRAINER_NAME = "nnUNetTrainerNoMirroring"
 CONFIGURATION = "3d_fullres"
-PATCH_SIZE = [48, 48, 48]
-FEATURES = [8, 16, 32, 64, 64]
+PATCH_SIZE = [32, 32, 32]
+FEATURES = [16, 32, 64, 64, 64]
+MODEL_SPACING = [6.0, 6.0, 6.0]  # like TotalSegmentator's --fastest model; phantoms are 3 mm
 TRAIN_SEEDS = list(range(0, 40))
 VAL_SEEDS = list(range(10_000, 10_004))
 
@@ -55,11 +56,11 @@ def make_dataset_json(num_training: int = len(TRAIN_SEEDS)) -> dict:
 def make_plans(intensity_properties: Dict[str, float]) -> dict:
     """nnU-Net v2 plans (new format, ``architecture`` section) for the demo network."""
     n_stages = len(FEATURES)
-    spacing = [float(s) for s in DEFAULT_SPACING]
+    spacing = list(MODEL_SPACING)
     return {
         "dataset_name": DATASET_NAME,
         "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": spacing,
+        "original_median_spacing_after_transp": [float(s) for s in DEFAULT_SPACING[::-1]],
         "original_median_shape_after_transp": [80, 90, 120],
         "image_reader_writer": "NibabelIOWithReorient",
         "transpose_forward": [0, 1, 2],
@@ -70,7 +71,7 @@ def make_plans(intensity_properties: Dict[str, float]) -> dict:
                 "preprocessor_name": "DefaultPreprocessor",
                 "batch_size": 2,
                 "patch_size": list(PATCH_SIZE),
-                "median_image_size_in_voxels": [80, 90, 120],
+                "median_image_size_in_voxels": [40, 45, 60],
                 "spacing": spacing,
                 "normalization_schemes": ["CTNormalization"],
                 "use_mask_for_norm": [False],
@@ -122,14 +123,23 @@ def foreground_intensity_properties(phantoms) -> Dict[str, float]:
     }
 
 
-def to_nnunet_arrays(phantom, plans: dict) -> Tuple[np.ndarray, np.ndarray]:
-    """Phantom -> (normalised image (1, z, y, x) float32, labels (z, y, x)) in nnU-Net's order."""
-    from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
+def to_nnunet_arrays(phantom, plans: dict, dataset_json: dict) -> Tuple[np.ndarray, np.ndarray]:
+    """Phantom -> (image (1, z, y, x) float32, labels (z, y, x)) exactly as nnU-Net's
+    ``DefaultPreprocessor`` prepares training data (crop, CTNormalization, resampling to 6 mm)."""
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    props = plans["foreground_intensity_properties_per_channel"]["0"]
-    image = phantom.image.transpose(2, 1, 0).astype(np.float32)  # nibabel order -> SimpleITK order
-    image = CTNormalization(use_mask_for_norm=False, intensityproperties=props).run(image)
-    return image[None], phantom.labels.transpose(2, 1, 0).copy()
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(CONFIGURATION)
+    # nibabel voxel order (x, y, z) -> SimpleITK order (z, y, x), as nnU-Net's NIfTI readers do.
+    image = phantom.image.transpose(2, 1, 0)[None].astype(np.float32)
+    labels = phantom.labels.transpose(2, 1, 0)[None].astype(np.int16)
+    props = {"spacing": list(phantom.spacing[::-1])}
+    data, seg, _ = DefaultPreprocessor(verbose=False).run_case_npy(image, labels, props, pm, cm,
+                                                                   dataset_json)
+    seg = seg[0]
+    seg[seg < 0] = 0
+    return data.astype(np.float32), seg.astype(np.uint8)
 
 
 def _sample_patch(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray,
@@ -141,7 +151,7 @@ def _sample_patch(rng: np.random.Generator, image: np.ndarray, labels: np.ndarra
         present = [c for c in fg_index if len(c)]
         coords = present[rng.integers(len(present))]
         centre = coords[rng.integers(len(coords))]
-        lo = centre - patch // 2 + rng.integers(-6, 7, size=3)
+        lo = centre - patch // 2 + rng.integers(-4, 5, size=3)
     else:
         lo = np.array([rng.integers(0, max(s - p, 0) + 1) for s, p in zip(shape, patch)])
     lo = np.clip(lo, 0, np.maximum(shape - patch, 0))
@@ -149,7 +159,7 @@ def _sample_patch(rng: np.random.Generator, image: np.ndarray, labels: np.ndarra
     return image[(slice(None),) + sl], labels[sl]
 
 
-def train(out_dir: Path = RESOURCE_DIR, steps: int = 450, seed: int = 1234, threads: int = 2,
+def train(out_dir: Path = RESOURCE_DIR, steps: int = 600, seed: int = 1234, threads: int = 2,
           lr: float = 3e-3, log=print) -> dict:
     """Train on seeded phantoms and write plans.json, dataset.json, fold_0/model.safetensors and
     trainer.json into ``out_dir``. Returns the training summary written into trainer.json."""
@@ -168,7 +178,7 @@ def train(out_dir: Path = RESOURCE_DIR, steps: int = 450, seed: int = 1234, thre
     phantoms = [make_phantom(s) for s in TRAIN_SEEDS]
     dataset_json = make_dataset_json()
     plans = make_plans(foreground_intensity_properties(phantoms))
-    cases = [to_nnunet_arrays(p, plans) for p in phantoms]
+    cases = [to_nnunet_arrays(p, plans, dataset_json) for p in phantoms]
     del phantoms
     fg_index = [[np.argwhere(lab == c) for c in range(1, len(LABEL_NAMES))] for _, lab in cases]
 
@@ -265,7 +275,7 @@ def validate(model_dir: Path = RESOURCE_DIR, seeds=VAL_SEEDS, log=print) -> dict
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESOURCE_DIR)
-    parser.add_argument("--steps", type=int, default=450)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--validate-only", action="store_true")

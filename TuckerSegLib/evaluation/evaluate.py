@@ -102,7 +102,7 @@ class _Segmenter:
 
     def _nnunet(self, ct: Path, policy: str, ratio: float):
         from TuckerSegLib.demo.run_demo import compressed_network
-        from TuckerSegLib.evaluation.cost import network_cost
+        from TuckerSegLib.network.cost import count_cost
         from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume
 
         if self.predictor is None:
@@ -110,7 +110,8 @@ class _Segmenter:
         network, _ = compressed_network(self.model.folder, ratio, policy, self.cache_dir)
         key = (policy, ratio)
         if key not in self._cost_cache:
-            self._cost_cache[key] = network_cost(network, self.predictor.configuration_manager.patch_size)
+            patch = self.predictor.configuration_manager.patch_size
+            self._cost_cache[key] = count_cost(network, (1, 1, *patch)).as_dict()
         t0 = time.perf_counter()
         seg = predict_volume(self.predictor, ct, network=network)
         return seg, time.perf_counter() - t0, self._cost_cache[key]
@@ -122,15 +123,13 @@ class _Segmenter:
         t0 = time.perf_counter()
         result = segment(ct, out, ratio=ratio, policy=policy, task=self.model.task, fast=self.model.fast,
                          fastest=self.model.fastest, roi_subset=None, ml=True, device=self.device,
-                         cache_dir=self.cache_dir, progress=None)
+                         cache_dir=self.cache_dir, progress=None, quiet=True)
         seconds = float(getattr(result, "seconds", time.perf_counter() - t0))
         if not self.model.labels:
             self.model.labels = {int(k): str(v) for k, v in dict(getattr(result, "labels", {})).items()
                                  if int(k) != 0}
         _, seg = _load_nifti(Path(result.output))
-        report = getattr(result, "report", None) or {}
-        cost = {"params": report.get("compressed", {}).get("params"),
-                "macs": report.get("compressed", {}).get("macs")}
+        cost = {"params": getattr(result, "params", None), "macs": getattr(result, "macs", None)}
         return np.asarray(seg), seconds, cost
 
 
