@@ -18,11 +18,13 @@ from TuckerSegLib.models.nnunet_folder import NnUNetModel, _plans_manager
 MAX_PROBE_VOXELS = 80 ** 3
 
 
-def probe_shape(patch_size: Sequence[int]) -> tuple:
+def probe_shape(patch_size: Sequence[int], total_strides: Sequence[int]) -> tuple:
+    """The patch, or about half of it per axis when large, kept a multiple of the network's
+    total downsampling on each axis (so that skip connections line up)."""
     shape = tuple(int(p) for p in patch_size)
-    if np.prod(shape) > MAX_PROBE_VOXELS:
-        shape = tuple(max(1, s // 2) for s in shape)
-    return shape
+    if np.prod(shape) <= MAX_PROBE_VOXELS:
+        return shape
+    return tuple(max(s, int(round(p / 2 / s)) * s) for p, s in zip(shape, total_strides))
 
 
 def _ct_patch(shape: Sequence[int], spacing: Sequence[float], props: dict, seed: int) -> np.ndarray:
@@ -44,9 +46,10 @@ def _ct_patch(shape: Sequence[int], spacing: Sequence[float], props: dict, seed:
 
 def default_probe(model: NnUNetModel, seed: int = 0) -> torch.Tensor:
     """A (1, C, *probe_shape) input tensor for ``model``'s network."""
-    shape = probe_shape(model.patch_size)
     pm = _plans_manager(model.plans)
     cm = pm.get_configuration(model.configuration)
+    strides = np.prod(np.array(cm.pool_op_kernel_sizes, dtype=int), axis=0)
+    shape = probe_shape(model.patch_size, [int(s) for s in strides])
     schemes = list(cm.normalization_schemes)
     props = pm.foreground_intensity_properties_per_channel
     channels = []
