@@ -2,7 +2,7 @@
 
 Why: distillation and calibration must feed the network what nnU-Net's predictor feeds it, or the
 compressed network is tuned to the wrong input distribution. So each CT goes through nnU-Net's own
-``DefaultPreprocessor.run_case`` with the model's plans, configuration and dataset.json (reader
+preprocessor (the plans' class, normally ``DefaultPreprocessor``) ``run_case`` with the model's plans, configuration and dataset.json (reader
 class from the plans, transpose, crop to non-zero, resampling to the model spacing,
 CTNormalization). Patches of the model's patch size are then drawn the way nnU-Net's trainer does
 (random position, zero padding when the volume is smaller, optionally forced onto foreground).
@@ -82,8 +82,6 @@ def preprocess(model: NnUNetModel, images: Sequence[Union[str, Path]],
                labels: Optional[Sequence[Optional[Union[str, Path]]]] = None,
                progress: Optional[Progress] = None) -> List[Case]:
     """Preprocess CTs (one channel each; ``labels`` optional, aligned with ``images``)."""
-    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
-
     progress = progress or NullProgress()
     if not images:
         raise InputError("no CT given")
@@ -94,7 +92,7 @@ def preprocess(model: NnUNetModel, images: Sequence[Union[str, Path]],
     paths = [check_ct(p) for p in images]
     pm = _plans_manager(model.plans)
     cm = pm.get_configuration(model.configuration)
-    pre = DefaultPreprocessor(verbose=False)
+    pre = cm.preprocessor_class(verbose=False)  # DefaultPreprocessor unless the plans name another
     cases = []
     for i, (path, lab) in enumerate(zip(paths, labels)):
         progress.update((i + 0.5) / len(paths), f"preprocessing {path.name}")
