@@ -32,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"patches per step (default {d.batch_size})")
     parser.add_argument("--temperature", type=float, default=d.temperature, help="softmax temperature of the soft targets")
     parser.add_argument("--feature-weight", type=float, default=d.feature_weight,
-                        help="weight of the MSE on encoder/decoder stage outputs (default 0: off)")
+                        help=f"weight of the MSE on encoder/decoder stage outputs (default {d.feature_weight:g}; 0: off)")
+    parser.add_argument("--pseudo-label-weight", type=float, default=d.pseudo_label_weight,
+                        help=f"weight of nnU-Net's Dice+CE against the original model's labels "
+                             f"(default {d.pseudo_label_weight:g}; 0: soft targets only)")
     parser.add_argument("--logit-weight", type=float, default=d.logit_weight, help="weight of the MSE on logits (default 0)")
     parser.add_argument("--labels", type=Path, default=None, metavar="DATASET_DIR",
                         help="nnU-Net raw dataset (imagesTr/, labelsTr/): add nnU-Net's Dice+CE loss on its labels")
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace, progress) -> int:
         raise InputError("--lr must be positive")
     config = DistillConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                            temperature=args.temperature, feature_weight=args.feature_weight,
-                           logit_weight=args.logit_weight, checkpoint_every=args.checkpoint_every,
+                           logit_weight=args.logit_weight, pseudo_label_weight=args.pseudo_label_weight,
+                           checkpoint_every=args.checkpoint_every,
                            seed=args.seed)
     fold = int(args.fold) if str(args.fold).isdigit() else args.fold
     summary = finetune(args.model, args.input, args.output, ratio=ratio, policy=args.policy,

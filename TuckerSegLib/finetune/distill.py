@@ -4,7 +4,9 @@ Why: users rarely have labels, but the original network labels any CT for free. 
 (compressed) learns the teacher's (original) soft outputs:
 ``loss = T^2 KL(softmax(teacher/T) || softmax(student/T))`` per voxel, optionally plus MSE on
 the logits and on intermediate features (the outputs of the encoder and decoder stages, which
-keep their names through Tucker surgery). With labels, nnU-Net's own Dice + CE loss is added.
+keep their names through Tucker surgery), and nnU-Net's Dice + CE against the teacher's argmax
+(pseudo labels: Dice weighs small structures as much as large ones, which the voxel-averaged KL
+does not). With labels, nnU-Net's own Dice + CE loss is added.
 
 Training is resumable: every ``checkpoint_every`` steps the work folder gets a checkpoint of
 safetensors (student weights, Adam moments) and JSON (step, loss curve, sampler state, Adam's
@@ -40,13 +42,14 @@ class DistillConfig:
     """Hyper-parameters of a distillation run (recorded in checkpoints and the report)."""
 
     steps: int = 200
-    lr: float = 5e-4
+    lr: float = 1e-3
     min_lr_fraction: float = 0.05  # cosine decay from lr to lr * this
     batch_size: int = 2
     temperature: float = 1.0
     kd_weight: float = 1.0
     logit_weight: float = 0.0  # MSE on logits
-    feature_weight: float = 0.0  # MSE on stage outputs
+    feature_weight: float = 1.0  # MSE on stage outputs
+    pseudo_label_weight: float = 1.0  # nnU-Net Dice + CE against the teacher's argmax
     supervised_weight: float = 1.0  # nnU-Net Dice + CE, only when the patches carry labels
     grad_clip: float = 12.0  # as nnU-Net's trainer
     checkpoint_every: int = 50
@@ -240,6 +243,7 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
     tap_t = _FeatureTap(teacher, names) if names else None
     tap_s = _FeatureTap(student, names) if names else None
     supervised = _supervised_loss() if config.supervised_weight > 0 else None
+    pseudo = _supervised_loss() if config.pseudo_label_weight > 0 else None
     student.train()
     last_saved = start
     try:
@@ -257,6 +261,8 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
             if tap_s is not None:
                 feat = sum(F.mse_loss(tap_s.outputs[n], tap_t.outputs[n]) for n in names) / len(names)
                 loss = loss + config.feature_weight * feat
+            if pseudo is not None:
+                loss = loss + config.pseudo_label_weight * pseudo(s_logits, t_logits.argmax(1, keepdim=True))
             if supervised is not None and y is not None:
                 loss = loss + config.supervised_weight * supervised(s_logits, y.to(device))
             optimizer.zero_grad(set_to_none=True)
