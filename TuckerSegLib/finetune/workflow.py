@@ -149,6 +149,10 @@ def finetune(model: PathLike, images: Sequence[PathLike], output: PathLike,
 
     if resume:
         info = _read_run_info(work)
+        names = [Path(p).name for p in images]
+        if info.get("data") and info["data"] != names:
+            progress.log(f"warning: resuming with other CTs than the run started with "
+                         f"({', '.join(info['data'])}); the loss curve will not continue smoothly")
         student = factorise_structure(copy.deepcopy(teacher.network), info["layer_ranks"])
         layer_ranks, report = info["layer_ranks"], info["report"]
     elif student_model is not None:
@@ -174,7 +178,8 @@ def finetune(model: PathLike, images: Sequence[PathLike], output: PathLike,
     progress.stage("distill", f"distilling for {config.steps} steps on {dev}")
     res = distill(teacher.network, student, sampler, config, work, device=dev, resume=resume,
                   val_patches=val, progress=progress,
-                  run_info={"layer_ranks": layer_ranks, "report": report})
+                  run_info={"layer_ranks": layer_ranks, "report": report,
+                            "data": [Path(p).name for p in images]})
     summary = {
         "steps": res.steps,
         "loss_curve": [round(v, 6) for v in res.loss_curve],
