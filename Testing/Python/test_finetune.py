@@ -132,8 +132,8 @@ def test_calibration_with_bad_ct_gives_one_line_error(tiny, data, tmp_path, bad,
         calibrate(tiny, [cts[0], path])
     message = str(info.value)
     assert "\n" not in message and str(path) in message
-    expected = {"missing": "not found", "nan": "NaN", "4d": "4-D", "corrupt": "not a readable NIfTI",
-                "blank": "blank"}[bad]
+    expected = {"missing": "not found", "nan": "NaN", "4d": "4D image", "corrupt": "not a readable NIfTI",
+                "blank": "every voxel has the value"}[bad]
     assert expected in message
     # the command line: one line on stderr, exit code 2, no output folder
     out = tmp_path / "out"

@@ -29,32 +29,17 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 def check_ct(path: Union[str, Path]) -> Path:
     """An existing, readable, finite, non-constant 3-D NIfTI image, or a one-line ``InputError``.
 
-    The header and the voxels are checked here because nnU-Net's reader fails on bad files deep
-    inside with tracebacks that do not name the problem.
+    The checks are the pipeline's (``pipeline.inputs.check_input``); nnU-Net's reader would fail
+    on bad files deep inside, with tracebacks that do not name the problem. DICOM folders are
+    refused here because the model's NIfTI reader preprocesses the training data.
     """
-    import nibabel as nib
+    from TuckerSegLib.pipeline.inputs import check_input
 
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise InputError(f"CT not found: {p}")
-    if p.is_dir() or not str(p).lower().endswith(NIFTI_SUFFIXES):
-        raise InputError(f"{p} is not a NIfTI file (.nii or .nii.gz); convert DICOM series first")
-    try:
-        img = nib.load(str(p))
-        shape = tuple(int(s) for s in img.shape)
-        data = np.asanyarray(img.dataobj) if len(shape) == 3 else None
-    except Exception as exc:
-        raise InputError(f"{p} is not a readable NIfTI image ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:120]})") from None
-    if len(shape) != 3:
-        raise InputError(f"{p} is a {len(shape)}-D image with shape {shape}; a 3-D CT is needed")
-    if min(shape) < 1:
-        raise InputError(f"{p} is empty (shape {shape})")
-    if data.dtype.kind == "f" and not np.isfinite(data).all():
-        raise InputError(f"{p} contains NaN or infinite voxel values")
-    if data.min() == data.max():
-        raise InputError(f"{p} is blank: every voxel has the value {float(data.min()):g}")
-    return p
+    checked = check_input(path)
+    if checked.kind != "nifti":
+        raise InputError(f"{checked.path} is a DICOM folder; convert it to NIfTI (.nii.gz) for "
+                         f"calibration and fine-tuning")
+    return checked.path
 
 
 @dataclass
