@@ -18,14 +18,12 @@ rows are compressed to that target: ``uniform`` (rank factor found by bisection,
 ``budget``; ranks are not rounded to multiples of 8 here (the demo network's 8- and 16-channel
 layers would otherwise stay dense). Example (about 10 minutes of one CPU core)::
 
-    nice python benchmarks/recovery_experiment.py --case demo realct --steps 300 --out recovery_out
+    nice python benchmarks/recovery_experiment.py --case demo realct --steps 500 --out recovery_out
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import json
 import os
 import sys
@@ -41,11 +39,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from TuckerSegLib.compression import compress_network  # noqa: E402
-from TuckerSegLib.finetune.agreement import mean_dice  # noqa: E402
+from TuckerSegLib.evaluation.metrics import mean_score, per_class_scores  # noqa: E402
 from TuckerSegLib.finetune.calibrate import collect_stats  # noqa: E402
 from TuckerSegLib.finetune.distill import DistillConfig, distill  # noqa: E402
 from TuckerSegLib.finetune.preprocess import PatchSampler, preprocess  # noqa: E402
 from TuckerSegLib.models.nnunet_folder import load_model_folder  # noqa: E402
+from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume  # noqa: E402
 
 STUDY_RANK_FACTOR = 0.3
 TRAIN_PHANTOMS = (500, 501, 502, 503)
@@ -85,30 +84,11 @@ def split_ct(ct: Path, folder: Path, fraction: float = 0.6) -> tuple:
 
 # -- prediction and agreement ---------------------------------------------------------------------
 
-class Predictor:
-    """nnU-Net's predictor for a model folder, with a swappable network (the hook the app uses)."""
-
-    def __init__(self, folder: Path):
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                     perform_everything_on_device=False, device=torch.device("cpu"),
-                                     verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-            self.p.initialize_from_trained_model_folder(str(folder), use_folds=(0,))
-        self.reader = self.p.plans_manager.image_reader_writer_class()
-
-    def __call__(self, network: torch.nn.Module, ct: Path) -> np.ndarray:
-        network = network.eval()
-        self.p.network = network
-        self.p.list_of_parameters = [network.state_dict()]
-        data, props = self.reader.read_images([str(ct)])
-        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-            return np.asarray(self.p.predict_single_npy_array(data, props, None, None, False))
-
-
 def agreement(seg: np.ndarray, ref: np.ndarray, num_classes: int) -> float:
-    return mean_dice(torch.from_numpy(seg.astype(np.int64)), torch.from_numpy(ref.astype(np.int64)), num_classes)
+    """Mean Dice over the foreground classes present in either label map."""
+    scores = per_class_scores(seg, ref, range(1, num_classes), spacing=(1, 1, 1), with_nsd=False)
+    value = mean_score(scores, "dice", present_only=True)
+    return 1.0 if value is None else value
 
 
 # -- the experiment ------------------------------------------------------------------------------
@@ -152,21 +132,23 @@ def run_case(name: str, model_dir: Path, train: List[Path], evaluate: List[Path]
         "budget, data-aware ranks + factors": compress_network(
             net, target, "budget", patch_size=patch, rank_multiple=1, calibration=stats),
     }
-    start_key = "budget, data-aware ranks + factors"
+    # distil the student with the zero-shot uniform row's ranks, so that the three rows
+    # "uniform zero-shot -> data-aware factors -> distilled" differ only in how weights were found
+    start_key = "uniform ranks, data-aware factors"
     with tempfile.TemporaryDirectory() as work:
         config = DistillConfig(steps=steps, lr=1e-3, batch_size=2, checkpoint_every=max(steps, 1))
         student = copy.deepcopy(variants[start_key].network)
         td = time.perf_counter()
         res = distill(net, student, PatchSampler(cases, patch, seed=2), config, Path(work))
         distill_seconds = time.perf_counter() - td
-    variants[f"distilled {steps} steps (from data-aware budget)"] = type(paper)(
+    variants[f"uniform ranks, distilled {steps} steps (from data-aware)"] = type(paper)(
         res.network, variants[start_key].layer_ranks, variants[start_key].report)
 
-    predictor = Predictor(model_dir)
-    refs = [predictor(net, ct) for ct in evaluate]
+    predictor = load_predictor(model_dir, device="cpu")
+    refs = [predict_volume(predictor, ct, network=copy.deepcopy(net)) for ct in evaluate]
     rows = []
     for label, result in variants.items():
-        scores = [agreement(predictor(result.network, ct), ref, model.num_classes)
+        scores = [agreement(predict_volume(predictor, ct, network=result.network), ref, model.num_classes)
                   for ct, ref in zip(evaluate, refs)]
         rows.append({"method": label, "macs_ratio": result.report["macs_ratio"],
                      "params_ratio": result.report["params_ratio"], "mean_dice": float(np.mean(scores)),
@@ -227,7 +209,7 @@ def main(argv=None) -> int:
     data = Path(os.environ.get("TUCKERSEG_TEST_DATA", REPO.parent / "shared" / "data"))
     parser.add_argument("--ct", type=Path, default=data / "example_ct.nii.gz",
                         help="real CT for the realct case (default: $TUCKERSEG_TEST_DATA/example_ct.nii.gz)")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("recovery_out"))
     args = parser.parse_args(argv)

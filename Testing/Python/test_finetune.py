@@ -286,3 +286,20 @@ def test_preprocessing_matches_nnunet_predictor_input(tiny, shared_data):
     data = adapter.generate_train_batch()["data"]
     np.testing.assert_allclose(case.data, np.asarray(data), rtol=1e-6, atol=1e-6)
     assert case.seg is None and case.data.shape[1:] == (30, 101, 122)
+
+
+def test_finetune_argument_errors_are_one_line(tiny, data, tmp_path, capsys):
+    _, cts = data
+    cases = [
+        (["--ratio", "0.5", "--device", "gpu"], "no CUDA device" if not torch.cuda.is_available() else None),
+        ([], "--ratio is needed"),
+        (["--ratio", "1.5"], "ratio must be in (0, 1]"),
+    ]
+    for extra, expected in cases:
+        if expected is None:
+            continue
+        code = main(["finetune", str(tiny.folder), "-i", str(cts[0]), "--steps", "1", "-o",
+                     str(tmp_path / "out"), "--progress", "none", *extra])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
+        assert not (tmp_path / "out").exists()
