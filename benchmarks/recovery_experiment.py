@@ -189,7 +189,9 @@ def write_outputs(results: List[dict], out: Path, command: str) -> None:
         colours = ["#b0b0b0"] * 3 + ["#4c9be8"] * 2 + ["#2ca25f"] * (len(values) - 5)
         ax.barh(range(len(values)), values, color=colours)
         for i, v in enumerate(values):
-            ax.text(min(v + 0.01, 0.93), i, f"{v:.3f}", va="center")
+            inside = v > 0.85  # label inside the bar where it would run off the axis
+            ax.text(v - 0.01 if inside else v + 0.01, i, f"{v:.3f}", va="center",
+                    ha="right" if inside else "left", color="white" if inside else "black")
         ax.set_yticks(range(len(values)), labels, fontsize=7)
         ax.invert_yaxis()
         ax.set_xlim(0, 1.0)
