@@ -303,3 +303,31 @@ def test_finetune_argument_errors_are_one_line(tiny, data, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_distilled_totalseg_model_is_used_by_segment(shared_data, tmp_path, monkeypatch):
+    """TotalSegmentator dataset id in, distilled model out, and ``segment`` runs with it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import build_test_models
+    from TuckerSegLib.pipeline.segment import segment
+
+    home = tmp_path / "home"
+    root = home / "nnunet" / "results"
+    build_test_models.build_models(root, [297], width_scale=0.125)
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(home))
+    (home / "config.json").write_text(json.dumps({"totalseg_id": "totalseg_tests", "send_usage_stats": False,
+                                                  "prediction_counter": 0, "statistics_disclaimer_shown": True}))
+    ct = shared_data / "example_ct_sm.nii.gz"
+    out = tmp_path / "distilled"
+    code = main(["finetune", "297", "-i", str(ct), "--ratio", "0.5", "--steps", "2", "--batch-size", "1",
+                 "-o", str(out), "--progress", "none"])
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "Dataset297" in manifest["source"]["folder"] and manifest["report"]["finetune"]["steps"] == 2
+    result = segment(ct, tmp_path / "seg.nii.gz", ratio=0.5, fast=True, device="cpu", quiet=True,
+                     allow_download=False, compressed_models=[out])
+    (used,) = result.models
+    assert used["compressed_model"] == str(out)
+    assert used["params"] == manifest["report"]["compressed"]["params"]
+    assert nib.load(str(tmp_path / "seg.nii.gz")).shape == nib.load(str(ct)).shape
