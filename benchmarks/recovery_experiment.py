@@ -44,6 +44,7 @@ from TuckerSegLib.finetune.calibrate import collect_stats  # noqa: E402
 from TuckerSegLib.finetune.distill import DistillConfig, distill  # noqa: E402
 from TuckerSegLib.finetune.preprocess import PatchSampler, preprocess  # noqa: E402
 from TuckerSegLib.models.nnunet_folder import load_model_folder  # noqa: E402
+from TuckerSegLib.models.probe import default_probe  # noqa: E402
 from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume  # noqa: E402
 
 STUDY_RANK_FACTOR = 0.3
@@ -127,6 +128,8 @@ def run_case(name: str, model_dir: Path, train: List[Path], evaluate: List[Path]
         f"uniform (rank factor {u_ratio:.3f}), zero-shot": uniform,
         "budget, weight-energy HOSVD, zero-shot": compress_network(
             net, target, "budget", patch_size=patch, rank_multiple=1),
+        "budget, probe-sensitivity HOSVD, zero-shot": compress_network(
+            net, target, "budget", patch_size=patch, rank_multiple=1, probe=default_probe(model)),
         "uniform ranks, data-aware factors": compress_network(
             net, u_ratio, "uniform", patch_size=patch, rank_min=1, rank_multiple=1, calibration=stats),
         "budget, data-aware ranks + factors": compress_network(
@@ -186,7 +189,8 @@ def write_outputs(results: List[dict], out: Path, command: str) -> None:
     for ax, r in zip(axes[0], results):
         labels = [row["method"].replace(", ", ",\n", 1) for row in r["rows"]]
         values = [row["mean_dice"] for row in r["rows"]]
-        colours = ["#b0b0b0"] * 3 + ["#4c9be8"] * 2 + ["#2ca25f"] * (len(values) - 5)
+        colours = ["#4c9be8" if "data-aware" in row["method"] and "distilled" not in row["method"]
+                   else "#2ca25f" if "distilled" in row["method"] else "#b0b0b0" for row in r["rows"]]
         ax.barh(range(len(values)), values, color=colours)
         for i, v in enumerate(values):
             inside = v > 0.85  # label inside the bar where it would run off the axis
