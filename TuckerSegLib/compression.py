@@ -9,13 +9,13 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from TuckerSegLib.decomposition.ranks import POLICIES, LayerShape, Ranks, choose_ranks
-from TuckerSegLib.decomposition.tucker import METHODS, mode_spectra, tucker2
+from TuckerSegLib.decomposition.tucker import METHODS, ModeSpectra, Tucker2, mode_spectra, tucker2
 from TuckerSegLib.errors import InputError, check_ratio
 from TuckerSegLib.network.cost import Cost, layer_shapes, trace
 from TuckerSegLib.network.surgery import find_sites, replace_site
@@ -33,6 +33,25 @@ class CompressionResult:
     network: nn.Module
     layer_ranks: Dict[str, Optional[List[int]]]
     report: dict
+
+
+class Calibration(Protocol):
+    """Data-aware factorisation (e.g. ``TuckerSegLib.finetune.calibrate.CalibrationStats``).
+
+    Each method may return None for a layer it has no data for; plain HOSVD is used there.
+    """
+
+    def spectra(self, name: str, conv: nn.Module) -> Optional[ModeSpectra]:
+        """Spectra that drive rank allocation (``budget``, ``energy``) for this layer."""
+
+    def factorise(self, name: str, conv: nn.Module, ranks: Tuple[int, int]) -> Optional[Tucker2]:
+        """Factors of this layer at ``ranks`` (conv layout)."""
+
+    def output_error(self, name: str, conv: nn.Module, factors: Tucker2) -> Optional[float]:
+        """Estimated relative output error of the factors on the calibration data."""
+
+    def describe(self) -> dict:
+        """JSON summary recorded as the report's ``calibration``."""
 
 
 def _module_params(module: nn.Module) -> int:
@@ -59,13 +78,16 @@ def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
                      method: str = "hosvd", rank_min: Optional[int] = None,
                      rank_multiple: int = RANK_MULTIPLE, inplace: bool = False,
                      progress: Optional[Progress] = None,
-                     probe: Optional[torch.Tensor] = None) -> CompressionResult:
+                     probe: Optional[torch.Tensor] = None,
+                     calibration: Optional[Calibration] = None) -> CompressionResult:
     """Factorise ``network`` at ``ratio`` under ``policy`` (see ``decomposition.ranks``).
 
     Costs are counted at ``patch_size`` (the model's sliding-window patch). The input network is
     left untouched unless ``inplace``. ``ratio = 1.0`` returns the network unchanged.
     ``probe`` (an input batch, e.g. ``models.probe.default_probe``) lets ``budget`` weigh each
     layer's error by its measured effect on the output (``network.sensitivity``).
+    ``calibration`` (activation statistics) replaces ``method`` for the factors and the weight
+    spectra for rank allocation wherever it has data for a layer (``probe`` is then unused).
     """
     ratio = check_ratio(ratio)
     if policy not in POLICIES:
@@ -89,14 +111,24 @@ def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
             progress.update(0.5 * (i + 1) / max(1, len(candidates)), f"analysing {layer.name}")
 
     sensitivity = None
-    if probe is not None and policy == "budget" and ratio < 1.0:
+    # With calibration the data-aware spectra already measure each layer's output error; the
+    # probe's sensitivities are calibrated against weight-energy truncation, so they are not mixed.
+    if probe is not None and calibration is None and policy == "budget" and ratio < 1.0:
         from TuckerSegLib.network.sensitivity import layer_sensitivities
 
         sensitivity = layer_sensitivities(net, candidates, spectra, {s.name: s for s in find_sites(net)},
                                           probe, progress)
 
+    rank_spectra = dict(spectra)
+    if calibration is not None and ratio < 1.0:
+        sites = {s.name: s for s in find_sites(net)}
+        for layer in candidates:
+            data_spectra = calibration.spectra(layer.name, sites[layer.name].module)
+            if data_spectra is not None:
+                rank_spectra[layer.name] = data_spectra
+
     dense_candidates = sum(l.dense_macs() for l in candidates)
-    ranks = choose_ranks(candidates, ratio, policy, spectra=spectra, rank_min=rank_min,
+    ranks = choose_ranks(candidates, ratio, policy, spectra=rank_spectra, rank_min=rank_min,
                          rank_multiple=rank_multiple, fixed_macs=before.cost.macs - dense_candidates,
                          total_macs=before.cost.macs, weights=sensitivity)
 
@@ -123,7 +155,11 @@ def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
                          reason=reasons.get(site.name) or ("not executed at this patch size" if shape is None
                                                             else "kept dense by the policy"))
         else:
-            factors = tucker2(conv_layout_weight(conv), r, method=method, spectra=spectra.get(site.name))
+            factors = calibration.factorise(site.name, conv, r) if calibration is not None else None
+            if factors is not None:
+                entry["data_error"] = calibration.output_error(site.name, conv, factors)
+            else:
+                factors = tucker2(conv_layout_weight(conv), r, method=method, spectra=spectra.get(site.name))
             new = TuckerConv.from_factors(conv, factors)
             entry.update(ranks=list(r), status="factorised", params_after=_module_params(new),
                          macs_after=shape.factorised_macs(*r),
@@ -138,6 +174,8 @@ def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
                      patch_size=list(patch_size), in_channels=in_channels, rank_min=rank_min,
                      rank_multiple=rank_multiple, seconds=time.perf_counter() - t0,
                      probe=None if sensitivity is None else list(probe.shape))
+    if calibration is not None:
+        report["calibration"] = calibration.describe()
     layer_ranks = {e["name"]: e["ranks"] for e in layers_report}
     return CompressionResult(net, layer_ranks, report)
 

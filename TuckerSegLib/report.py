@@ -34,6 +34,15 @@ def format_report(report: dict, layers: bool = True) -> str:
                  f"({100 * report['params_ratio']:.1f} %)")
     lines.append(f"MACs per patch: {o['macs'] / 1e9:.1f} G -> {c['macs'] / 1e9:.1f} G "
                  f"({100 * report['macs_ratio']:.1f} %, convolutions + normalisation as the study counts)")
+    cal = report.get("calibration")
+    if cal:
+        lines.append(f"factors: data-aware ({cal.get('method')}) from {cal.get('patches')} patches of "
+                     f"{', '.join(cal.get('data') or []) or 'calibration CTs'}")
+    fin = report.get("finetune")
+    if fin:
+        curve = fin.get("loss_curve") or [float("nan")]
+        lines.append(f"fine-tuned: {fin.get('steps')} distillation steps from {fin.get('teacher', {}).get('folder')} "
+                     f"on {len(fin.get('data') or [])} CT(s), loss {curve[0]:.4f} -> {curve[-1]:.4f}")
     factorised = sum(1 for e in report.get("layers", []) if e["status"] == "factorised")
     if report.get("layers"):
         lines.append(f"layers factorised: {factorised} of {len(report['layers'])}")

@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name")
     parser.add_argument("--rank-min", type=int, default=None,
                         help="rank floor (default: 0 for paper, 16 for uniform, 1 otherwise)")
+    parser.add_argument("--calibrate", nargs="+", type=Path, default=None, metavar="CT",
+                        help="data-aware factors: activation statistics of the original network on "
+                             "these CTs (NIfTI) choose the factors and, for budget/energy, the ranks")
+    parser.add_argument("--calibration-patches", type=int, default=4, metavar="N",
+                        help="random patches per calibration CT (default 4)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
@@ -59,12 +64,18 @@ def run(args: argparse.Namespace, progress) -> int:
             raise InputError(f"output {out} exists and is not a compressed-model folder; not overwriting it")
     progress.stage("load", f"loading {args.model_dir}")
     model = load_model_folder(args.model_dir, fold, args.checkpoint)
+    calibration = None
+    if args.calibrate and ratio < 1.0:
+        from TuckerSegLib.finetune.calibrate import calibrate
+
+        calibration = calibrate(model, args.calibrate, patches_per_ct=args.calibration_patches,
+                                progress=progress)
     progress.stage("compress", f"compressing ({args.policy}, ratio {ratio:g})")
-    probe = default_probe(model) if args.policy == "budget" else None
+    probe = default_probe(model) if args.policy == "budget" and calibration is None else None
     result = compress_network(model.network, ratio, args.policy, patch_size=model.patch_size,
                               in_channels=model.num_input_channels, method=args.method,
                               rank_min=args.rank_min, rank_multiple=args.rank_multiple,
-                              inplace=True, progress=progress, probe=probe)
+                              inplace=True, progress=progress, probe=probe, calibration=calibration)
     progress.stage("save", f"writing {out}")
     save_compressed(out, model, result)
     progress.result({"output": str(out), "original": result.report["original"],

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-download", action="store_true",
                    help="never download missing TotalSegmentator weights")
     p.add_argument("-q", "--quiet", action="store_true", help="less output from TotalSegmentator")
+    p.add_argument("--compressed-model", nargs="+", default=[], metavar="DIR",
+                   help="compressed-model folder(s) (e.g. from tuckerseg finetune) to use for the "
+                        "models they were made from, instead of compressing those at --ratio")
 
 
 def run(args: argparse.Namespace, progress: Progress) -> int:
@@ -55,6 +58,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
                      fast=args.fast, fastest=args.fastest, roi_subset=args.roi_subset, ml=args.ml,
                      device=args.device, cache_dir=args.cache_dir, engine=args.engine,
                      progress=progress, allow_download=not args.no_download, quiet=quiet,
+                     compressed_models=args.compressed_model,
                      statistics=args.statistics, body_seg=args.body_seg,
                      nr_thr_resamp=args.nr_thr_resamp, nr_thr_saving=args.nr_thr_saving)
     if not isinstance(progress, JsonProgress):

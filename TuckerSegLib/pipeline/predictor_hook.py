@@ -74,7 +74,8 @@ class CompressedPredictorHook:
 
     def __init__(self, ratio: float = 1.0, policy: str = "budget", cache_dir: Optional[Path] = None,
                  engine: str = "torch", progress: Optional[Progress] = None,
-                 on_model: Optional[Callable[[int, Path], None]] = None):
+                 on_model: Optional[Callable[[int, Path], None]] = None,
+                 compressed_models: Optional[Dict[str, Path]] = None):
         if engine not in ENGINES:
             raise EngineError(f"inference engine {engine!r} is not available (available: "
                               f"{', '.join(sorted(ENGINES))})")
@@ -85,6 +86,9 @@ class CompressedPredictorHook:
         self.progress = progress or NullProgress()
         self.on_model = on_model  # on_model(index, folder) once a model is loaded, before it predicts
         self.models: List[ModelUse] = []
+        # resolved original model folder -> compressed-model folder to use instead of the cache
+        # (e.g. one written by ``tuckerseg finetune``)
+        self.compressed_models = {str(Path(k).resolve()): Path(v) for k, v in (compressed_models or {}).items()}
         self._original = None
         self._t_last: Optional[float] = None
 
@@ -115,7 +119,8 @@ class CompressedPredictorHook:
         plans_manager = PlansManager(plans)
 
         manifest: dict = {}
-        if self.ratio >= 1.0:
+        given = self.compressed_models.get(str(folder.resolve()))
+        if self.ratio >= 1.0 and given is None:
             # Stock behaviour: nnU-Net's own network, every requested fold's weights.
             checkpoints = [load_checkpoint(folder / f"fold_{f}" / checkpoint_name) for f in use_folds]
             first = checkpoints[0]
@@ -146,9 +151,14 @@ class CompressedPredictorHook:
 
             self.progress.stage("compress", f"compressed network for {folder.parent.name} "
                                             f"(ratio {self.ratio:g}, {self.policy})")
-            model = get_compressed_model(folder, fold=use_folds[0], policy=self.policy,
-                                         ratio=self.ratio, cache_dir=self.cache_dir,
-                                         checkpoint_name=checkpoint_name, progress=self.progress)
+            if given is not None:
+                from TuckerSegLib.models.compressed_file import load_compressed
+
+                model = load_compressed(given)
+            else:
+                model = get_compressed_model(folder, fold=use_folds[0], policy=self.policy,
+                                             ratio=self.ratio, cache_dir=self.cache_dir,
+                                             checkpoint_name=checkpoint_name, progress=self.progress)
             network = model.network.eval()
             manifest = model.manifest or {}
             trainer_name = model.trainer_name
@@ -221,9 +231,10 @@ class CompressedPredictorHook:
 @contextmanager
 def compressed_predictors(ratio: float = 1.0, policy: str = "budget", cache_dir: Optional[Path] = None,
                           engine: str = "torch", progress: Optional[Progress] = None,
-                          on_model: Optional[Callable[[int, Path], None]] = None
+                          on_model: Optional[Callable[[int, Path], None]] = None,
+                          compressed_models: Optional[Dict[str, Path]] = None
                           ) -> Iterator[CompressedPredictorHook]:
     """``with compressed_predictors(ratio=0.5) as hook: totalsegmentator(...)``; see ``hook.models``."""
-    hook = CompressedPredictorHook(ratio, policy, cache_dir, engine, progress, on_model)
+    hook = CompressedPredictorHook(ratio, policy, cache_dir, engine, progress, on_model, compressed_models)
     with hook:
         yield hook

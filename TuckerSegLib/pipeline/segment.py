@@ -135,12 +135,25 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _compressed_models_by_source(folders: Sequence[Union[str, Path]]) -> Dict[str, Path]:
+    """``{original model folder: compressed-model folder}`` from each folder's manifest."""
+    from TuckerSegLib.models.compressed_file import read_manifest
+
+    out: Dict[str, Path] = {}
+    for folder in folders:
+        source = read_manifest(folder).get("source", {}).get("folder")
+        if not source:
+            raise InputError(f"{folder}: its manifest does not name the model it was made from")
+        out[str(Path(source).resolve())] = Path(folder)
+    return out
+
+
 def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.5,
             policy: str = "budget", task: str = "total", fast: bool = False, fastest: bool = False,
             roi_subset: Optional[Sequence[str]] = None, ml: bool = True, device: str = "auto",
             cache_dir: Optional[Union[str, Path]] = None, engine: str = "auto",
             progress: Optional[Progress] = None, allow_download: bool = True, quiet: bool = False,
-            **totalseg_kwargs: Any) -> SegmentResult:
+            compressed_models: Sequence[Union[str, Path]] = (), **totalseg_kwargs: Any) -> SegmentResult:
     """Segment ``input`` (NIfTI file or DICOM folder) into ``output`` with compressed networks.
 
     ``ratio`` is the fraction of the networks' cost to keep (1.0 = stock TotalSegmentator);
@@ -148,6 +161,8 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
     (``statistics``, ``body_seg``, ``nr_thr_resamp``, ...) pass through ``totalseg_kwargs``.
     ``output`` is a .nii.gz file with ``ml=True`` (one multilabel file), else a folder with one
     file per class. Raises ``TuckerSegError`` subclasses with one-line messages.
+    ``compressed_models``: compressed-model folders (e.g. from ``tuckerseg finetune``) used for the
+    models they were made from, instead of compressing those at ``ratio``.
     """
     from TuckerSegLib.models.totalseg import ensure_weights, task_models
 
@@ -164,6 +179,7 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
         raise InputError(f"unknown or unavailable engine {engine!r} (available: {', '.join(sorted(ENGINES))})")
     roi_subset = list(roi_subset) if roi_subset else None
 
+    given = _compressed_models_by_source(compressed_models)
     progress.stage("check", "checking input")
     checked = check_input(input)
     output = Path(output).expanduser().absolute()
@@ -202,7 +218,8 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
     try:
         with compressed_predictors(ratio=ratio, policy=policy,
                                    cache_dir=Path(cache_dir) if cache_dir else None,
-                                   engine=engine, progress=progress, on_model=on_model) as hook:
+                                   engine=engine, progress=progress, on_model=on_model,
+                                   compressed_models=given) as hook:
             # quiet: TotalSegmentator's prints go to stderr, JSON event lines stay on stdout.
             if quiet and isinstance(progress, JsonProgress) and progress.stream is None:
                 progress.stream = sys.stdout
@@ -233,7 +250,9 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
     used = [{"dataset_id": m.dataset_id, "folder": m.folder, "params": m.params, "macs": m.macs,
              "params_original": m.params_original, "macs_original": m.macs_original,
              "patch_size": list(m.patch_size), "load_seconds": round(m.load_seconds, 3),
-             "predict_seconds": round(m.predict_seconds, 3)} for m in hook.models]
+             "predict_seconds": round(m.predict_seconds, 3),
+             "compressed_model": str(given[str(Path(m.folder).resolve())])
+             if str(Path(m.folder).resolve()) in given else None} for m in hook.models]
     seconds = time.perf_counter() - t_start
     result = SegmentResult(
         output=output, labels=labels, seconds=seconds, timings={k: round(v, 3) for k, v in timings.items()},

@@ -1,0 +1,88 @@
+"""``tuckerseg finetune``: distil a compressed model from its original on the user's own CTs."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from TuckerSegLib.decomposition.ranks import POLICIES
+from TuckerSegLib.errors import InputError, check_ratio
+
+HELP = "recover quality by distilling a compressed model from its original"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from TuckerSegLib.cli.compress_cmd import POLICY_HELP
+    from TuckerSegLib.finetune.distill import DistillConfig
+
+    d = DistillConfig()
+    parser.add_argument("model", help="nnU-Net model folder, compressed-model folder (its original, "
+                                      "named in the manifest, is the teacher) or TotalSegmentator "
+                                      "dataset id (e.g. 291)")
+    parser.add_argument("-i", "--input", nargs="+", type=Path, default=[], metavar="CT",
+                        help="unlabelled CTs (NIfTI) to distil on; the original model labels them")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="compressed-model folder to write")
+    parser.add_argument("--ratio", type=float, default=None,
+                        help="compression ratio in (0, 1] (needed for an nnU-Net folder; meaning per --policy)")
+    parser.add_argument("--policy", choices=POLICIES, default="budget", help=POLICY_HELP)
+    parser.add_argument("--init", choices=("calibrated", "hosvd"), default="calibrated",
+                        help="factors of the new student: data-aware from the CTs (default) or plain HOSVD")
+    parser.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate, cosine-decayed (default {d.lr:g})")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"patches per step (default {d.batch_size})")
+    parser.add_argument("--temperature", type=float, default=d.temperature, help="softmax temperature of the soft targets")
+    parser.add_argument("--feature-weight", type=float, default=d.feature_weight,
+                        help=f"weight of the MSE on encoder/decoder stage outputs (default {d.feature_weight:g}; 0: off)")
+    parser.add_argument("--pseudo-label-weight", type=float, default=d.pseudo_label_weight,
+                        help=f"weight of nnU-Net's Dice+CE against the original model's labels "
+                             f"(default {d.pseudo_label_weight:g}; 0: soft targets only)")
+    parser.add_argument("--logit-weight", type=float, default=d.logit_weight, help="weight of the MSE on logits (default 0)")
+    parser.add_argument("--labels", type=Path, default=None, metavar="DATASET_DIR",
+                        help="nnU-Net raw dataset (imagesTr/, labelsTr/): add nnU-Net's Dice+CE loss on its labels")
+    parser.add_argument("--val", nargs="+", type=Path, default=[], metavar="CT",
+                        help="held-out CTs for the agreement read-out (default: patches of the training CTs)")
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, gpu or cuda:N")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="checkpoints folder (default: .<OUTPUT>.finetune-work beside the output)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the work folder")
+    parser.add_argument("--seed", type=int, default=d.seed, help="patch sampling seed")
+    parser.add_argument("--fold", default="0", help="fold of the original model (default 0)")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+
+def run(args: argparse.Namespace, progress) -> int:
+    from TuckerSegLib.finetune.distill import DistillConfig
+    from TuckerSegLib.finetune.workflow import finetune
+
+    ratio = check_ratio(args.ratio) if args.ratio is not None else None
+    if args.steps < 1 or args.batch_size < 1 or args.checkpoint_every < 1:
+        raise InputError("--steps, --batch-size and --checkpoint-every must be at least 1")
+    if not (args.lr > 0):
+        raise InputError("--lr must be positive")
+    config = DistillConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                           temperature=args.temperature, feature_weight=args.feature_weight,
+                           logit_weight=args.logit_weight, pseudo_label_weight=args.pseudo_label_weight,
+                           checkpoint_every=args.checkpoint_every,
+                           seed=args.seed)
+    fold = int(args.fold) if str(args.fold).isdigit() else args.fold
+    summary = finetune(args.model, args.input, args.output, ratio=ratio, policy=args.policy,
+                       config=config, device=args.device, labels_dir=args.labels, resume=args.resume,
+                       work_dir=args.work_dir, init=args.init, val_images=args.val, fold=fold,
+                       progress=progress)
+    val = summary["validation"]
+    progress.result({"output": str(args.output), "steps": summary["steps"],
+                     "final_loss": summary["loss_curve"][-1] if summary["loss_curve"] else None,
+                     "agreement_before": val["before"], "agreement_after": val["after"]})
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        curve = summary["loss_curve"]
+        print(f"distilled {summary['steps']} steps on {summary['device']} in {summary['seconds']} s; "
+              f"loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "no steps run")
+        if val["before"] and val["after"]:
+            print(f"agreement with the original ({val['patches']} patches): mean Dice "
+                  f"{val['before']['mean_dice']:.3f} -> {val['after']['mean_dice']:.3f}, voxels "
+                  f"{val['before']['voxel_agreement']:.3f} -> {val['after']['voxel_agreement']:.3f}")
+        print(f"wrote {args.output} (loss curve: {Path(args.output) / 'loss_curve.png'})")
+    return 0

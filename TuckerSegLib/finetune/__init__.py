@@ -1,0 +1,1 @@
+"""Recovering quality at high compression: calibration data, data-aware factors, distillation."""

@@ -1,0 +1,209 @@
+"""``tuckerseg finetune`` as a Python API: model in, distilled compressed-model folder out.
+
+Why a separate module: the command line, the benchmark and the tests all need the same chain:
+resolve teacher and student, preprocess the CTs, (data-aware) compress, distil, write a
+compressed-model folder that ``segment``, ``info`` and the Slicer module load like any other.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from TuckerSegLib.compression import CompressionResult, compress_network, factorise_structure
+from TuckerSegLib.errors import InputError, ModelError
+from TuckerSegLib.finetune.distill import DistillConfig, distill, list_checkpoints
+from TuckerSegLib.finetune.preprocess import PatchSampler, labelled_dataset, preprocess
+from TuckerSegLib.models.nnunet_folder import DEFAULT_CHECKPOINT, NnUNetModel, load_model_folder
+from TuckerSegLib.progress import NullProgress, Progress
+
+PathLike = Union[str, Path]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` (CUDA when present), ``cpu``, ``gpu``/``cuda`` or ``cuda:N``."""
+    name = (device or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "gpu":
+        name = "cuda"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}; use auto, cpu, gpu or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("a GPU was requested but PyTorch sees no CUDA device; use --device cpu")
+    return dev
+
+
+def totalseg_model_folder(dataset_id: int) -> Path:
+    """The nnU-Net folder of a TotalSegmentator dataset id in TotalSegmentator's weights folder."""
+    from totalsegmentator.config import get_weights_dir
+
+    root = Path(get_weights_dir())
+    found = sorted(root.glob(f"Dataset{dataset_id:03d}_*/*__*__3d_fullres")) if root.is_dir() else []
+    if not found:
+        raise ModelError(f"TotalSegmentator model {dataset_id} is not installed in {root} "
+                         f"(run TotalSegmentator once with network access, or import its weights)")
+    return found[0]
+
+
+def resolve_model(model: PathLike) -> Path:
+    """A model argument (folder, or TotalSegmentator dataset id such as ``291`` / ``Dataset291``)."""
+    text = str(model)
+    digits = text[len("Dataset"):] if text.startswith("Dataset") else text
+    if not Path(text).exists() and digits.isdigit():
+        return totalseg_model_folder(int(digits))
+    path = Path(text)
+    if not path.exists():
+        raise ModelError(f"model not found: {text} (give an nnU-Net model folder, a compressed-model "
+                         f"folder or a TotalSegmentator dataset id)")
+    return path
+
+
+def load_teacher_and_student(model: PathLike, fold: Union[int, str] = 0,
+                             checkpoint_name: str = DEFAULT_CHECKPOINT
+                             ) -> Tuple[NnUNetModel, Optional[NnUNetModel]]:
+    """``(teacher, student or None)``: a compressed-model folder brings its own student and
+    names its teacher (``manifest.source``); an nnU-Net folder is only the teacher."""
+    from TuckerSegLib.models.compressed_file import is_compressed_folder, load_compressed
+
+    folder = resolve_model(model)
+    if is_compressed_folder(folder):
+        student = load_compressed(folder)
+        src = student.manifest["source"]
+        teacher_dir = Path(src["folder"])
+        if not teacher_dir.is_dir():
+            raise ModelError(f"the original model of {folder} is not available at {teacher_dir}; "
+                             f"distillation needs it as the teacher")
+        return load_model_folder(teacher_dir, src.get("fold", 0), src.get("checkpoint", DEFAULT_CHECKPOINT)), student
+    return load_model_folder(folder, fold, checkpoint_name), None
+
+
+def _read_run_info(work_dir: Path) -> dict:
+    checkpoints = list_checkpoints(work_dir)
+    if not checkpoints:
+        raise InputError(f"--resume: no checkpoint in {work_dir}")
+    return json.loads((checkpoints[-1] / "state.json").read_text()).get("run_info", {})
+
+
+def default_work_dir(output: Path) -> Path:
+    output = Path(output)
+    return output.parent / f".{output.name}.finetune-work"
+
+
+def finetune(model: PathLike, images: Sequence[PathLike], output: PathLike,
+             ratio: Optional[float] = None, policy: str = "budget", config: Optional[DistillConfig] = None,
+             device: str = "auto", labels_dir: Optional[PathLike] = None, resume: bool = False,
+             work_dir: Optional[PathLike] = None, init: str = "calibrated",
+             val_images: Sequence[PathLike] = (), val_patches: int = 4,
+             fold: Union[int, str] = 0, checkpoint_name: str = DEFAULT_CHECKPOINT,
+             progress: Optional[Progress] = None) -> dict:
+    """Distil a compressed student from its original and write ``output`` (a compressed-model folder).
+
+    ``init`` is how a new student is made from an nnU-Net folder: ``calibrated`` (data-aware factors
+    from the same CTs) or ``hosvd``. ``labels_dir`` (an nnU-Net raw dataset) adds nnU-Net's Dice+CE
+    loss on its labelled cases. Returns the summary that is also stored as the report's ``finetune``.
+    """
+    from TuckerSegLib.finetune.calibrate import collect_stats
+    from TuckerSegLib.finetune.plots import save_loss_curve
+    from TuckerSegLib.models.compressed_file import save_compressed
+
+    progress = progress or NullProgress()
+    config = config or DistillConfig()
+    if init not in ("calibrated", "hosvd"):
+        raise InputError(f"unknown init {init!r}; use calibrated or hosvd")
+    output = Path(output)
+    if output.exists() and not (output / "manifest.json").is_file():
+        if not output.is_dir() or any(output.iterdir()):
+            raise InputError(f"output {output} exists and is not a compressed-model folder; not overwriting it")
+    work = Path(work_dir) if work_dir else default_work_dir(output)
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+
+    progress.stage("load", f"loading {model}")
+    teacher, student_model = load_teacher_and_student(model, fold, checkpoint_name)
+    if student_model is None and ratio is None and not resume:
+        raise InputError("--ratio is needed to compress an nnU-Net model folder")
+
+    progress.stage("preprocess", "preprocessing CTs with nnU-Net's preprocessor")
+    images = list(images or [])
+    label_files: List[Optional[Path]] = [None] * len(images)
+    if labels_dir is not None:
+        li, ll = labelled_dataset(labels_dir)
+        images += li
+        label_files += ll
+    if not images:
+        raise InputError("no CT given (-i CT [CT ...] or --labels DATASET_DIR)")
+    cases = preprocess(teacher, images, label_files, progress=progress)
+    val_cases = preprocess(teacher, list(val_images), progress=progress) if val_images else cases
+    sampler = PatchSampler(cases, teacher.patch_size, seed=config.seed,
+                           foreground=0.33 if labels_dir is not None else 0.0)
+    val = PatchSampler(val_cases, teacher.patch_size).fixed_patches(val_patches, seed=config.seed + 10_000) \
+        if val_patches > 0 else None
+
+    if resume:
+        info = _read_run_info(work)
+        names = [Path(p).name for p in images]
+        if info.get("data") and info["data"] != names:
+            progress.log(f"warning: resuming with other CTs than the run started with "
+                         f"({', '.join(info['data'])}); the loss curve will not continue smoothly")
+        student = factorise_structure(copy.deepcopy(teacher.network), info["layer_ranks"])
+        layer_ranks, report = info["layer_ranks"], info["report"]
+    elif student_model is not None:
+        student = student_model.network
+        layer_ranks = student_model.manifest["layers"]
+        report = copy.deepcopy(student_model.manifest["report"])
+        report.pop("finetune", None)
+    else:
+        calibration = None
+        if init == "calibrated":
+            progress.stage("calibrate", "activation statistics for data-aware factors")
+            patches = PatchSampler(cases, teacher.patch_size, seed=config.seed + 20_000).sample(
+                max(4, 2 * len(cases)))[0]
+            calibration = collect_stats(teacher.network.to(dev), patches, device=dev,
+                                        sources=[Path(p).name for p in images], progress=progress)
+            teacher.network.to("cpu")
+        probe = None
+        if calibration is None and policy == "budget":  # as ``tuckerseg compress`` does
+            from TuckerSegLib.models.probe import default_probe
+
+            probe = default_probe(teacher)
+        progress.stage("compress", f"compressing ({policy}, ratio {ratio:g})")
+        result = compress_network(teacher.network, ratio, policy, patch_size=teacher.patch_size,
+                                  in_channels=teacher.num_input_channels, calibration=calibration,
+                                  probe=probe, progress=progress)
+        student, layer_ranks, report = result.network, result.layer_ranks, result.report
+
+    progress.stage("distill", f"distilling for {config.steps} steps on {dev}")
+    res = distill(teacher.network, student, sampler, config, work, device=dev, resume=resume,
+                  val_patches=val, progress=progress,
+                  run_info={"layer_ranks": layer_ranks, "report": report,
+                            "data": [Path(p).name for p in images]})
+    summary = {
+        "steps": res.steps,
+        "loss_curve": [round(v, 6) for v in res.loss_curve],
+        "teacher": {"folder": str(teacher.folder.resolve()), "fold": teacher.fold,
+                    "checkpoint": teacher.checkpoint_path.name},
+        "data": [Path(p).name for p in images],
+        "labels": str(labels_dir) if labels_dir is not None else None,
+        "validation": {"data": [Path(p).name for p in val_images] or "training CTs",
+                       "patches": val_patches, "before": res.agreement_before, "after": res.agreement_after},
+        "config": asdict(config),
+        "init": "compressed folder" if student_model is not None else init,
+        "device": str(dev),
+        "resumed_from": res.resumed_from,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    progress.stage("save", f"writing {output}")
+    student.to("cpu").eval()
+    final_report = {**report, "finetune": summary}
+    save_compressed(output, teacher, CompressionResult(student, layer_ranks, final_report))
+    save_loss_curve(res.loss_curve, output / "loss_curve.png",
+                    title=f"distillation loss ({teacher.folder.name})")
+    return summary
