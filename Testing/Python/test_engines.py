@@ -3,6 +3,7 @@
 Real parts throughout: nnU-Net's PlainConvUNet, our compression, real OpenVINO conversion and
 compilation, nnU-Net's own predictor and sliding window.
 """
+import json
 import os
 import sys
 
@@ -13,6 +14,8 @@ from torch import nn
 from TuckerSegLib.compression import compress_network
 from TuckerSegLib.engines import prepare_network
 from TuckerSegLib.engines.agreement import compare_logits
+from TuckerSegLib.engines.layer_forms import FORMS, make_form
+from TuckerSegLib.network.surgery import factorised_layers
 from TuckerSegLib.errors import EngineError
 
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
@@ -97,12 +100,19 @@ def test_openvino_ir_cache_is_reused(compressed, tmp_path, patch_input):
     assert not third.cache_hit and third.cache_path != first.cache_path
 
 
-def test_auto_is_exact_on_cpu(compressed, cache_dir):
+def test_auto_is_exact_on_cpu_and_measured(compressed, cache_dir):
     for precision in ("auto", "f32"):
         _, info = prepare_network(compressed, PATCH, 1, "cpu", "auto", precision, cache_dir)
         assert info.precision == "f32"
-        assert info.name == "openvino"  # the faster exact engine on CPU
         assert info.agreement is None
+        # both engines were timed on a patch and the faster one kept; the choice is cached
+        assert any(n.startswith("engine auto:") and "torch" in n and "openvino" in n for n in info.notes)
+    choices = json.loads((cache_dir / "engine_choice.json").read_text())
+    assert len(choices) == 1 and next(iter(choices.values()))["engine"] == info.name
+    assert any(n.endswith("(cached)") for n in info.notes)
+    # static order when not measuring: OpenVINO first on CPU
+    _, static = prepare_network(compressed, PATCH, 1, "cpu", "auto", "auto", cache_dir, measure_auto=False)
+    assert (static.name, static.precision) == ("openvino", "f32")
 
 
 def test_explicit_unsupported_engine_is_refused(compressed, cache_dir):
@@ -170,3 +180,36 @@ def test_openvino_inside_nnunet_sliding_window(tmp_path, compressed):
     # nnU-Net accumulates Gaussian-weighted logits in fp16: differences of about one fp16 step
     assert agr.mean_abs_diff < 1e-3
     assert agr.max_abs_diff < 2e-3 * float(ref.abs().max()) + 1e-2
+
+
+def test_layer_forms_compute_the_same_function(compressed):
+    """Fused (first 1x1 folded into the core) and dense forms equal the factorised layer."""
+    layers = factorised_layers(compressed)
+    kinds = {tc.transposed for tc in layers.values()}
+    assert kinds == {False, True}  # convs and transposed convs both covered
+    g = torch.Generator().manual_seed(0)
+    for name, tc in layers.items():
+        c_in = tc.first.in_channels
+        x = torch.randn(1, c_in, 8, 8, 8, generator=g)
+        with torch.no_grad():
+            ref = tc(x)
+            for form in FORMS:
+                assert torch.allclose(make_form(tc, form)(x), ref, atol=1e-5), (name, form)
+
+
+def test_hardware_aware_shapes_with_torch(compressed, tmp_path, patch_input):
+    module, info = prepare_network(compressed, PATCH, 1, "cpu", "torch", "f32", tmp_path, shapes="auto")
+    assert set(info.layer_forms) == set(factorised_layers(compressed))
+    assert set(info.layer_forms.values()) <= set(FORMS)
+    agr = compare_logits(_run(module, patch_input), _run(compressed, patch_input))
+    assert agr.argmax_agreement >= 0.9999 and agr.max_abs_diff < 1e-3
+    timings = tmp_path / "layer_timings.json"
+    measured = json.loads(timings.read_text())
+    # every form of every layer timed once (layers with the same signature share an entry)
+    assert 3 <= len(measured) <= 3 * len(info.layer_forms)
+    assert all(v > 0 for v in measured.values())
+    stamp = timings.stat().st_mtime_ns
+    _, again = prepare_network(compressed, PATCH, 1, "cpu", "torch", "f32", tmp_path, shapes="auto")
+    assert again.layer_forms == info.layer_forms
+    assert timings.stat().st_mtime_ns == stamp  # cached per device: nothing timed again
+    module.load_state_dict(compressed.state_dict())  # the user's weights still load
