@@ -20,7 +20,7 @@ def _config(text: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--archs", nargs="+", default=["1.5mm", "3mm"], choices=["1.5mm", "3mm"],
+    parser.add_argument("--archs", nargs="+", default=["1.5mm", "3mm"], choices=["1.5mm", "3mm", "tiny"],
                         help="TotalSegmentator architectures to time per patch (default both)")
     parser.add_argument("--ratios", nargs="+", type=float, default=[1.0, 0.5, 0.3, 0.1])
     parser.add_argument("--policies", nargs="+", default=["paper", "budget"],

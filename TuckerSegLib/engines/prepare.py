@@ -62,6 +62,8 @@ def prepare_network(network: nn.Module, patch_size: Sequence[int], in_channels: 
     if shapes not in SHAPES_CHOICES:
         raise EngineError(f"unknown shapes mode {shapes!r}; choose one of {', '.join(SHAPES_CHOICES)}")
     chosen, notes = select_engine(engine, device, prec)
+    if precision == "auto" and prec != "f32":
+        notes.append(f"precision auto = {prec} autocast, as stock nnU-Net/TotalSegmentator on {device.type}")
     patch = patch_tuple(patch_size)
     cache = Path(cache_dir) if cache_dir is not None else None
     network = network.eval()
@@ -202,6 +204,6 @@ def _measure_agreement(module: nn.Module, network: nn.Module, patch, in_channels
         del reference
         agreement_mod.store(store, key, result)
     info.agreement = result.argmax_agreement
-    info.notes.append(f"{info.precision} requested: argmax agreement with f32 "
+    info.notes.append(f"{info.precision}: argmax agreement with f32 "
                       f"{100 * result.argmax_agreement:.3f} % on a random patch "
                       f"(max logit difference {result.max_abs_diff:.3g})")
