@@ -2,9 +2,12 @@
 import importlib.util  # noqa: F401  (the CLI dispatcher expects it loaded)
 import json
 
+import pytest
+
 from TuckerSegLib.cli.main import main
 
 
+@pytest.mark.slow
 def test_bench_writes_table_json_and_plot(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--progress", "none", "--archs", "tiny", "--ratios", "1.0", "0.3",

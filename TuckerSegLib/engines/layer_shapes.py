@@ -3,8 +3,9 @@
 Why: a factorised layer is not always faster than the dense one it replaces (PyTorch's slow
 conv3d path on CPU, tensor-core alignment on GPU, memory passes of thin 1x1 convs), so a
 compression ratio could end up slower than the original network. Each ``TuckerConv`` is timed
-with the engine that will run it, at its real input shape, in three equivalent forms
-(``layer_forms``: factorised, first 1x1 fused into the core, dense); the fastest is used, the
+with the engine that will run it, at its real input shape, in four equivalent forms
+(``layer_forms``: factorised, ranks zero-padded to the vector width, first 1x1 fused into the
+core, dense); the fastest is used, the
 factorised form unless another is at least ``MARGIN`` faster. Timings are cached per device,
 engine, precision and layer signature in ``layer_timings.json``, so each shape is timed once.
 """
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from TuckerSegLib.engines.base import Engine, available_threads
-from TuckerSegLib.engines.layer_forms import FORMS, make_form
+from TuckerSegLib.engines.layer_forms import FORMS, PAD_MULTIPLE, make_form
 from TuckerSegLib.network.cost import trace
 from TuckerSegLib.network.surgery import find_sites, replace_site
 from TuckerSegLib.network.tucker_conv import TuckerConv
@@ -126,8 +127,11 @@ def shape_for_device(network: nn.Module, patch_size: Sequence[int], in_channels:
             continue
         in_shape = shapes[site.name][0]
         seconds = {}
+        multiple = PAD_MULTIPLE.get(device.type, 8)
         for form in FORMS:
-            candidate = make_form(site.module, form)
+            candidate = make_form(site.module, form, multiple)
+            if form != "factorised" and candidate is site.module:
+                continue  # e.g. ranks already a multiple of the vector width
             key = timing_key(engine.name, precision, device_name, candidate, in_shape)
             if key not in known and key not in new:
                 new[key] = time_layer(engine, candidate, in_shape, device, precision, reps)
@@ -136,7 +140,7 @@ def shape_for_device(network: nn.Module, patch_size: Sequence[int], in_channels:
         choice = best if seconds[best] < (1 - MARGIN) * seconds["factorised"] else "factorised"
         forms[site.name] = choice
         if choice != "factorised":
-            replace_site(net, site, make_form(site.module, choice))
+            replace_site(net, site, make_form(site.module, choice, multiple))
         progress.update((i + 1) / len(sites), f"timed {site.name}: {choice}")
     if new:
         _save(path, new)
