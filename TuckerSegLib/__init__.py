@@ -11,3 +11,10 @@ Layers, from the bottom up:
 - ``cli``: the ``tuckerseg`` command; the Slicer module lives in ``TuckerSeg/``.
 """
 __version__ = "0.1.0"
+
+
+def segment(input, output, ratio: float = 0.5, **kwargs):
+    """Segment a CT with compressed TotalSegmentator models; see ``TuckerSegLib.pipeline.segment``."""
+    from TuckerSegLib.pipeline.segment import segment as _segment
+
+    return _segment(input, output, ratio=ratio, **kwargs)

@@ -58,11 +58,14 @@ def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
                      patch_size: Sequence[int] = (128, 128, 128), in_channels: int = 1,
                      method: str = "hosvd", rank_min: Optional[int] = None,
                      rank_multiple: int = RANK_MULTIPLE, inplace: bool = False,
-                     progress: Optional[Progress] = None) -> CompressionResult:
+                     progress: Optional[Progress] = None,
+                     probe: Optional[torch.Tensor] = None) -> CompressionResult:
     """Factorise ``network`` at ``ratio`` under ``policy`` (see ``decomposition.ranks``).
 
     Costs are counted at ``patch_size`` (the model's sliding-window patch). The input network is
     left untouched unless ``inplace``. ``ratio = 1.0`` returns the network unchanged.
+    ``probe`` (an input batch, e.g. ``models.probe.default_probe``) lets ``budget`` weigh each
+    layer's error by its measured effect on the output (``network.sensitivity``).
     """
     ratio = check_ratio(ratio)
     if policy not in POLICIES:
@@ -85,10 +88,17 @@ def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
             spectra[layer.name] = mode_spectra(conv_layout_weight(sites[layer.name].module))
             progress.update(0.5 * (i + 1) / max(1, len(candidates)), f"analysing {layer.name}")
 
+    sensitivity = None
+    if probe is not None and policy == "budget" and ratio < 1.0:
+        from TuckerSegLib.network.sensitivity import layer_sensitivities
+
+        sensitivity = layer_sensitivities(net, candidates, spectra, {s.name: s for s in find_sites(net)},
+                                          probe, progress)
+
     dense_candidates = sum(l.dense_macs() for l in candidates)
     ranks = choose_ranks(candidates, ratio, policy, spectra=spectra, rank_min=rank_min,
                          rank_multiple=rank_multiple, fixed_macs=before.cost.macs - dense_candidates,
-                         total_macs=before.cost.macs)
+                         total_macs=before.cost.macs, weights=sensitivity)
 
     layers_report = []
     sites = find_sites(net)
@@ -104,6 +114,8 @@ def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
             "kernel": list(conv.kernel_size), "stride": list(conv.stride),
             "params_before": _module_params(conv), "macs_before": shape.dense_macs() if shape else 0,
         }
+        if sensitivity is not None and site.name in sensitivity:
+            entry["sensitivity"] = list(sensitivity[site.name])
         r: Ranks = ranks.get(site.name)
         if r is None:
             entry.update(ranks=None, status="dense", params_after=entry["params_before"],
@@ -124,7 +136,8 @@ def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
     after = trace(net, input_shape).cost if todo else before.cost
     report = _report(before.cost, after, layers_report, policy=policy, ratio=ratio, method=method,
                      patch_size=list(patch_size), in_channels=in_channels, rank_min=rank_min,
-                     rank_multiple=rank_multiple, seconds=time.perf_counter() - t0)
+                     rank_multiple=rank_multiple, seconds=time.perf_counter() - t0,
+                     probe=None if sensitivity is None else list(probe.shape))
     layer_ranks = {e["name"]: e["ranks"] for e in layers_report}
     return CompressionResult(net, layer_ranks, report)
 

@@ -14,7 +14,7 @@ from TuckerSegLib.errors import InputError, check_ratio
 HELP = "compress an nnU-Net model folder at a ratio into a compressed-model folder"
 
 POLICY_HELP = ("budget (default): ratio = fraction of the network's MACs kept, ranks spent where "
-               "they cost least error; uniform: the study's rank = ceil(C*ratio) (min 16, rounded "
+               "they cost least output error (measured on a probe input); uniform: the study's rank = ceil(C*ratio) (min 16, rounded "
                "up to multiples of 8) on spatial layers; energy: ratio = fraction of singular-value "
                "energy kept per layer; paper: the study's rule exactly, on every conv layer")
 
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace, progress) -> int:
     from TuckerSegLib.compression import compress_network
     from TuckerSegLib.models.compressed_file import save_compressed
     from TuckerSegLib.models.nnunet_folder import load_model_folder
+    from TuckerSegLib.models.probe import default_probe
     from TuckerSegLib.report import format_report
 
     ratio = check_ratio(args.ratio)
@@ -59,10 +60,11 @@ def run(args: argparse.Namespace, progress) -> int:
     progress.stage("load", f"loading {args.model_dir}")
     model = load_model_folder(args.model_dir, fold, args.checkpoint)
     progress.stage("compress", f"compressing ({args.policy}, ratio {ratio:g})")
+    probe = default_probe(model) if args.policy == "budget" else None
     result = compress_network(model.network, ratio, args.policy, patch_size=model.patch_size,
                               in_channels=model.num_input_channels, method=args.method,
                               rank_min=args.rank_min, rank_multiple=args.rank_multiple,
-                              inplace=True, progress=progress)
+                              inplace=True, progress=progress, probe=probe)
     progress.stage("save", f"writing {out}")
     save_compressed(out, model, result)
     progress.result({"output": str(out), "original": result.report["original"],

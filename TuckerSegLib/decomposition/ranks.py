@@ -12,10 +12,14 @@
 - ``energy``: per layer and channel mode, the smallest rank that keeps ``ratio`` of the squared
   singular-value energy (rounded up to ``rank_multiple``); ratio is an energy fraction, not a cost.
 - ``budget`` (default): ``ratio`` is the fraction of the whole network's MACs kept. Ranks are
-  allocated across layers greedily by reconstruction error added per MAC saved (along each
-  layer's convex hull of error against MACs), then the slack is filled back so that the result
-  lands on the target. A layer stays dense where factorising would not reduce its MACs. Ranks
-  are multiples of ``rank_multiple`` (8), or of 1 for channel counts below it.
+  allocated across layers greedily by predicted error added per MAC saved (along each layer's
+  convex hull of error against MACs), then the slack is filled back so that the result lands on
+  the target. The predicted error of a layer is the relative energy it discards in each channel
+  mode, each weighted by that mode's measured output sensitivity (``network.sensitivity``; 1
+  when not measured, which makes it the HOSVD error bound). A layer stays dense where
+  factorising would not reduce its MACs. Ranks are multiples of ``rank_multiple`` (8) on layers
+  of at least 8 x 8 channels, of ``C // 8`` on thinner ones (fine steps where a step of 8 would
+  be a third of the layer).
 
 Everything here works on ``LayerShape`` (channel counts, kernel, voxels in and out) and on the
 kernels' ``ModeSpectra``, not on modules: network surgery lives in ``TuckerSegLib.network``.
@@ -138,19 +142,47 @@ def _convex_hull_steps(points: List[Tuple[int, float, Ranks]]) -> List[Tuple[int
     return hull
 
 
+def _budget_multiple(channels: int, multiple: int) -> int:
+    return multiple if channels >= 8 * multiple else max(1, channels // 8)
+
+
+def _balanced_pairs(layer: LayerShape, multiple: int) -> List[Tuple[int, int]]:
+    """Rank pairs that keep about the same fraction of both channel modes.
+
+    Lopsided pairs (e.g. all outputs, an eighth of the inputs) look cheap to the additive error
+    model but compound badly in the network; keeping both modes at a similar fraction, as the
+    study's rule does, and choosing that fraction per layer is what works in practice.
+    """
+    grid_out = rank_grid(layer.c_out, _budget_multiple(layer.c_out, multiple))
+    grid_in = rank_grid(layer.c_in, _budget_multiple(layer.c_in, multiple))
+    pairs = set()
+    for r_out in grid_out:
+        f = r_out / layer.c_out
+        near = sorted(grid_in, key=lambda r: abs(r / layer.c_in - f))[:2]
+        pairs.update((r_out, r_in) for r_in in near)
+    for r_in in grid_in:
+        f = r_in / layer.c_in
+        near = sorted(grid_out, key=lambda r: abs(r / layer.c_out - f))[:2]
+        pairs.update((r_out, r_in) for r_out in near)
+    return sorted(pairs)
+
+
 def _budget(layers: Sequence[LayerShape], spectra: Mapping[str, ModeSpectra], target_macs: float,
-            fixed_macs: int, multiple: int) -> Dict[str, Ranks]:
+            fixed_macs: int, multiple: int,
+            weights: Optional[Mapping[str, Tuple[float, float]]] = None) -> Dict[str, Ranks]:
     """Greedy rank allocation to a global MAC target (see module docstring)."""
     candidates: Dict[str, List[Tuple[int, float, Ranks]]] = {}
     for layer in layers:
         sp = spectra[layer.name]
+        w_out, w_in = (1.0, 1.0) if weights is None else weights.get(layer.name, (1.0, 1.0))
+        total = max(sp.total, 1e-30)
         dense = layer.dense_macs()
         pts: List[Tuple[int, float, Ranks]] = [(dense, 0.0, None)]
-        for r_out in rank_grid(layer.c_out, multiple):
-            for r_in in rank_grid(layer.c_in, multiple):
-                m = layer.factorised_macs(r_out, r_in)
-                if m < dense:
-                    pts.append((m, sp.error_bound(r_out, r_in), (r_out, r_in)))
+        for r_out, r_in in _balanced_pairs(layer, multiple):
+            m = layer.factorised_macs(r_out, r_in)
+            if m < dense:
+                err = (w_out * sp.tail_out(r_out) + w_in * sp.tail_in(r_in)) / total
+                pts.append((m, err, (r_out, r_in)))
         candidates[layer.name] = pts
 
     hulls = {name: _convex_hull_steps(pts) for name, pts in candidates.items()}
@@ -201,12 +233,14 @@ def _budget(layers: Sequence[LayerShape], spectra: Mapping[str, ModeSpectra], ta
 def choose_ranks(layers: Sequence[LayerShape], ratio: float, policy: str = "budget",
                  spectra: Optional[Mapping[str, ModeSpectra]] = None, rank_min: Optional[int] = None,
                  rank_multiple: int = 8, fixed_macs: int = 0, total_macs: Optional[int] = None,
-                 ) -> Dict[str, Ranks]:
+                 weights: Optional[Mapping[str, Tuple[float, float]]] = None) -> Dict[str, Ranks]:
     """Ranks for each layer in ``layers`` (the candidates a policy may factorise).
 
     ``fixed_macs`` are the MACs of everything that is not a candidate (other layers), and
     ``total_macs`` the whole network's MACs, both needed by ``budget`` to turn the ratio into a
-    global target. ``spectra`` (per layer name) are needed by ``energy`` and ``budget``.
+    global target. ``spectra`` (per layer name) are needed by ``energy`` and ``budget``;
+    ``weights`` (per layer name: output-mode and input-mode sensitivity) scale ``budget``'s
+    error estimates.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -231,4 +265,4 @@ def choose_ranks(layers: Sequence[LayerShape], ratio: float, policy: str = "budg
                                        _round_up(sp.rank_for_energy(ratio, "in"), rank_multiple, l.c_in)))
         return out
     total = total_macs if total_macs is not None else fixed_macs + sum(l.dense_macs() for l in layers)
-    return _budget(layers, spectra, ratio * total, fixed_macs, rank_multiple)
+    return _budget(layers, spectra, ratio * total, fixed_macs, rank_multiple, weights)

@@ -22,6 +22,9 @@ from TuckerSegLib.models.checkpoint import file_fingerprint, file_sha256, load_c
 
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 
+# TotalSegmentator ships old-format plans on purpose; nnU-Net converts them and warns each time.
+warnings.filterwarnings("ignore", message="Detected old nnU-Net plans format")
+
 
 @dataclass
 class NnUNetModel:

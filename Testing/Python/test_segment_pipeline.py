@@ -1,0 +1,217 @@
+"""TotalSegmentator's real pipeline with compressed networks, on the real small CT.
+
+Test models (random weights, TotalSegmentator's layout, widths 4..40) are built once per session
+in TotalSegmentator's default weights folder of the isolated test home (see conftest.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from TuckerSegLib.progress import parse_event
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import build_test_models  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+WIDTH = 0.125
+
+
+@pytest.fixture(scope="session")
+def weights_root(tmp_path_factory) -> Path:
+    """TotalSegmentator's default weights folder in the session's test home, with test models."""
+    root = tmp_path_factory.getbasetemp() / "totalseg_home" / "nnunet" / "results"
+    build_test_models.build_models(root, [297, 298, 291, 292, 293, 294, 295], width_scale=WIDTH)
+    return root
+
+
+@pytest.fixture(scope="session")
+def stock_fast(shared_data, weights_root, tmp_path_factory) -> Path:
+    """Stock TotalSegmentator (--fast, multilabel) on the test models, run in this process."""
+    from totalsegmentator.python_api import totalsegmentator
+
+    out = tmp_path_factory.mktemp("stock") / "seg.nii.gz"
+    home = weights_root.parents[1]
+    # Session fixtures run before conftest's per-test isolated home: set the same home here.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOTALSEG_HOME_DIR", str(home))
+        mp.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
+        if not (home / "config.json").exists():
+            (home / "config.json").write_text(json.dumps({
+                "totalseg_id": "totalseg_tests", "send_usage_stats": False, "prediction_counter": 0,
+                "statistics_disclaimer_shown": True}))
+        totalsegmentator(str(shared_data / "example_ct_sm.nii.gz"), str(out), ml=True, fast=True,
+                         device="cpu", quiet=True)
+    return out
+
+
+def _data(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def _cli(args, env_extra=None, cwd=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "TuckerSegLib", "segment", *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+@pytest.mark.slow
+def test_ratio_one_is_voxel_identical_to_stock(stock_fast, shared_data, tmp_path):
+    from TuckerSegLib import segment
+
+    out = tmp_path / "ours.nii.gz"
+    result = segment(shared_data / "example_ct_sm.nii.gz", out, ratio=1.0, fast=True, device="cpu",
+                     quiet=True)
+    ours, stock = _data(out), _data(stock_fast)
+    assert np.array_equal(ours, stock)
+    assert len(np.unique(stock)) >= 4  # the test models give non-trivial label maps
+    assert result.params == result.params_original and result.macs == result.macs_original
+    assert [m["dataset_id"] for m in result.models] == [297]
+    assert result.labels[1] == "spleen" and len(result.labels) == 117
+    assert not list(tmp_path.glob(".tuckerseg-tmp-*"))
+
+
+@pytest.mark.slow
+def test_compressed_fast_output_and_cache_reuse(stock_fast, shared_data, tmp_path):
+    from TuckerSegLib import segment
+
+    cache = tmp_path / "cache"
+    out = tmp_path / "c.nii.gz"
+    events = []
+    from TuckerSegLib.progress import CallbackProgress
+
+    r1 = segment(shared_data / "example_ct_sm.nii.gz", out, ratio=0.5, fast=True, device="cpu",
+                 cache_dir=cache, quiet=True, progress=CallbackProgress(callback=events.append))
+    ref = nib.load(str(shared_data / "example_ct_sm.nii.gz"))
+    img = nib.load(str(out))
+    assert img.shape == ref.shape and np.allclose(img.affine, ref.affine)
+    ids = set(np.unique(np.asarray(img.dataobj)).tolist())
+    assert ids <= set(r1.labels) | {0}
+    assert r1.macs < 0.6 * r1.macs_original and r1.params < r1.params_original
+    result_events = [e for e in events if e["type"] == "result"]
+    assert len(result_events) == 1
+    payload = result_events[0]["result"]
+    for key in ("output", "labels", "seconds", "params", "macs", "params_original", "macs_original",
+                "ratio", "policy", "task"):
+        assert key in payload
+    json.dumps(payload)
+    assert any(e["type"] == "stage" and e["stage"] == "compress" for e in events)
+    assert [e for e in events if e["type"] == "log" and "compressing" in e["message"]]  # decomposed
+    cached_files = sorted(p for p in cache.rglob("*") if p.is_file())
+    assert cached_files
+    mtimes = {p: p.stat().st_mtime_ns for p in cached_files}
+
+    # Second run in a fresh process through the CLI: loads from the cache, does not decompose.
+    out2 = tmp_path / "c2.nii.gz"
+    proc = _cli(["-i", shared_data / "example_ct_sm.nii.gz", "-o", out2, "--ml", "--fast",
+                 "--ratio", "0.5", "--device", "cpu", "--cache-dir", cache, "--progress", "json"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evs = [e for e in map(parse_event, proc.stdout.splitlines()) if e]
+    res = [e for e in evs if e["type"] == "result"][0]["result"]
+    assert not [e for e in evs if e["type"] == "log" and "compressing" in e["message"]]
+    assert [e for e in evs if e["type"] == "stage" and e["stage"] == "predict"]
+    assert {p: p.stat().st_mtime_ns for p in cached_files} == mtimes
+    assert sorted(p for p in cache.rglob("*") if p.is_file()) == cached_files
+    assert np.array_equal(_data(out2), _data(out))
+
+
+@pytest.mark.slow
+def test_total_five_parts_compressed(shared_data, weights_root, tmp_path):
+    from TuckerSegLib import segment
+
+    # A 60x60x30 crop of the real CT: one 128^3 patch per model at 1.5 mm keeps this fast.
+    full = nib.load(str(shared_data / "example_ct_sm.nii.gz"))
+    ct = tmp_path / "crop.nii.gz"
+    nib.save(full.slicer[30:90, 20:80, :], str(ct))
+    out = tmp_path / "total.nii.gz"
+    r = segment(ct, out, ratio=0.5, device="cpu", cache_dir=tmp_path / "cache", quiet=True)
+    assert [m["dataset_id"] for m in r.models] == [291, 292, 293, 294, 295]
+    ref = nib.load(str(ct))
+    img = nib.load(str(out))
+    assert img.shape == ref.shape and np.allclose(img.affine, ref.affine)
+    ids = set(np.unique(np.asarray(img.dataobj)).tolist())
+    assert len(ids) >= 3 and ids <= set(r.labels) | {0}
+    assert r.macs < r.macs_original and r.params < r.params_original  # tiny widths limit the cut
+
+
+def _write(path: Path, data: np.ndarray, affine=None) -> Path:
+    nib.save(nib.Nifti1Image(data, np.diag([3.0, 3.0, 3.0, 1.0]) if affine is None else affine), str(path))
+    return path
+
+
+def _bad_inputs(tmp: Path, ct: Path):
+    """(name, extra CLI args, expected fragment of the one-line error)."""
+    vol = np.random.default_rng(0).normal(0, 100, (20, 20, 20)).astype(np.float32)
+    nan = vol.copy()
+    nan[3, 4, 5] = np.nan
+    (tmp / "text.nii.gz").write_text("not an image")
+    (tmp / "notes.txt").write_text("hello")
+    readonly = tmp / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    return [
+        ("missing", ["-i", tmp / "nope.nii.gz"], "not found"),
+        ("not_image", ["-i", tmp / "text.nii.gz"], "not a readable NIfTI"),
+        ("wrong_suffix", ["-i", tmp / "notes.txt"], "neither a NIfTI"),
+        ("2d", ["-i", _write(tmp / "2d.nii.gz", vol[:, :, 0])], "2D image"),
+        ("4d", ["-i", _write(tmp / "4d.nii.gz", np.stack([vol, vol], -1))], "4D image"),
+        ("nan", ["-i", _write(tmp / "nan.nii.gz", nan)], "NaN"),
+        ("constant", ["-i", _write(tmp / "const.nii.gz", np.zeros((20, 20, 20), np.float32))], "empty"),
+        ("no_dicom", ["-i", tmp / "readonly"], "without a DICOM series"),
+        ("task", ["-i", ct, "--task", "no_such_task"], "unknown task"),
+        ("ratio", ["-i", ct, "--ratio", "1.5"], "ratio must be in"),
+        ("ratio0", ["-i", ct, "--ratio", "0"], "ratio must be in"),
+        ("roi", ["-i", ct, "--roi_subset", "liver", "no_such_organ"], "no_such_organ"),
+        ("unwritable", ["-i", ct, "-o", readonly / "seg.nii.gz"], "not writable"),
+        ("no_folder", ["-i", ct, "-o", tmp / "missing_dir" / "seg.nii.gz"], "does not exist"),
+    ]
+
+
+def test_bad_inputs_give_one_line_and_no_output(shared_data, weights_root, tmp_path):
+    ct = shared_data / "example_ct_sm.nii.gz"
+    cases = _bad_inputs(tmp_path, ct)
+    if os.geteuid() == 0:  # root can write anywhere: the unwritable case cannot fail here
+        cases = [c for c in cases if c[0] != "unwritable"]
+    for name, args, fragment in cases:
+        out = tmp_path / f"out_{name}.nii.gz"
+        if "-o" not in args:
+            args = [*args, "-o", out]
+        proc = _cli([*args, "--ml", "--fast", "--device", "cpu", "--progress", "none"])
+        assert proc.returncode != 0, name
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, (name, proc.stderr[-1500:])
+        assert "Traceback" not in proc.stderr and fragment in lines[0], (name, lines[0])
+        assert not out.exists(), name
+    assert not list(tmp_path.rglob(".tuckerseg-tmp-*"))
+
+
+def test_dicom_folder_is_accepted(shared_data):
+    from TuckerSegLib.pipeline.inputs import check_input
+
+    checked = check_input(shared_data / "example_ct_dicom")
+    assert checked.kind == "dicom" and len(checked.shape) == 3 and min(checked.shape) > 1
+
+
+def test_missing_weights_offline_one_line(shared_data, tmp_path):
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    out = tmp_path / "seg.nii.gz"
+    proc = _cli(["-i", shared_data / "example_ct_sm.nii.gz", "-o", out, "--ml", "--fast",
+                 "--progress", "none"],
+                env_extra={"TOTALSEG_WEIGHTS_PATH": str(empty),
+                           # Force TotalSegmentator's real downloader to fail as it does offline.
+                           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+                           "https_proxy": "http://127.0.0.1:9", "NO_PROXY": ""})
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(empty) in lines[0] and "totalseg_import_weights -i" in lines[0]
+    assert "could not be downloaded" in lines[0]
+    assert not out.exists() and not any(empty.iterdir())

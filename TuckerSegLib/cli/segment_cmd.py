@@ -1,0 +1,62 @@
+"""``tuckerseg segment``: TotalSegmentator with compressed networks, flags named like TotalSegmentator's."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from TuckerSegLib.progress import JsonProgress, Progress
+
+HELP = "segment a CT with compressed TotalSegmentator models"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-i", "--input", required=True, metavar="CT",
+                   help="CT image: a .nii/.nii.gz file or a DICOM folder")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output: a .nii.gz file with --ml, else a folder with one file per class")
+    p.add_argument("--ratio", type=float, default=0.5,
+                   help="fraction of the networks' cost to keep, in (0, 1]; 1.0 = stock TotalSegmentator "
+                        "(default 0.5)")
+    p.add_argument("--policy", default="budget", choices=["budget", "uniform", "paper", "energy"],
+                   help="how ranks are chosen (default budget: ratio = fraction of MACs kept)")
+    p.add_argument("-ta", "--task", default="total", help="TotalSegmentator task (default total)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("-f", "--fast", action="store_true", help="3 mm model (dataset 297)")
+    mode.add_argument("-ff", "--fastest", action="store_true", help="6 mm model (dataset 298)")
+    p.add_argument("-rs", "--roi_subset", "--roi-subset", dest="roi_subset", nargs="+", metavar="NAME",
+                   help="segment only these structures (TotalSegmentator class names)")
+    p.add_argument("-ml", "--ml", action="store_true",
+                   help="one multilabel file instead of one file per class")
+    p.add_argument("-d", "--device", default="auto",
+                   help="auto (cuda, else mps, else cpu), cpu, gpu, gpu:N or mps (default auto)")
+    p.add_argument("-s", "--statistics", action="store_true",
+                   help="volume and mean intensity per structure (statistics.json)")
+    p.add_argument("-bs", "--body_seg", "--body-seg", dest="body_seg", action="store_true",
+                   help="crop to the body first (TotalSegmentator's rough body model)")
+    p.add_argument("-nr", "--nr_thr_resamp", "--nr-thr-resamp", dest="nr_thr_resamp", type=int, default=1,
+                   help="threads for resampling (default 1)")
+    p.add_argument("-ns", "--nr_thr_saving", "--nr-thr-saving", dest="nr_thr_saving", type=int, default=6,
+                   help="threads for saving one file per class (default 6)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where compressed networks are cached (default: TuckerSeg's cache folder)")
+    p.add_argument("--engine", default="auto",
+                   help="inference engine for the networks (default auto = torch)")
+    p.add_argument("--no-download", action="store_true",
+                   help="never download missing TotalSegmentator weights")
+    p.add_argument("-q", "--quiet", action="store_true", help="less output from TotalSegmentator")
+
+
+def run(args: argparse.Namespace, progress: Progress) -> int:
+    from TuckerSegLib.pipeline.segment import segment
+
+    # With JSON events on stdout, TotalSegmentator's own prints go to stderr (quiet mode).
+    quiet = bool(args.quiet or isinstance(progress, JsonProgress))
+    result = segment(args.input, args.output, ratio=args.ratio, policy=args.policy, task=args.task,
+                     fast=args.fast, fastest=args.fastest, roi_subset=args.roi_subset, ml=args.ml,
+                     device=args.device, cache_dir=args.cache_dir, engine=args.engine,
+                     progress=progress, allow_download=not args.no_download, quiet=quiet,
+                     statistics=args.statistics, body_seg=args.body_seg,
+                     nr_thr_resamp=args.nr_thr_resamp, nr_thr_saving=args.nr_thr_saving)
+    if not isinstance(progress, JsonProgress):
+        print(f"tuckerseg segment: {result.summary()}", file=sys.stderr)
+    return 0

@@ -1,0 +1,1 @@
+"""TotalSegmentator's own segmentation pipeline run with compressed networks (hook, input checks, API)."""

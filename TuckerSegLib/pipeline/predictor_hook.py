@@ -1,0 +1,229 @@
+"""Swap each nnU-Net predictor's network for a compressed one while TotalSegmentator runs.
+
+Why: TotalSegmentator builds one ``nnUNetPredictor`` per model and calls
+``initialize_from_trained_model_folder`` then ``predict_from_files``. Replacing that one method for
+the duration of a run keeps every other step of TotalSegmentator (resampling, cropping, pasting
+parts, statistics, saving) untouched. The replacement does what nnU-Net's method does, except that
+it loads checkpoints with ``torch.load(weights_only=True)`` and takes the network from the
+compression cache; ``list_of_parameters`` is set to the new network's state dict because the
+predictor reloads it into the network before every case.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from TuckerSegLib.errors import EngineError, ModelError
+from TuckerSegLib.models.checkpoint import load_checkpoint
+from TuckerSegLib.progress import NullProgress, Progress
+
+# Engines turn a (compressed) PyTorch network into the module the predictor runs. "torch" runs it
+# as is; other engines (e.g. OpenVINO) register a wrapper here: fn(network, patch_size, device).
+# The predictor calls ``load_state_dict(list_of_parameters[0])`` on the module before each case, so
+# a wrapper must accept the wrapped network's state dict (e.g. delegate it, or ignore identical ones).
+EngineFn = Callable[[nn.Module, Tuple[int, ...], torch.device], nn.Module]
+ENGINES: Dict[str, EngineFn] = {"torch": lambda network, patch_size, device: network}
+
+
+def register_engine(name: str, fn: EngineFn) -> None:
+    """Make an inference engine available to the hook under ``name``."""
+    ENGINES[name] = fn
+
+
+@dataclass
+class ModelUse:
+    """What one model folder cost in a run (for the summary and the result event)."""
+
+    folder: str
+    dataset_id: Optional[int]
+    params: int
+    macs: int
+    params_original: int
+    macs_original: int
+    patch_size: Tuple[int, ...]
+    load_seconds: float
+    predict_seconds: float = 0.0
+    manifest: dict = field(default_factory=dict)
+
+
+def count_cost(network: nn.Module, patch_size: Tuple[int, ...], in_channels: int = 1) -> Tuple[int, int]:
+    """Params and MACs per patch, in the project's convention (``TuckerSegLib.network.cost``)."""
+    from TuckerSegLib.network.cost import count_cost as _count
+
+    cost = _count(network, (1, in_channels, *patch_size))
+    return int(cost.params), int(cost.macs)
+
+
+def _dataset_id(folder: Path) -> Optional[int]:
+    name = folder.parent.name
+    if name.startswith("Dataset") and name[7:10].isdigit():
+        return int(name[7:10])
+    return None
+
+
+class CompressedPredictorHook:
+    """Context manager: while active, nnU-Net predictors initialise with compressed networks."""
+
+    def __init__(self, ratio: float = 1.0, policy: str = "budget", cache_dir: Optional[Path] = None,
+                 engine: str = "torch", progress: Optional[Progress] = None,
+                 on_model: Optional[Callable[[int, Path], None]] = None):
+        if engine not in ENGINES:
+            raise EngineError(f"inference engine {engine!r} is not available (available: "
+                              f"{', '.join(sorted(ENGINES))})")
+        self.ratio = float(ratio)
+        self.policy = policy
+        self.cache_dir = cache_dir
+        self.engine = engine
+        self.progress = progress or NullProgress()
+        self.on_model = on_model  # on_model(index, folder) once a model is loaded, before it predicts
+        self.models: List[ModelUse] = []
+        self._original = None
+        self._t_last: Optional[float] = None
+
+    # -- the replacement of nnUNetPredictor.initialize_from_trained_model_folder ----------------
+    def _initialize(self, predictor, model_training_output_dir: str,
+                    use_folds: Union[Tuple[Union[int, str]], None],
+                    checkpoint_name: str = "checkpoint_final.pth") -> None:
+        import nnunetv2.inference.predict_from_raw_data as prd
+        from batchgenerators.utilities.file_and_folder_operations import join, load_json
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        self._close_previous()
+        folder = Path(model_training_output_dir)
+        t0 = time.perf_counter()
+        if use_folds is None:
+            use_folds = prd.nnUNetPredictor.auto_detect_available_folds(str(folder), checkpoint_name)
+        if isinstance(use_folds, str):
+            use_folds = [use_folds]
+        use_folds = [int(f) if f != "all" else f for f in use_folds]
+        if len(use_folds) != 1 and self.ratio < 1.0:
+            raise ModelError(f"compressed models support one fold, {folder} asks for folds {use_folds}")
+        try:
+            dataset_json = load_json(join(str(folder), "dataset.json"))
+            plans = load_json(join(str(folder), "plans.json"))
+        except FileNotFoundError as exc:
+            raise ModelError(f"model folder {folder} is incomplete: {exc.filename} is missing") from None
+        plans_manager = PlansManager(plans)
+
+        manifest: dict = {}
+        if self.ratio >= 1.0:
+            # Stock behaviour: nnU-Net's own network, every requested fold's weights.
+            checkpoints = [load_checkpoint(folder / f"fold_{f}" / checkpoint_name) for f in use_folds]
+            first = checkpoints[0]
+            trainer_name = first["trainer_name"]
+            configuration_name = first["init_args"]["configuration"]
+            mirroring = first.get("inference_allowed_mirroring_axes")
+            configuration_manager = plans_manager.get_configuration(configuration_name)
+            num_in = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+            num_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+            trainer_class = prd.recursive_find_trainer_class_by_name(trainer_name)
+            if "plans_manager" in inspect.signature(trainer_class.build_network_architecture).parameters:
+                network = trainer_class.build_network_architecture(
+                    plans_manager, configuration_manager, num_in, num_out, enable_deep_supervision=False)
+            else:
+                network = trainer_class.build_network_architecture(
+                    configuration_manager.network_arch_class_name,
+                    configuration_manager.network_arch_init_kwargs,
+                    configuration_manager.network_arch_init_kwargs_req_import,
+                    num_in, num_out, enable_deep_supervision=False)
+            network.load_state_dict(first["network_weights"])
+            parameters = [c["network_weights"] for c in checkpoints]
+            patch = tuple(int(p) for p in configuration_manager.patch_size)
+            params0, macs0 = count_cost(network, patch, num_in)
+            params, macs = params0, macs0
+        else:
+            # Compressed: from the cache (built once, then loaded without the original checkpoint).
+            from TuckerSegLib.models.cache import get_compressed_model
+
+            self.progress.stage("compress", f"compressed network for {folder.parent.name} "
+                                            f"(ratio {self.ratio:g}, {self.policy})")
+            model = get_compressed_model(folder, fold=use_folds[0], policy=self.policy,
+                                         ratio=self.ratio, cache_dir=self.cache_dir,
+                                         checkpoint_name=checkpoint_name, progress=self.progress)
+            network = model.network.eval()
+            manifest = model.manifest or {}
+            trainer_name = model.trainer_name
+            configuration_manager = plans_manager.get_configuration(model.configuration)
+            if "NoMirroring" in trainer_name:
+                mirroring = None  # what these trainers store; saves reading the original checkpoint
+            else:
+                ckpt = load_checkpoint(folder / f"fold_{use_folds[0]}" / checkpoint_name)
+                mirroring = ckpt.get("inference_allowed_mirroring_axes")
+            parameters = [network.state_dict()]
+            patch = tuple(int(p) for p in model.patch_size)
+            report = manifest.get("report", {})
+            if "original" in report and "compressed" in report:
+                params0, macs0 = int(report["original"]["params"]), int(report["original"]["macs"])
+                params, macs = int(report["compressed"]["params"]), int(report["compressed"]["macs"])
+            else:
+                params, macs = count_cost(network, patch, model.num_input_channels)
+                params0, macs0 = params, macs
+
+        network.load_state_dict(parameters[0])
+        network = ENGINES[self.engine](network, patch, predictor.device)
+        predictor.plans_manager = plans_manager
+        predictor.configuration_manager = configuration_manager
+        predictor.list_of_parameters = parameters
+        predictor.network = network
+        predictor.dataset_json = dataset_json
+        predictor.trainer_name = trainer_name
+        predictor.allowed_mirroring_axes = mirroring
+        predictor.label_manager = plans_manager.get_label_manager(dataset_json)
+        if os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t"):
+            predictor.network = torch.compile(predictor.network)
+
+        now = time.perf_counter()
+        self.models.append(ModelUse(folder=str(folder), dataset_id=_dataset_id(folder), params=params,
+                                    macs=macs, params_original=params0, macs_original=macs0,
+                                    patch_size=patch, load_seconds=now - t0, manifest=manifest))
+        self._t_last = now
+        if self.on_model is not None:  # prediction with this model starts now
+            self.on_model(len(self.models) - 1, folder)
+
+    def _close_previous(self) -> None:
+        """Attribute the time since the last model loaded to that model's prediction."""
+        if self.models and self._t_last is not None:
+            self.models[-1].predict_seconds = time.perf_counter() - self._t_last
+            self._t_last = None
+
+    # -- context manager ------------------------------------------------------------------------
+    def __enter__(self) -> "CompressedPredictorHook":
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        hook = self
+        self._original = nnUNetPredictor.initialize_from_trained_model_folder
+
+        def initialize_from_trained_model_folder(predictor, model_training_output_dir, use_folds,
+                                                 checkpoint_name="checkpoint_final.pth"):
+            return hook._initialize(predictor, model_training_output_dir, use_folds, checkpoint_name)
+
+        nnUNetPredictor.initialize_from_trained_model_folder = initialize_from_trained_model_folder
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        self._close_previous()
+        if self._original is not None:
+            nnUNetPredictor.initialize_from_trained_model_folder = self._original
+            self._original = None
+
+
+@contextmanager
+def compressed_predictors(ratio: float = 1.0, policy: str = "budget", cache_dir: Optional[Path] = None,
+                          engine: str = "torch", progress: Optional[Progress] = None,
+                          on_model: Optional[Callable[[int, Path], None]] = None
+                          ) -> Iterator[CompressedPredictorHook]:
+    """``with compressed_predictors(ratio=0.5) as hook: totalsegmentator(...)``; see ``hook.models``."""
+    hook = CompressedPredictorHook(ratio, policy, cache_dir, engine, progress, on_model)
+    with hook:
+        yield hook

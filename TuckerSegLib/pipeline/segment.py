@@ -1,0 +1,248 @@
+"""Segment a CT with TotalSegmentator's own pipeline and compressed networks: one call.
+
+Why: the command line, the Python API and the Slicer module all need the same thing: validate the
+input, make sure the weights are there, run ``totalsegmentator.python_api.totalsegmentator`` with
+every nnU-Net predictor swapped to the compressed network (see ``predictor_hook``), write the
+result atomically, and report what it cost.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from TuckerSegLib.errors import InputError, TuckerSegError, check_ratio
+from TuckerSegLib.pipeline.inputs import check_input
+from TuckerSegLib.pipeline.predictor_hook import ENGINES, compressed_predictors
+from TuckerSegLib.progress import JsonProgress, NullProgress, Progress
+
+POLICIES = ("budget", "uniform", "paper", "energy")
+
+
+@dataclass
+class SegmentResult:
+    """What ``segment`` produced and what it cost."""
+
+    output: Path
+    labels: Dict[int, str]
+    seconds: float
+    timings: Dict[str, float]
+    params: int
+    macs: int
+    params_original: int
+    macs_original: int
+    ratio: float
+    policy: str
+    task: str
+    mode: str
+    device: str
+    models: List[Dict[str, Any]] = field(default_factory=list)
+    files: List[str] = field(default_factory=list)  # every file written (segmentation, statistics)
+
+    def to_event(self) -> dict:
+        """The JSON-serialisable ``result`` event payload (the Slicer module reads these keys)."""
+        d = asdict(self)
+        d["output"] = str(self.output)
+        d["labels"] = {str(k): v for k, v in self.labels.items()}
+        return d
+
+    def summary(self) -> str:
+        """One line for the terminal."""
+        return (f"segmented in {self.seconds:.1f} s: {len(self.models)} network(s), "
+                f"params {self.params / 1e6:.2f} M (original {self.params_original / 1e6:.2f} M), "
+                f"MACs {self.macs / 1e9:.1f} G/patch (original {self.macs_original / 1e9:.1f} G), "
+                f"ratio {self.ratio:g} ({self.policy}), {len(self.labels)} labels -> {self.output}")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """TotalSegmentator's device name for ``auto|cpu|gpu|cuda[:N]|gpu:N|mps``."""
+    import torch
+
+    d = (device or "auto").lower()
+    if d == "auto":
+        if torch.cuda.is_available():
+            return "gpu"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    if d.startswith("cuda"):
+        d = "gpu" + d[4:]
+    if d == "cpu" or d == "mps" or d == "gpu" or (d.startswith("gpu:") and d[4:].isdigit()):
+        if d.startswith("gpu") and not torch.cuda.is_available():
+            raise InputError(f"device {device!r} asked for, but no CUDA GPU is available")
+        return d
+    raise InputError(f"unknown device {device!r}; use auto, cpu, gpu, gpu:N or mps")
+
+
+def _labels(task: str, roi_subset: Optional[Sequence[str]]) -> Dict[int, str]:
+    from totalsegmentator.map_to_binary import class_map
+
+    if task not in class_map:
+        return {}
+    labels = {int(k): v for k, v in class_map[task].items()}
+    if roi_subset:
+        unknown = sorted(set(roi_subset) - set(labels.values()))
+        if unknown:
+            raise InputError(f"unknown structure(s) in roi_subset: {', '.join(unknown)} "
+                             f"(see `TotalSegmentator --help` / class names of task {task})")
+        labels = {k: v for k, v in labels.items() if v in set(roi_subset)}
+    return labels
+
+
+def _prepare_output(output: Path, ml: bool) -> Path:
+    """Check the output location and return a temporary path beside it (same filesystem)."""
+    if ml and not str(output).lower().endswith((".nii", ".nii.gz")):
+        raise InputError(f"with multilabel output (--ml) the output must be a .nii or .nii.gz file, "
+                         f"got {output}")
+    parent = output.parent
+    if not parent.is_dir():
+        raise InputError(f"output folder does not exist: {parent}")
+    if output.exists() and output.is_dir() == ml:
+        kind = "a folder" if ml else "a file"
+        raise InputError(f"output {output} exists and is {kind}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".tuckerseg-write-test-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"output folder is not writable: {parent} ({exc.strerror or exc})") from None
+    tag = f".tuckerseg-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if ml:
+        suffix = ".nii.gz" if str(output).lower().endswith(".nii.gz") else ".nii"
+        return parent / f"{tag}{suffix}"
+    return parent / tag
+
+
+def _commit_output(tmp: Path, output: Path, ml: bool) -> None:
+    """Move the finished result into place (a rename; folders are merged file by file)."""
+    if ml or not output.exists():
+        os.replace(tmp, output)
+        return
+    for item in tmp.iterdir():
+        os.replace(item, output / item.name)
+    tmp.rmdir()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.5,
+            policy: str = "budget", task: str = "total", fast: bool = False, fastest: bool = False,
+            roi_subset: Optional[Sequence[str]] = None, ml: bool = True, device: str = "auto",
+            cache_dir: Optional[Union[str, Path]] = None, engine: str = "auto",
+            progress: Optional[Progress] = None, allow_download: bool = True, quiet: bool = False,
+            **totalseg_kwargs: Any) -> SegmentResult:
+    """Segment ``input`` (NIfTI file or DICOM folder) into ``output`` with compressed networks.
+
+    ``ratio`` is the fraction of the networks' cost to keep (1.0 = stock TotalSegmentator);
+    ``policy`` picks the ranks (see ``TuckerSegLib.compression``). Other TotalSegmentator options
+    (``statistics``, ``body_seg``, ``nr_thr_resamp``, ...) pass through ``totalseg_kwargs``.
+    ``output`` is a .nii.gz file with ``ml=True`` (one multilabel file), else a folder with one
+    file per class. Raises ``TuckerSegError`` subclasses with one-line messages.
+    """
+    from TuckerSegLib.models.totalseg import ensure_weights, task_models
+
+    progress = progress or NullProgress()
+    t_start = time.perf_counter()
+    timings: Dict[str, float] = {}
+    ratio = check_ratio(ratio)
+    if policy not in POLICIES:
+        raise InputError(f"unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
+    if fast and fastest:
+        raise InputError("use either fast or fastest, not both")
+    engine = "torch" if engine in (None, "auto") else engine
+    if engine not in ENGINES:
+        raise InputError(f"unknown or unavailable engine {engine!r} (available: {', '.join(sorted(ENGINES))})")
+    roi_subset = list(roi_subset) if roi_subset else None
+
+    progress.stage("check", "checking input")
+    checked = check_input(input)
+    output = Path(output).expanduser().absolute()
+    models = task_models(task, fast=fast, fastest=fastest)
+    labels = _labels(task, roi_subset)
+    ts_device = resolve_device(device)
+    tmp = _prepare_output(output, ml)
+    timings["check"] = time.perf_counter() - t_start
+
+    # Models this run will use: the task's, plus TotalSegmentator's cropping / body models.
+    needed = list(models.dataset_ids)
+    trainers = {i: models.trainer for i in models.dataset_ids}
+    if roi_subset and task.startswith("total") and not task.endswith("_mr"):
+        crop_id = 297 if totalseg_kwargs.get("robust_crop") else 298
+        needed.insert(0, crop_id)
+        trainers.setdefault(crop_id, "nnUNetTrainer_4000epochs_NoMirroring")
+    elif totalseg_kwargs.get("body_seg"):
+        needed.insert(0, 300)
+        trainers.setdefault(300, "nnUNetTrainer")
+    progress.stage("weights", "checking TotalSegmentator weights")
+    t0 = time.perf_counter()
+    ensure_weights(dict.fromkeys(needed), allow_download=allow_download, trainers=trainers)
+    timings["weights"] = time.perf_counter() - t0
+    progress.update(0.05, "weights ready", stage="weights")
+
+    n_models = len(needed)
+
+    def on_model(index: int, folder: Path) -> None:
+        progress.stage("predict", f"model {index + 1}/{n_models}: {folder.parent.name}")
+        progress.update(0.05 + 0.9 * index / max(1, n_models), f"model {index + 1}/{n_models}",
+                        stage="predict")
+
+    from totalsegmentator.python_api import totalsegmentator
+
+    t0 = time.perf_counter()
+    try:
+        with compressed_predictors(ratio=ratio, policy=policy,
+                                   cache_dir=Path(cache_dir) if cache_dir else None,
+                                   engine=engine, progress=progress, on_model=on_model) as hook:
+            # quiet: TotalSegmentator's prints go to stderr, JSON event lines stay on stdout.
+            if quiet and isinstance(progress, JsonProgress) and progress.stream is None:
+                progress.stream = sys.stdout
+            stdout = contextlib.redirect_stdout(sys.stderr) if quiet else contextlib.nullcontext()
+            with stdout:
+                totalsegmentator(str(checked.path), str(tmp), ml=ml, fast=fast, fastest=fastest,
+                                 task=task, roi_subset=roi_subset, device=ts_device, quiet=quiet,
+                                 **totalseg_kwargs)
+        if not tmp.exists():
+            raise TuckerSegError(f"TotalSegmentator finished without writing {output}")
+        _commit_output(tmp, output, ml)
+    except SystemExit as exc:  # TotalSegmentator calls sys.exit on some input problems
+        _remove(tmp)
+        raise InputError(f"TotalSegmentator stopped: {exc.code}") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+    timings["segment"] = time.perf_counter() - t0
+    for i, m in enumerate(hook.models):
+        timings[f"model_{i + 1}_load"] = m.load_seconds
+        timings[f"model_{i + 1}_predict"] = m.predict_seconds
+
+    if ml:
+        files = [str(output)] + [str(output.parent / n) for n in ("statistics.json",)
+                                 if totalseg_kwargs.get("statistics") and (output.parent / n).exists()]
+    else:
+        files = sorted(str(f) for f in output.iterdir() if f.is_file())
+    used = [{"dataset_id": m.dataset_id, "folder": m.folder, "params": m.params, "macs": m.macs,
+             "params_original": m.params_original, "macs_original": m.macs_original,
+             "patch_size": list(m.patch_size), "load_seconds": round(m.load_seconds, 3),
+             "predict_seconds": round(m.predict_seconds, 3)} for m in hook.models]
+    seconds = time.perf_counter() - t_start
+    result = SegmentResult(
+        output=output, labels=labels, seconds=seconds, timings={k: round(v, 3) for k, v in timings.items()},
+        params=sum(m.params for m in hook.models), macs=sum(m.macs for m in hook.models),
+        params_original=sum(m.params_original for m in hook.models),
+        macs_original=sum(m.macs_original for m in hook.models),
+        ratio=ratio, policy=policy, task=task,
+        mode="fast" if fast else ("fastest" if fastest else "default"), device=ts_device,
+        models=used, files=files)
+    progress.update(1.0, "done", stage="predict")
+    progress.result(result.to_event())
+    return result

@@ -1,0 +1,91 @@
+"""Budget vs the study's uniform rule on the demo model, at matched MACs.
+
+For each uniform rank factor, the uniform policy's fraction of MACs kept is measured; the budget
+policy is then run at that same fraction (its ratio is the fraction of MACs kept). Both are scored
+against the uncompressed model's output (mean Dice over the 8 classes) on held-out phantoms.
+
+    nice -n 10 python benchmarks/compare_policies.py [--factors 0.9,0.75,0.5,0.3,0.2] [--phantoms 3] [-o out/compare_policies]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from TuckerSegLib.demo.demo_model import materialize_demo_model  # noqa: E402
+from TuckerSegLib.demo.phantom import LABEL_NAMES, make_phantom  # noqa: E402
+from TuckerSegLib.demo.run_demo import compressed_network  # noqa: E402
+from TuckerSegLib.network.cost import count_cost  # noqa: E402
+from TuckerSegLib.evaluation.metrics import mean_score, per_class_scores  # noqa: E402
+from TuckerSegLib.evaluation.plots import plot_ratio_curves  # noqa: E402
+from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--factors", default="0.9,0.75,0.5,0.3,0.2")
+    ap.add_argument("--phantoms", type=int, default=3)
+    ap.add_argument("-o", "--output", type=Path, default=Path("out/compare_policies"))
+    ap.add_argument("--cache-dir", type=Path, default=None)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(2)
+    factors = [float(f) for f in args.factors.split(",")]
+    cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="tuckerseg-cmp-"))
+    folder = materialize_demo_model()
+    predictor = load_predictor(folder, device="cpu")
+    patch = predictor.configuration_manager.patch_size
+    phantoms = [make_phantom(20_000 + i) for i in range(args.phantoms)]
+    classes = list(range(1, len(LABEL_NAMES)))
+
+    def run(policy: str, ratio: float):
+        net, _ = compressed_network(folder, ratio, policy, cache)
+        cost = count_cost(net, (1, 1, *patch)).as_dict()
+        segs = [predict_volume(predictor, p.image, p.affine, network=net) for p in phantoms]
+        return cost, segs
+
+    base_cost, originals = run("budget", 1.0)
+    rows = []
+    for f in factors:
+        for policy, ratio in (("uniform", f), ("budget", None)):
+            if policy == "budget":
+                ratio = rows[-1]["macs_fraction"]  # match the uniform run's MACs
+            cost, segs = run(policy, ratio)
+            vs_orig = [mean_score(per_class_scores(s, o, classes, p.spacing, with_nsd=False))
+                       for s, o, p in zip(segs, originals, phantoms)]
+            vs_truth = [mean_score(per_class_scores(s, p.labels, classes, p.spacing, with_nsd=False))
+                        for s, p in zip(segs, phantoms)]
+            rows.append({"policy": policy, "ratio": round(float(ratio), 4), "uniform_factor": f,
+                         "params": cost["params"], "macs": cost["macs"],
+                         "macs_fraction": cost["macs"] / base_cost["macs"],
+                         "dice_vs_original": float(np.mean(vs_orig)),
+                         "dice_vs_truth": float(np.mean(vs_truth))})
+            r = rows[-1]
+            print(f"{policy:>8} ratio {r['ratio']:.3f}  MACs kept {r['macs_fraction']:.3f}  "
+                  f"params {r['params']:>8d}  Dice vs orig {r['dice_vs_original']:.3f}  "
+                  f"vs truth {r['dice_vs_truth']:.3f}", flush=True)
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "compare_policies.json").write_text(json.dumps(
+        {"original": base_cost, "phantom_seeds": [20_000 + i for i in range(args.phantoms)],
+         "rows": rows}, indent=2))
+    plot_ratio_curves(rows, args.output / "compare_policies.png", x_key="macs_fraction",
+                      quality_keys=("dice_vs_original",), time_key=None, group_key="policy",
+                      title="demo model: budget vs uniform at matched MACs")
+    print("\n| uniform factor | MACs kept | Dice vs orig (uniform) | Dice vs orig (budget) | Dice vs truth (uniform) | Dice vs truth (budget) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for u, b in zip(rows[0::2], rows[1::2]):
+        print(f"| {u['uniform_factor']:.2f} | {u['macs_fraction']:.3f} / {b['macs_fraction']:.3f} | "
+              f"{u['dice_vs_original']:.3f} | {b['dice_vs_original']:.3f} | {u['dice_vs_truth']:.3f} | "
+              f"{b['dice_vs_truth']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
