@@ -68,10 +68,12 @@ def test_ratio_one_is_voxel_identical_to_stock(stock_fast, shared_data, tmp_path
     from TuckerSegLib import segment
 
     out = tmp_path / "ours.nii.gz"
+    # the PyTorch engine at f32 runs exactly what stock nnU-Net runs
     result = segment(shared_data / "example_ct_sm.nii.gz", out, ratio=1.0, fast=True, device="cpu",
-                     quiet=True)
+                     quiet=True, engine="torch")
     ours, stock = _data(out), _data(stock_fast)
     assert np.array_equal(ours, stock)
+    assert result.models[0]["engine"]["name"] == "torch" and result.models[0]["engine"]["precision"] == "f32"
     assert len(np.unique(stock)) >= 4  # the test models give non-trivial label maps
     assert result.params == result.params_original and result.macs == result.macs_original
     assert [m["dataset_id"] for m in result.models] == [297]
