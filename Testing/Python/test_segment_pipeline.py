@@ -82,6 +82,24 @@ def test_ratio_one_is_voxel_identical_to_stock(stock_fast, shared_data, tmp_path
 
 
 @pytest.mark.slow
+def test_openvino_engine_in_the_pipeline(stock_fast, shared_data, tmp_path):
+    """The OpenVINO engine as predictor.network inside TotalSegmentator's real pipeline."""
+    from TuckerSegLib import segment
+
+    out = tmp_path / "ov.nii.gz"
+    result = segment(shared_data / "example_ct_sm.nii.gz", out, ratio=1.0, fast=True, device="cpu",
+                     quiet=True, engine="openvino", precision="f32", cache_dir=tmp_path / "cache")
+    engine = result.models[0]["engine"]
+    assert engine["name"] == "openvino" and engine["precision"] == "f32"
+    assert list((tmp_path / "cache" / "openvino").glob("*/model.xml"))  # IR cached beside the model
+    ours, stock = _data(out), _data(stock_fast)
+    # Measured 98.25 % of voxels equal on these random-weight 118-class test models (per-patch
+    # logits agree to ~1e-3, see test_engines; random weights leave many near-tied classes).
+    # OPEN: confirm on real weights, where the per-patch f32 agreement must be >= 99.99 %.
+    assert (ours == stock).mean() >= 0.97
+
+
+@pytest.mark.slow
 def test_compressed_fast_output_and_cache_reuse(stock_fast, shared_data, tmp_path):
     from TuckerSegLib import segment
 

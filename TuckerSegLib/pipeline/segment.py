@@ -238,7 +238,7 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
     used = [{"dataset_id": m.dataset_id, "folder": m.folder, "params": m.params, "macs": m.macs,
              "params_original": m.params_original, "macs_original": m.macs_original,
              "patch_size": list(m.patch_size), "load_seconds": round(m.load_seconds, 3),
-             "predict_seconds": round(m.predict_seconds, 3)} for m in hook.models]
+             "predict_seconds": round(m.predict_seconds, 3), "engine": m.engine} for m in hook.models]
     seconds = time.perf_counter() - t_start
     result = SegmentResult(
         output=output, labels=labels, seconds=seconds, timings={k: round(v, 3) for k, v in timings.items()},
