@@ -68,15 +68,35 @@ def test_ratio_one_is_voxel_identical_to_stock(stock_fast, shared_data, tmp_path
     from TuckerSegLib import segment
 
     out = tmp_path / "ours.nii.gz"
+    # the PyTorch engine at f32 runs exactly what stock nnU-Net runs
     result = segment(shared_data / "example_ct_sm.nii.gz", out, ratio=1.0, fast=True, device="cpu",
-                     quiet=True)
+                     quiet=True, engine="torch")
     ours, stock = _data(out), _data(stock_fast)
     assert np.array_equal(ours, stock)
+    assert result.models[0]["engine"]["name"] == "torch" and result.models[0]["engine"]["precision"] == "f32"
     assert len(np.unique(stock)) >= 4  # the test models give non-trivial label maps
     assert result.params == result.params_original and result.macs == result.macs_original
     assert [m["dataset_id"] for m in result.models] == [297]
     assert result.labels[1] == "spleen" and len(result.labels) == 117
     assert not list(tmp_path.glob(".tuckerseg-tmp-*"))
+
+
+@pytest.mark.slow
+def test_openvino_engine_in_the_pipeline(stock_fast, shared_data, tmp_path):
+    """The OpenVINO engine as predictor.network inside TotalSegmentator's real pipeline."""
+    from TuckerSegLib import segment
+
+    out = tmp_path / "ov.nii.gz"
+    result = segment(shared_data / "example_ct_sm.nii.gz", out, ratio=1.0, fast=True, device="cpu",
+                     quiet=True, engine="openvino", precision="f32", cache_dir=tmp_path / "cache")
+    engine = result.models[0]["engine"]
+    assert engine["name"] == "openvino" and engine["precision"] == "f32"
+    assert list((tmp_path / "cache" / "openvino").glob("*/model.xml"))  # IR cached beside the model
+    ours, stock = _data(out), _data(stock_fast)
+    # Measured 98.25 % of voxels equal on these random-weight 118-class test models (per-patch
+    # logits agree to ~1e-3, see test_engines; random weights leave many near-tied classes).
+    # OPEN: confirm on real weights, where the per-patch f32 agreement must be >= 99.99 %.
+    assert (ours == stock).mean() >= 0.97
 
 
 @pytest.mark.slow

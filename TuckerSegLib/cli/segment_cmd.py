@@ -39,8 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="threads for saving one file per class (default 6)")
     p.add_argument("--cache-dir", default=None,
                    help="where compressed networks are cached (default: TuckerSeg's cache folder)")
-    p.add_argument("--engine", default="auto",
-                   help="inference engine for the networks (default auto = torch)")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "openvino"],
+                   help="inference engine: auto (default: the fastest exact engine, timed on this "
+                        "machine: OpenVINO or PyTorch on CPU, PyTorch on CUDA/MPS), torch, openvino")
+    p.add_argument("--precision", default="auto", choices=["auto", "f32", "bf16", "fp16"],
+                   help="auto (default) = stock TotalSegmentator's precision on the device (f32 on "
+                        "CPU, fp16 autocast on CUDA); bf16/fp16 are faster, their argmax agreement "
+                        "with f32 is measured and reported")
     p.add_argument("--no-download", action="store_true",
                    help="never download missing TotalSegmentator weights")
     p.add_argument("-q", "--quiet", action="store_true", help="less output from TotalSegmentator")
@@ -57,6 +62,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     result = segment(args.input, args.output, ratio=args.ratio, policy=args.policy, task=args.task,
                      fast=args.fast, fastest=args.fastest, roi_subset=args.roi_subset, ml=args.ml,
                      device=args.device, cache_dir=args.cache_dir, engine=args.engine,
+                     precision=args.precision,
                      progress=progress, allow_download=not args.no_download, quiet=quiet,
                      compressed_models=args.compressed_model,
                      statistics=args.statistics, body_seg=args.body_seg,

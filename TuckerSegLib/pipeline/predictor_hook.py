@@ -52,6 +52,7 @@ class ModelUse:
     load_seconds: float
     predict_seconds: float = 0.0
     manifest: dict = field(default_factory=dict)
+    engine: dict = field(default_factory=dict)  # EngineInfo.as_dict() of the engine that ran it
 
 
 def count_cost(network: nn.Module, patch_size: Tuple[int, ...], in_channels: int = 1) -> Tuple[int, int]:
@@ -75,10 +76,18 @@ class CompressedPredictorHook:
     def __init__(self, ratio: float = 1.0, policy: str = "budget", cache_dir: Optional[Path] = None,
                  engine: str = "torch", progress: Optional[Progress] = None,
                  on_model: Optional[Callable[[int, Path], None]] = None,
-                 compressed_models: Optional[Dict[str, Path]] = None):
-        if engine not in ENGINES:
+                 compressed_models: Optional[Dict[str, Path]] = None, precision: str = "auto",
+                 shapes: str = "as-is"):
+        from TuckerSegLib.engines import ENGINE_CHOICES, PRECISION_CHOICES
+
+        if engine not in ENGINES and engine not in ENGINE_CHOICES:
             raise EngineError(f"inference engine {engine!r} is not available (available: "
-                              f"{', '.join(sorted(ENGINES))})")
+                              f"{', '.join(sorted(set(ENGINES) | set(ENGINE_CHOICES)))})")
+        if precision not in PRECISION_CHOICES:
+            raise EngineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISION_CHOICES)}")
+        self.precision = precision
+        self.shapes = shapes
+        self.engine_infos: list = []  # EngineInfo per model, in load order
         self.ratio = float(ratio)
         self.policy = policy
         self.cache_dir = cache_dir
@@ -179,7 +188,28 @@ class CompressedPredictorHook:
                 params0, macs0 = params, macs
 
         network.load_state_dict(parameters[0])
-        network = ENGINES[self.engine](network, patch, predictor.device)
+        engine_info: dict = {}
+        from TuckerSegLib.engines import ENGINE_CHOICES
+        if self.engine in ENGINES and self.engine not in ENGINE_CHOICES:  # a registered custom engine
+            network = ENGINES[self.engine](network, patch, predictor.device)
+        elif len(parameters) > 1:
+            # several folds: nnU-Net loads each fold's weights into the network in turn, which
+            # engines with compiled-in weights cannot do; PyTorch eager runs them
+            if self.engine not in ("auto", "torch"):
+                raise EngineError(f"engine {self.engine} runs one fold; {folder} asks for {len(parameters)}")
+        else:
+            from TuckerSegLib.engines import prepare_network
+            from TuckerSegLib.models.cache import default_cache_dir
+
+            engine_cache = Path(self.cache_dir) if self.cache_dir else default_cache_dir(folder)
+            n_in = num_in if self.ratio >= 1.0 else model.num_input_channels
+            network, info = prepare_network(network, patch, n_in, predictor.device, self.engine,
+                                            self.precision, engine_cache, shapes=self.shapes,
+                                            progress=self.progress)
+            parameters = [network.state_dict()]  # {}: the weights are compiled into the engine
+            self.engine_infos.append(info)
+            engine_info = info.as_dict()
+            self.progress.log(info.summary())
         predictor.plans_manager = plans_manager
         predictor.configuration_manager = configuration_manager
         predictor.list_of_parameters = parameters
@@ -194,7 +224,8 @@ class CompressedPredictorHook:
         now = time.perf_counter()
         self.models.append(ModelUse(folder=str(folder), dataset_id=_dataset_id(folder), params=params,
                                     macs=macs, params_original=params0, macs_original=macs0,
-                                    patch_size=patch, load_seconds=now - t0, manifest=manifest))
+                                    patch_size=patch, load_seconds=now - t0, manifest=manifest,
+                                    engine=engine_info))
         self._t_last = now
         if self.on_model is not None:  # prediction with this model starts now
             self.on_model(len(self.models) - 1, folder)
@@ -232,9 +263,11 @@ class CompressedPredictorHook:
 def compressed_predictors(ratio: float = 1.0, policy: str = "budget", cache_dir: Optional[Path] = None,
                           engine: str = "torch", progress: Optional[Progress] = None,
                           on_model: Optional[Callable[[int, Path], None]] = None,
-                          compressed_models: Optional[Dict[str, Path]] = None
+                          compressed_models: Optional[Dict[str, Path]] = None,
+                          precision: str = "auto", shapes: str = "as-is"
                           ) -> Iterator[CompressedPredictorHook]:
     """``with compressed_predictors(ratio=0.5) as hook: totalsegmentator(...)``; see ``hook.models``."""
-    hook = CompressedPredictorHook(ratio, policy, cache_dir, engine, progress, on_model, compressed_models)
+    hook = CompressedPredictorHook(ratio, policy, cache_dir, engine, progress, on_model, compressed_models,
+                                   precision, shapes)
     with hook:
         yield hook

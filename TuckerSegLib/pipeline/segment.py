@@ -151,7 +151,7 @@ def _compressed_models_by_source(folders: Sequence[Union[str, Path]]) -> Dict[st
 def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.5,
             policy: str = "budget", task: str = "total", fast: bool = False, fastest: bool = False,
             roi_subset: Optional[Sequence[str]] = None, ml: bool = True, device: str = "auto",
-            cache_dir: Optional[Union[str, Path]] = None, engine: str = "auto",
+            cache_dir: Optional[Union[str, Path]] = None, engine: str = "auto", precision: str = "auto",
             progress: Optional[Progress] = None, allow_download: bool = True, quiet: bool = False,
             compressed_models: Sequence[Union[str, Path]] = (), **totalseg_kwargs: Any) -> SegmentResult:
     """Segment ``input`` (NIfTI file or DICOM folder) into ``output`` with compressed networks.
@@ -174,9 +174,13 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
         raise InputError(f"unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
     if fast and fastest:
         raise InputError("use either fast or fastest, not both")
-    engine = "torch" if engine in (None, "auto") else engine
-    if engine not in ENGINES:
-        raise InputError(f"unknown or unavailable engine {engine!r} (available: {', '.join(sorted(ENGINES))})")
+    from TuckerSegLib.engines import ENGINE_CHOICES, PRECISION_CHOICES
+
+    engine = engine or "auto"
+    if engine not in ENGINES and engine not in ENGINE_CHOICES:
+        raise InputError(f"unknown engine {engine!r} (choose one of {', '.join(ENGINE_CHOICES)})")
+    if precision not in PRECISION_CHOICES:
+        raise InputError(f"unknown precision {precision!r} (choose one of {', '.join(PRECISION_CHOICES)})")
     roi_subset = list(roi_subset) if roi_subset else None
 
     given = _compressed_models_by_source(compressed_models)
@@ -219,7 +223,7 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
         with compressed_predictors(ratio=ratio, policy=policy,
                                    cache_dir=Path(cache_dir) if cache_dir else None,
                                    engine=engine, progress=progress, on_model=on_model,
-                                   compressed_models=given) as hook:
+                                   compressed_models=given, precision=precision) as hook:
             # quiet: TotalSegmentator's prints go to stderr, JSON event lines stay on stdout.
             if quiet and isinstance(progress, JsonProgress) and progress.stream is None:
                 progress.stream = sys.stdout
@@ -250,7 +254,7 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
     used = [{"dataset_id": m.dataset_id, "folder": m.folder, "params": m.params, "macs": m.macs,
              "params_original": m.params_original, "macs_original": m.macs_original,
              "patch_size": list(m.patch_size), "load_seconds": round(m.load_seconds, 3),
-             "predict_seconds": round(m.predict_seconds, 3),
+             "predict_seconds": round(m.predict_seconds, 3), "engine": m.engine,
              "compressed_model": str(given[str(Path(m.folder).resolve())])
              if str(Path(m.folder).resolve()) in given else None} for m in hook.models]
     seconds = time.perf_counter() - t_start

@@ -1,0 +1,219 @@
+"""Inference engines on a small compressed nnU-Net network: agreement, caches, choice, errors.
+
+Real parts throughout: nnU-Net's PlainConvUNet, our compression, real OpenVINO conversion and
+compilation, nnU-Net's own predictor and sliding window.
+"""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from TuckerSegLib.compression import compress_network
+from TuckerSegLib.engines import prepare_network
+from TuckerSegLib.engines.agreement import compare_logits
+from TuckerSegLib.engines.layer_forms import FORMS, make_form
+from TuckerSegLib.network.surgery import factorised_layers
+from TuckerSegLib.errors import EngineError
+
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+PATCH = (32, 32, 32)
+
+
+def small_unet(n_out=4):
+    features = (8, 16, 32, 32)
+    n = len(features)
+    net = PlainConvUNet(1, n, list(features), nn.Conv3d, 3, [1] + [2] * (n - 1), 2, n_out, 2, True,
+                        nn.InstanceNorm3d, {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU,
+                        {"inplace": True})
+    with torch.no_grad():  # non-trivial biases, like a trained network
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def compressed():
+    torch.manual_seed(0)
+    return compress_network(small_unet(), 0.3, "budget", patch_size=PATCH).network.eval()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("engine_cache")
+
+
+@pytest.fixture(scope="module")
+def patch_input():
+    return torch.randn(1, 1, *PATCH, generator=torch.Generator().manual_seed(5))
+
+
+def _run(module, x):
+    with torch.inference_mode():
+        return module(x)
+
+
+def test_openvino_f32_matches_torch_f32(compressed, cache_dir, patch_input):
+    ref, ref_info = prepare_network(compressed, PATCH, 1, "cpu", "torch", "f32", cache_dir)
+    ov_mod, info = prepare_network(compressed, PATCH, 1, "cpu", "openvino", "f32", cache_dir)
+    assert (ref_info.name, info.name, info.precision) == ("torch", "openvino", "f32")
+    agr = compare_logits(_run(ov_mod, patch_input), _run(ref, patch_input))
+    assert agr.argmax_agreement >= 0.9999
+    assert agr.max_abs_diff < 1e-3
+    assert "inference precision f32" in " ".join(info.notes)
+
+
+def test_openvino_bf16_agreement_is_measured_and_reported(compressed, cache_dir, patch_input):
+    mod, info = prepare_network(compressed, PATCH, 1, "cpu", "openvino", "bf16", cache_dir)
+    assert info.precision == "bf16"
+    assert info.agreement is not None and 0.5 < info.agreement <= 1.0
+    assert any("argmax agreement with f32" in n for n in info.notes)
+    ref = _run(compressed, patch_input)
+    out = _run(mod, patch_input)
+    agr = compare_logits(out, ref)
+    print(f"OpenVINO bf16 vs f32 argmax agreement {100 * agr.argmax_agreement:.3f} %, "
+          f"max |diff| {agr.max_abs_diff:.3g}")
+    assert agr.max_abs_diff > 0  # really ran in bf16 (an f32 run would be near-identical)
+    # the measurement is cached beside the model: a second prepare reports it without measuring
+    store = cache_dir / "engine_agreement.json"
+    assert store.is_file()
+    _, again = prepare_network(compressed, PATCH, 1, "cpu", "openvino", "bf16", cache_dir)
+    assert again.agreement == info.agreement
+
+
+def test_openvino_ir_cache_is_reused(compressed, tmp_path, patch_input):
+    _, first = prepare_network(compressed, PATCH, 1, "cpu", "openvino", "f32", tmp_path)
+    assert not first.cache_hit
+    ir = os.path.join(first.cache_path, "model.xml")
+    stamp = os.stat(ir).st_mtime_ns
+    blobs = tmp_path / "openvino" / "compiled"
+    assert blobs.is_dir() and any(blobs.iterdir())  # the compiled blob is cached too
+    mod, second = prepare_network(compressed, PATCH, 1, "cpu", "openvino", "f32", tmp_path)
+    assert second.cache_hit and second.cache_path == first.cache_path
+    assert os.stat(ir).st_mtime_ns == stamp  # not converted again
+    # different weights -> a different cache entry, never a stale model
+    other = compress_network(small_unet(), 0.3, "budget", patch_size=PATCH).network
+    _, third = prepare_network(other, PATCH, 1, "cpu", "openvino", "f32", tmp_path)
+    assert not third.cache_hit and third.cache_path != first.cache_path
+
+
+def test_auto_is_exact_on_cpu_and_measured(compressed, cache_dir):
+    for precision in ("auto", "f32"):
+        _, info = prepare_network(compressed, PATCH, 1, "cpu", "auto", precision, cache_dir)
+        assert info.precision == "f32"
+        assert info.agreement is None
+        # both engines were timed on a patch and the faster one kept; the choice is cached
+        assert any(n.startswith("engine auto:") and "torch" in n and "openvino" in n for n in info.notes)
+    choices = json.loads((cache_dir / "engine_choice.json").read_text())
+    assert len(choices) == 1 and next(iter(choices.values()))["engine"] == info.name
+    assert any(n.endswith("(cached)") for n in info.notes)
+    # static order when not measuring: OpenVINO first on CPU
+    _, static = prepare_network(compressed, PATCH, 1, "cpu", "auto", "auto", cache_dir, measure_auto=False)
+    assert (static.name, static.precision) == ("openvino", "f32")
+
+
+def test_explicit_unsupported_engine_is_refused(compressed, cache_dir):
+    with pytest.raises(EngineError, match="fp16"):
+        prepare_network(compressed, PATCH, 1, "cpu", "torch", "fp16", cache_dir)
+    with pytest.raises(EngineError, match="openvino"):
+        prepare_network(compressed, PATCH, 1, "cuda", "openvino", "f32", cache_dir)
+    with pytest.raises(EngineError, match="unknown engine"):
+        prepare_network(compressed, PATCH, 1, "cpu", "tensorrt", "f32", cache_dir)
+    with pytest.raises(EngineError, match="unknown precision"):
+        prepare_network(compressed, PATCH, 1, "cpu", "auto", "int4", cache_dir)
+    # one line, for the command line
+    try:
+        prepare_network(compressed, PATCH, 1, "cpu", "torch", "fp16", cache_dir)
+    except EngineError as exc:
+        assert "\n" not in str(exc)
+
+
+def test_missing_openvino_explicit_errors_auto_falls_back(compressed, cache_dir, monkeypatch):
+    # OpenVINO absent: importing it fails as it would on a machine without the package
+    for name in [m for m in sys.modules if m == "openvino" or m.startswith("openvino.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(EngineError, match="not installed"):
+        prepare_network(compressed, PATCH, 1, "cpu", "openvino", "f32", cache_dir)
+    module, info = prepare_network(compressed, PATCH, 1, "cpu", "auto", "auto", cache_dir)
+    assert info.name == "torch" and info.precision == "f32"
+    assert any("openvino skipped" in n and "not installed" in n for n in info.notes)
+
+
+def test_engine_module_state_dict_contract(compressed, cache_dir):
+    module, _ = prepare_network(compressed, PATCH, 1, "cpu", "openvino", "f32", cache_dir)
+    assert module.state_dict() == {}
+    module.load_state_dict(module.state_dict())  # what the pipeline gives the predictor
+    module.load_state_dict(compressed.state_dict())  # the very weights compiled in
+    changed = {k: v.clone() for k, v in compressed.state_dict().items()}
+    first = next(k for k, v in changed.items() if v.is_floating_point())
+    changed[first] += 1.0
+    with pytest.raises(EngineError, match="compiled in"):
+        module.load_state_dict(changed)
+
+
+def test_openvino_inside_nnunet_sliding_window(tmp_path, compressed):
+    """The engine module as predictor.network in nnU-Net's real sliding window (odd image size)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_models import write_model_folder
+
+    folder = write_model_folder(tmp_path / "model", patch=PATCH, n_classes=4)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                perform_everything_on_device=False, device=torch.device("cpu"),
+                                verbose=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,))
+    net = compress_network(predictor.network, 0.3, "budget", patch_size=PATCH).network.eval()
+    data = torch.randn(1, 45, 38, 20, generator=torch.Generator().manual_seed(2))  # < patch in z
+    predictor.network, predictor.list_of_parameters = net, [net.state_dict()]
+    ref = predictor.predict_logits_from_preprocessed_data(data)
+    module, info = prepare_network(net, PATCH, 1, "cpu", "openvino", "f32", tmp_path / "cache")
+    predictor.network, predictor.list_of_parameters = module, [module.state_dict()]
+    out = predictor.predict_logits_from_preprocessed_data(data)
+    assert out.shape == ref.shape
+    agr = compare_logits(out[None], ref[None])
+    assert agr.argmax_agreement >= 0.9999
+    # nnU-Net accumulates Gaussian-weighted logits in fp16: differences of about one fp16 step
+    assert agr.mean_abs_diff < 1e-3
+    assert agr.max_abs_diff < 2e-3 * float(ref.abs().max()) + 1e-2
+
+
+def test_layer_forms_compute_the_same_function():
+    """Padded (zero rank channels), fused (first 1x1 folded into the core) and dense forms equal
+    the factorised layer."""
+    torch.manual_seed(1)  # the study's rule factorises every layer, transposed convs included
+    layers = factorised_layers(compress_network(small_unet(), 0.3, "paper", patch_size=PATCH).network)
+    kinds = {tc.transposed for tc in layers.values()}
+    assert kinds == {False, True}  # convs and transposed convs both covered
+    g = torch.Generator().manual_seed(0)
+    for name, tc in layers.items():
+        c_in = tc.first.in_channels
+        x = torch.randn(1, c_in, 8, 8, 8, generator=g)
+        with torch.no_grad():
+            ref = tc(x)
+            for form in FORMS:
+                assert torch.allclose(make_form(tc, form)(x), ref, atol=1e-5), (name, form)
+            padded = make_form(tc, "padded", 16)
+            assert all(r % 16 == 0 or r == c for r, c in zip(padded.ranks, (tc.last.out_channels, tc.first.in_channels)))
+
+
+def test_hardware_aware_shapes_with_torch(compressed, tmp_path, patch_input):
+    module, info = prepare_network(compressed, PATCH, 1, "cpu", "torch", "f32", tmp_path, shapes="auto")
+    assert set(info.layer_forms) == set(factorised_layers(compressed))
+    assert set(info.layer_forms.values()) <= set(FORMS)
+    agr = compare_logits(_run(module, patch_input), _run(compressed, patch_input))
+    assert agr.argmax_agreement >= 0.9999 and agr.max_abs_diff < 1e-3
+    timings = tmp_path / "layer_timings.json"
+    measured = json.loads(timings.read_text())
+    # every form of every layer timed once (layers with the same signature share an entry)
+    assert 3 <= len(measured) <= len(FORMS) * len(info.layer_forms)
+    assert all(v > 0 for v in measured.values())
+    stamp = timings.stat().st_mtime_ns
+    _, again = prepare_network(compressed, PATCH, 1, "cpu", "torch", "f32", tmp_path, shapes="auto")
+    assert again.layer_forms == info.layer_forms
+    assert timings.stat().st_mtime_ns == stamp  # cached per device: nothing timed again
+    module.load_state_dict(compressed.state_dict())  # the user's weights still load

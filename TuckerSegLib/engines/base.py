@@ -1,0 +1,143 @@
+"""The engine interface: turn a PyTorch network into the module nnU-Net's sliding window runs.
+
+Why: the segmentation pipeline swaps ``predictor.network`` for whatever an engine returns, so the
+returned module must behave like the network where nnU-Net touches it: called on a
+``(N, C, *patch)`` tensor it returns the logits as a float tensor on the input's device; ``.to()``,
+``.eval()`` and ``load_state_dict`` work. Engine modules have their weights compiled in, so
+``state_dict()`` is empty and ``load_state_dict`` accepts the empty dict (what the pipeline puts
+into ``predictor.list_of_parameters``) or the very weights that were compiled in (checked by
+fingerprint); anything else would silently run stale weights and is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from TuckerSegLib.errors import EngineError
+
+PRECISIONS = ("f32", "bf16", "fp16")
+# What the user may ask for: a precision, or "auto" = the stock pipeline's own precision on that
+# device (fp16 autocast on CUDA as nnU-Net/TotalSegmentator do, f32 everywhere else).
+PRECISION_CHOICES = ("auto",) + PRECISIONS
+ENGINE_CHOICES = ("auto", "torch", "openvino")
+
+
+@dataclass
+class EngineInfo:
+    """Which engine runs a network, at what precision, on which device, and what to tell the user."""
+
+    name: str
+    precision: str
+    device: str
+    notes: List[str] = field(default_factory=list)
+    cache_hit: bool = False  # the compiled form came from the cache (no conversion this time)
+    cache_path: Optional[str] = None
+    agreement: Optional[float] = None  # argmax agreement with f32 on a random patch (low precision)
+    layer_forms: Optional[dict] = None  # per-layer form chosen by hardware-aware shaping
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "precision": self.precision, "device": self.device,
+                "notes": list(self.notes), "cache_hit": self.cache_hit, "cache_path": self.cache_path,
+                "agreement": self.agreement, "layer_forms": self.layer_forms}
+
+    def summary(self) -> str:
+        text = f"engine {self.name} ({self.precision}) on {self.device}"
+        return text + (": " + "; ".join(self.notes) if self.notes else "")
+
+
+def weights_fingerprint(network: nn.Module) -> str:
+    """A hash of the network's structure and every tensor of its state dict (names, shapes, bytes)."""
+    h = hashlib.sha256()
+    h.update(repr(network).encode())
+    for name, tensor in network.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """A hash of a bare state dict (names, shapes, bytes), for ``load_state_dict`` checks."""
+    h = hashlib.sha256()
+    for name, tensor in state.items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def available_threads() -> int:
+    """CPU cores this process may use (affinity-aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+class EngineModule(nn.Module):
+    """Base of every engine's module: weights compiled in, nnU-Net-compatible state handling."""
+
+    def __init__(self, source_state_fingerprint: str):
+        super().__init__()
+        self._source_fp = source_state_fingerprint
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
+                        assign: bool = False):
+        """Accept ``{}`` (the pipeline's parameters) or the weights compiled in; refuse others."""
+        if len(state_dict) == 0:
+            return nn.modules.module._IncompatibleKeys([], [])
+        if state_fingerprint(state_dict) == self._source_fp:
+            return nn.modules.module._IncompatibleKeys([], [])
+        raise EngineError("this engine's network has its weights compiled in and cannot load other "
+                          "weights; prepare the engine again from the network with those weights")
+
+    def state_dict(self, *args, **kwargs):  # the weights live inside the engine
+        return {}
+
+
+class Engine(ABC):
+    """One way to run a network. Subclasses say when they can run and build the module."""
+
+    name: str = ""
+
+    @abstractmethod
+    def unavailable_reason(self) -> Optional[str]:
+        """None when the engine is installed and usable here, else a one-line reason."""
+
+    @abstractmethod
+    def unsupported_reason(self, device: torch.device, precision: str) -> Optional[str]:
+        """None when this engine can run on ``device`` at ``precision``, else a one-line reason."""
+
+    @abstractmethod
+    def prepare(self, network: nn.Module, patch_size: Sequence[int], in_channels: int,
+                device: torch.device, precision: str, cache_dir: Optional[Path],
+                info: EngineInfo) -> nn.Module:
+        """The module that runs ``network`` (eval mode) on ``device`` at ``precision``.
+
+        Records cache hits and notes in ``info``. ``network`` is not modified.
+        """
+
+
+def example_input(patch_size: Sequence[int], in_channels: int, seed: int = 0,
+                  batch: int = 1) -> torch.Tensor:
+    """A reproducible random patch, the shape nnU-Net's sliding window feeds the network."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, in_channels, *[int(p) for p in patch_size], generator=g)
+
+
+def normalise_device(device) -> torch.device:
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def patch_tuple(patch_size: Sequence[int]) -> Tuple[int, ...]:
+    return tuple(int(p) for p in patch_size)

@@ -1,0 +1,147 @@
+"""Hardware-aware layer shapes: per factorised layer, run the form that is fastest on this device.
+
+Why: a factorised layer is not always faster than the dense one it replaces (PyTorch's slow
+conv3d path on CPU, tensor-core alignment on GPU, memory passes of thin 1x1 convs), so a
+compression ratio could end up slower than the original network. Each ``TuckerConv`` is timed
+with the engine that will run it, at its real input shape, in four equivalent forms
+(``layer_forms``: factorised, ranks zero-padded to the vector width, first 1x1 fused into the
+core, dense); the fastest is used, the
+factorised form unless another is at least ``MARGIN`` faster. Timings are cached per device,
+engine, precision and layer signature in ``layer_timings.json``, so each shape is timed once.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from TuckerSegLib.engines.base import Engine, available_threads
+from TuckerSegLib.engines.layer_forms import FORMS, PAD_MULTIPLE, make_form
+from TuckerSegLib.network.cost import trace
+from TuckerSegLib.network.surgery import find_sites, replace_site
+from TuckerSegLib.network.tucker_conv import TuckerConv
+from TuckerSegLib.progress import NullProgress, Progress
+
+MARGIN = 0.05  # another form must be this much faster than the factorised one to replace it
+TIMINGS_FILE = "layer_timings.json"
+
+
+def timings_path(cache_dir: Optional[Path]) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir) / TIMINGS_FILE
+    base = Path(os.environ.get("TUCKERSEG_CACHE_DIR") or
+                Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuckerseg")
+    return base / TIMINGS_FILE
+
+
+def _load(path: Path) -> Dict[str, float]:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}
+
+
+def _save(path: Path, data: Dict[str, float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = {**_load(path), **data}  # keep what other runs measured meanwhile
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(merged, indent=0, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def timing_key(engine: str, precision: str, device: str, module: nn.Module,
+               input_shape: Sequence[int]) -> str:
+    """Device, engine, precision, threads and the layer's exact signature (structure + input shape)."""
+    sig = hashlib.sha1(f"{module!r}|{tuple(input_shape)}".encode()).hexdigest()[:16]
+    return f"{engine}|{precision}|{device}|t{available_threads()}|{sig}"
+
+
+def _time_torch(module: nn.Module, x: torch.Tensor, device: torch.device, precision: str,
+                reps: int) -> float:
+    from TuckerSegLib.engines.torch_engine import TorchEngineModule, _time
+
+    runner = TorchEngineModule(copy.deepcopy(module).to(device), precision, device)
+    x = x.to(device)
+    with torch.inference_mode():
+        return _time(lambda: runner(x), device, reps)
+
+
+def _time_openvino(module: nn.Module, x: torch.Tensor, precision: str, reps: int) -> float:
+    import openvino as ov
+
+    from TuckerSegLib.engines.openvino_engine import OpenVINOEngine, core, ov_device_name
+
+    with torch.no_grad():
+        model = ov.convert_model(module.eval(), example_input=x, input=[ov.PartialShape(list(x.shape))])
+    compiled = core().compile_model(model, ov_device_name(), OpenVINOEngine().config(precision))
+    request = compiled.create_infer_request()
+    arr = x.numpy()
+    request.infer({0: arr})
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        request.infer({0: arr})
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def time_layer(engine: Engine, module: nn.Module, input_shape: Sequence[int], device: torch.device,
+               precision: str, reps: int = 3) -> float:
+    """Best-of-``reps`` seconds of one forward of ``module`` on ``engine`` at ``input_shape``."""
+    x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
+    if engine.name == "openvino":
+        return _time_openvino(module, x, precision, reps)
+    return _time_torch(module, x, device, precision, reps)
+
+
+def shape_for_device(network: nn.Module, patch_size: Sequence[int], in_channels: int, engine: Engine,
+                     device: torch.device, precision: str, cache_dir: Optional[Path],
+                     device_name: Optional[str] = None, reps: int = 3,
+                     progress: Optional[Progress] = None) -> Tuple[nn.Module, Dict[str, str]]:
+    """A copy of ``network`` with each ``TuckerConv`` in its fastest measured form, and the forms.
+
+    A network without factorised layers is returned as is (``{}``).
+    """
+    from TuckerSegLib.engines.prepare import describe_device
+
+    progress = progress or NullProgress()
+    sites = [s for s in find_sites(network, include_factorised=True) if isinstance(s.module, TuckerConv)]
+    if not sites:
+        return network, {}
+    shapes = trace(network, (1, in_channels, *patch_size)).shapes
+    device_name = device_name or describe_device(device, engine.name)
+    path = timings_path(cache_dir)
+    known = _load(path)
+    new: Dict[str, float] = {}
+    net = copy.deepcopy(network)
+    forms: Dict[str, str] = {}
+    for i, site in enumerate(find_sites(net, include_factorised=True)):
+        if not isinstance(site.module, TuckerConv) or site.name not in shapes:
+            continue
+        in_shape = shapes[site.name][0]
+        seconds = {}
+        multiple = PAD_MULTIPLE.get(device.type, 8)
+        for form in FORMS:
+            candidate = make_form(site.module, form, multiple)
+            if form != "factorised" and candidate is site.module:
+                continue  # e.g. ranks already a multiple of the vector width
+            key = timing_key(engine.name, precision, device_name, candidate, in_shape)
+            if key not in known and key not in new:
+                new[key] = time_layer(engine, candidate, in_shape, device, precision, reps)
+            seconds[form] = known.get(key, new.get(key))
+        best = min(seconds, key=seconds.get)
+        choice = best if seconds[best] < (1 - MARGIN) * seconds["factorised"] else "factorised"
+        forms[site.name] = choice
+        if choice != "factorised":
+            replace_site(net, site, make_form(site.module, choice, multiple))
+        progress.update((i + 1) / len(sites), f"timed {site.name}: {choice}")
+    if new:
+        _save(path, new)
+    return net.eval(), forms
