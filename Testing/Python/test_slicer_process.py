@@ -218,4 +218,6 @@ def test_real_segment_command_result_or_one_line_error(shared_data):
         return
     seg = scene.GetNodeByID(summary["output_node_id"]).GetSegmentation()
     names = {seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())}
-    assert names and names <= {"liver", "spleen"}
+    # the test models have random weights: they may find neither structure, never another one
+    assert names <= {"liver", "spleen"}
+    assert summary["ratio"] == 0.3 and summary["macs"] < summary["macs_original"]

@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where compressed networks are cached (default: TuckerSeg's cache folder)")
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "openvino"],
                    help="inference engine: auto (default: the fastest exact engine, timed on this "
-                        "machine: OpenVINO or PyTorch on CPU, PyTorch on CUDA/MPS), torch, openvino")
+                        "machine: OpenVINO or PyTorch on CPU, PyTorch on CUDA/MPS; PyTorch at --ratio 1.0, "
+                        "which keeps stock output voxel for voxel), torch, openvino")
     p.add_argument("--precision", default="auto", choices=["auto", "f32", "bf16", "fp16"],
                    help="auto (default) = stock TotalSegmentator's precision on the device (f32 on "
                         "CPU, fp16 autocast on CUDA); bf16/fp16 are faster, their argmax agreement "

@@ -184,6 +184,10 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
     roi_subset = list(roi_subset) if roi_subset else None
 
     given = _compressed_models_by_source(compressed_models)
+    if ratio >= 1.0 and engine == "auto" and not given:
+        # ratio 1.0 promises stock TotalSegmentator voxel for voxel: PyTorch runs exactly what
+        # stock nnU-Net runs, while a compiled engine's float rounding can flip near-tied voxels.
+        engine = "torch"
     progress.stage("check", "checking input")
     checked = check_input(input)
     output = Path(output).expanduser().absolute()
