@@ -30,7 +30,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from TuckerSegLib.models.totalseg_archs import (  # noqa: E402
-    DATASET_FOLDERS, TRAINERS, build_network_from_plans, totalseg_plans)
+    DATASET_FOLDERS, TRAINERS, totalseg_plans)
+from TuckerSegLib.models.nnunet_folder import build_network  # noqa: E402
 
 PLANS = "nnUNetPlans"
 CONFIGURATION = "3d_fullres"
@@ -72,7 +73,7 @@ def build_model(root: Path, dataset_id: int, width_scale: float = 0.125, seed: i
     plans, dataset_json = totalseg_plans(dataset_id, width_scale)
     trainer = TRAINERS[dataset_id]
     torch.manual_seed(seed * 1000 + dataset_id)
-    network = build_network_from_plans(plans, dataset_json, trainer)
+    network = build_network(plans, dataset_json, "3d_fullres", trainer)
     gen = torch.Generator().manual_seed(seed * 1000 + dataset_id + 1)
     if n_winning > 0:
         _shape_head(network, gen, n_winning)

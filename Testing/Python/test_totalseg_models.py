@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from TuckerSegLib.errors import InputError, WeightsMissingError
 from TuckerSegLib.models import totalseg, totalseg_archs
+from TuckerSegLib.models.nnunet_folder import build_network
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import build_test_models  # noqa: E402
@@ -52,7 +53,7 @@ def test_old_format_plans_are_converted_by_nnunet():
     plans, dj = totalseg_archs.totalseg_plans(292, width_scale=0.125)
     cfg = plans["configurations"]["3d_fullres"]
     assert "architecture" not in cfg and cfg["UNet_class_name"] == "PlainConvUNet"
-    net = totalseg_archs.build_network_from_plans(plans, dj, "nnUNetTrainerNoMirroring")
+    net = build_network(plans, dj, "3d_fullres", "nnUNetTrainerNoMirroring")
     assert type(net).__name__ == "PlainConvUNet"
     feats = list(net.encoder.output_channels)
     assert feats == [4, 8, 16, 32, 40, 40]
@@ -100,8 +101,8 @@ def test_built_models_have_totalsegmentator_layout(tmp_path, monkeypatch):
     assert ckpt["trainer_name"] == "nnUNetTrainer_4000epochs_NoMirroring"
     assert ckpt["init_args"]["configuration"] == "3d_fullres"
     dj = json.loads((folder / "dataset.json").read_text())
-    net = totalseg_archs.build_network_from_plans(json.loads((folder / "plans.json").read_text()), dj,
-                                                  ckpt["trainer_name"])
+    net = build_network(json.loads((folder / "plans.json").read_text()), dj, "3d_fullres",
+                        ckpt["trainer_name"])
     net.load_state_dict(ckpt["network_weights"])  # the stored weights fit nnU-Net's network
     head = ckpt["network_weights"]["decoder.seg_layers.3.bias"]
     assert head.shape == (118,) and int((head > -50).sum()) == 8  # 8 classes can win

@@ -21,24 +21,9 @@ from TuckerSegLib.finetune.distill import DistillConfig, distill, list_checkpoin
 from TuckerSegLib.finetune.preprocess import PatchSampler, labelled_dataset, preprocess
 from TuckerSegLib.models.nnunet_folder import DEFAULT_CHECKPOINT, NnUNetModel, load_model_folder
 from TuckerSegLib.progress import NullProgress, Progress
+from TuckerSegLib.pipeline.nnunet_predict import resolve_device
 
 PathLike = Union[str, Path]
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` (CUDA when present), ``cpu``, ``gpu``/``cuda`` or ``cuda:N``."""
-    name = (device or "auto").lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "gpu":
-        name = "cuda"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device {device!r}; use auto, cpu, gpu or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("a GPU was requested but PyTorch sees no CUDA device; use --device cpu")
-    return dev
 
 
 def totalseg_model_folder(dataset_id: int) -> Path:

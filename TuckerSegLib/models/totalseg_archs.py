@@ -168,35 +168,12 @@ def totalseg_plans(dataset_id: int, width_scale: float = 1.0,
     return plans, dataset_json(dataset_id)
 
 
-def build_network_from_plans(plans: dict, dataset_json_: dict, trainer_name: str,
-                             configuration: str = "3d_fullres"):
-    """Build the network exactly as nnU-Net's predictor does (PlansManager + trainer class)."""
-    import inspect
-
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Detected old nnU-Net plans format")
-        pm = PlansManager(copy.deepcopy(plans))
-        cm = pm.get_configuration(configuration)
-    n_in = determine_num_input_channels(pm, cm, dataset_json_)
-    n_out = pm.get_label_manager(dataset_json_).num_segmentation_heads
-    trainer_class = recursive_find_trainer_class_by_name(trainer_name)
-    sig = inspect.signature(trainer_class.build_network_architecture)
-    if "plans_manager" in sig.parameters:
-        return trainer_class.build_network_architecture(pm, cm, n_in, n_out, enable_deep_supervision=False)
-    return trainer_class.build_network_architecture(
-        cm.network_arch_class_name, cm.network_arch_init_kwargs, cm.network_arch_init_kwargs_req_import,
-        n_in, n_out, enable_deep_supervision=False)
-
-
 def build_totalseg_network(dataset_id: int, width_scale: float = 1.0):
     """The (randomly initialised) network of a TotalSegmentator dataset id, built by nnU-Net."""
+    from TuckerSegLib.models.nnunet_folder import build_network
+
     plans, dj = totalseg_plans(dataset_id, width_scale)
-    return build_network_from_plans(plans, dj, TRAINERS[dataset_id])
+    return build_network(plans, dj, "3d_fullres", TRAINERS[dataset_id])
 
 
 def patch_size(dataset_id: int) -> Tuple[int, ...]:

@@ -23,15 +23,15 @@ from TuckerSegLib.progress import NullProgress, Progress
 
 
 def resolve_device(device: str = "auto"):
-    """``auto`` -> CUDA when available, else CPU; otherwise the named torch device."""
+    """``auto`` -> CUDA when available, else CPU; ``gpu`` means ``cuda``; else the named torch device."""
     import torch
 
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
+        dev = torch.device("cuda" if str(device).lower() == "gpu" else str(device).lower())
     except RuntimeError:
-        raise InputError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+        raise InputError(f"unknown device {device!r} (use auto, cpu, gpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device cuda was requested but no CUDA GPU is available")
     return dev
