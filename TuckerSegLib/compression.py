@@ -14,7 +14,8 @@ from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 import torch
 from torch import nn
 
-from TuckerSegLib.decomposition.ranks import POLICIES, LayerShape, Ranks, choose_ranks
+from TuckerSegLib.decomposition.ranks import (POLICIES, LayerShape, Ranks, budget_alternatives,
+                                              choose_ranks)
 from TuckerSegLib.decomposition.tucker import METHODS, ModeSpectra, Tucker2, mode_spectra, tucker2
 from TuckerSegLib.errors import InputError, check_ratio
 from TuckerSegLib.network.cost import Cost, layer_shapes, trace
@@ -128,9 +129,17 @@ def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
                 rank_spectra[layer.name] = data_spectra
 
     dense_candidates = sum(l.dense_macs() for l in candidates)
-    ranks = choose_ranks(candidates, ratio, policy, spectra=rank_spectra, rank_min=rank_min,
-                         rank_multiple=rank_multiple, fixed_macs=before.cost.macs - dense_candidates,
-                         total_macs=before.cost.macs, weights=sensitivity)
+    allocation = None
+    if sensitivity is not None:
+        alternatives = budget_alternatives(candidates, ratio, rank_spectra, rank_multiple,
+                                           fixed_macs=before.cost.macs - dense_candidates,
+                                           total_macs=before.cost.macs, weights=sensitivity)
+        allocation = _best_on_probe(net, alternatives, spectra, probe)
+        ranks = alternatives[allocation["chosen"]]
+    else:
+        ranks = choose_ranks(candidates, ratio, policy, spectra=rank_spectra, rank_min=rank_min,
+                             rank_multiple=rank_multiple, fixed_macs=before.cost.macs - dense_candidates,
+                             total_macs=before.cost.macs, weights=sensitivity)
 
     layers_report = []
     sites = find_sites(net)
@@ -174,10 +183,36 @@ def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
                      patch_size=list(patch_size), in_channels=in_channels, rank_min=rank_min,
                      rank_multiple=rank_multiple, seconds=time.perf_counter() - t0,
                      probe=None if sensitivity is None else list(probe.shape))
+    if allocation is not None:
+        report["allocation"] = allocation
     if calibration is not None:
         report["calibration"] = calibration.describe()
     layer_ranks = {e["name"]: e["ranks"] for e in layers_report}
     return CompressionResult(net, layer_ranks, report)
+
+
+def _apply_ranks(network: nn.Module, ranks: Mapping[str, Ranks], spectra: Mapping) -> nn.Module:
+    """A copy of ``network`` with the given ranks applied (HOSVD factors)."""
+    net = copy.deepcopy(network)
+    for site in find_sites(net):
+        r = ranks.get(site.name)
+        if r is not None:
+            factors = tucker2(conv_layout_weight(site.module), r, spectra=spectra.get(site.name))
+            replace_site(net, site, TuckerConv.from_factors(site.module, factors))
+    return net
+
+
+def _best_on_probe(network: nn.Module, alternatives: Mapping[str, Mapping[str, Ranks]],
+                   spectra: Mapping, probe: torch.Tensor) -> dict:
+    """Measure each candidate allocation's output error on the probe; name the best."""
+    with torch.no_grad():
+        reference = torch.softmax(network(probe).float(), 1)
+        norm = float(reference.pow(2).sum()) or 1.0
+        errors = {}
+        for name, ranks in alternatives.items():
+            out = torch.softmax(_apply_ranks(network, ranks, spectra)(probe).float(), 1)
+            errors[name] = float((out - reference).pow(2).sum()) / norm
+    return {"chosen": min(errors, key=errors.get), "probe_error": errors}
 
 
 def _report(before: Cost, after: Cost, layers: list, **settings) -> dict:

@@ -210,3 +210,25 @@ def test_budget_with_probe_weighs_layers_by_output_effect():
             assert sens and all(len(s) == 2 and min(s) >= 0 for s in sens)
             assert res.report["probe"] == list(probe.shape)
     assert agreement["weighted"] > agreement["kernel-only"], agreement
+
+
+def test_budget_never_worse_than_the_study_rule_on_its_probe():
+    """At the MACs of a uniform allocation, budget's probe error is at most uniform's."""
+    from TuckerSegLib.demo.demo_model import materialize_demo_model
+    from TuckerSegLib.models.nnunet_folder import load_model_folder
+    from TuckerSegLib.models.probe import default_probe
+
+    model = load_model_folder(materialize_demo_model())
+    probe = default_probe(model)
+    uniform = compress_network(model.network, 0.5, "uniform", patch_size=model.patch_size)
+    budget = compress_network(model.network, uniform.report["macs_ratio"], "budget",
+                              patch_size=model.patch_size, probe=probe)
+    assert budget.report["macs_ratio"] <= uniform.report["macs_ratio"] + 1e-9
+    alloc = budget.report["allocation"]
+    assert set(alloc["probe_error"]) == {"greedy", "uniform-seeded"}
+    assert alloc["probe_error"][alloc["chosen"]] == min(alloc["probe_error"].values())
+    with torch.no_grad():
+        ref = torch.softmax(model.network(probe), 1)
+        err = {name: float((torch.softmax(r.network(probe), 1) - ref).pow(2).sum() / ref.pow(2).sum())
+               for name, r in (("uniform", uniform), ("budget", budget))}
+    assert err["budget"] <= err["uniform"] * (1 + 1e-4), err

@@ -20,6 +20,10 @@
   factorising would not reduce its MACs. Ranks are multiples of ``rank_multiple`` (8) on layers
   of at least 8 x 8 channels, of ``C // 8`` on thinner ones (fine steps where a step of 8 would
   be a third of the layer).
+  With a probe input, ``compression.compress_network`` also builds the study's rule at the largest
+  rank factor under the target, fills its slack the same way (``budget_alternatives``), measures
+  both on the probe and keeps the better: the additive error model cannot see how errors
+  compound through the network, the probe can.
 
 Everything here works on ``LayerShape`` (channel counts, kernel, voxels in and out) and on the
 kernels' ``ModeSpectra``, not on modules: network surgery lives in ``TuckerSegLib.network``.
@@ -169,21 +173,34 @@ def _balanced_pairs(layer: LayerShape, multiple: int) -> List[Tuple[int, int]]:
 
 def _budget(layers: Sequence[LayerShape], spectra: Mapping[str, ModeSpectra], target_macs: float,
             fixed_macs: int, multiple: int,
-            weights: Optional[Mapping[str, Tuple[float, float]]] = None) -> Dict[str, Ranks]:
-    """Greedy rank allocation to a global MAC target (see module docstring)."""
-    candidates: Dict[str, List[Tuple[int, float, Ranks]]] = {}
-    for layer in layers:
+            weights: Optional[Mapping[str, Tuple[float, float]]] = None,
+            start: Optional[Mapping[str, Ranks]] = None) -> Optional[Dict[str, Ranks]]:
+    """Greedy rank allocation to a global MAC target (see module docstring).
+
+    With ``start`` (an allocation under the target, e.g. the study's rule), the greedy descent is
+    skipped and only the slack is filled; None when ``start`` does not fit under the target.
+    """
+    def point(layer: LayerShape, ranks: Ranks) -> Tuple[int, float, Ranks]:
+        if ranks is None:
+            return (layer.dense_macs(), 0.0, None)
         sp = spectra[layer.name]
         w_out, w_in = (1.0, 1.0) if weights is None else weights.get(layer.name, (1.0, 1.0))
-        total = max(sp.total, 1e-30)
+        err = (w_out * sp.tail_out(ranks[0]) + w_in * sp.tail_in(ranks[1])) / max(sp.total, 1e-30)
+        return (layer.factorised_macs(*ranks), err, tuple(ranks))
+
+    candidates: Dict[str, List[Tuple[int, float, Ranks]]] = {}
+    for layer in layers:
         dense = layer.dense_macs()
-        pts: List[Tuple[int, float, Ranks]] = [(dense, 0.0, None)]
-        for r_out, r_in in _balanced_pairs(layer, multiple):
-            m = layer.factorised_macs(r_out, r_in)
-            if m < dense:
-                err = (w_out * sp.tail_out(r_out) + w_in * sp.tail_in(r_in)) / total
-                pts.append((m, err, (r_out, r_in)))
-        candidates[layer.name] = pts
+        candidates[layer.name] = [point(layer, None)] + [
+            point(layer, pair) for pair in _balanced_pairs(layer, multiple)
+            if layer.factorised_macs(*pair) < dense]
+
+    if start is not None:
+        chosen = {l.name: point(l, start.get(l.name)) for l in layers}
+        total = fixed_macs + sum(p[0] for p in chosen.values())
+        if total > target_macs:
+            return None
+        return _fill(candidates, chosen, target_macs - total)
 
     hulls = {name: _convex_hull_steps(pts) for name, pts in candidates.items()}
     position = {name: 0 for name in hulls}
@@ -207,9 +224,12 @@ def _budget(layers: Sequence[LayerShape], spectra: Mapping[str, ModeSpectra], ta
         push(name)
 
     chosen = {name: hulls[name][position[name]] for name in hulls}
-    # Fill the slack left by the last (possibly large) step with the best error reduction per
-    # extra MAC among all candidates that still fit under the target.
-    slack = target_macs - total
+    return _fill(candidates, chosen, target_macs - total)
+
+
+def _fill(candidates: Mapping[str, List[Tuple[int, float, Ranks]]],
+          chosen: Dict[str, Tuple[int, float, Ranks]], slack: float) -> Dict[str, Ranks]:
+    """Spend the MACs left under the target on the best error reduction per extra MAC."""
     improved = True
     while improved and slack > 0:
         improved = False
@@ -228,6 +248,31 @@ def _budget(layers: Sequence[LayerShape], spectra: Mapping[str, ModeSpectra], ta
             chosen[name] = p
             improved = True
     return {name: p[2] for name, p in chosen.items()}
+
+
+def budget_alternatives(layers: Sequence[LayerShape], ratio: float,
+                        spectra: Mapping[str, ModeSpectra], rank_multiple: int = 8,
+                        fixed_macs: int = 0, total_macs: Optional[int] = None,
+                        weights: Optional[Mapping[str, Tuple[float, float]]] = None,
+                        ) -> Dict[str, Dict[str, Ranks]]:
+    """Budget allocations worth comparing on a probe, all at the same MAC target.
+
+    ``greedy``: the allocation by predicted error (``choose_ranks``). ``uniform-seeded``: the
+    study's rule at the largest rank factor that fits under the target, its slack then filled
+    greedily. The additive error model misjudges how errors compound through the network; the
+    caller measures both on a probe input and keeps the better, so that ``budget`` is never
+    worse there than the study's rule at equal MACs.
+    """
+    total = total_macs if total_macs is not None else fixed_macs + sum(l.dense_macs() for l in layers)
+    target = ratio * total
+    out = {"greedy": _budget(layers, spectra, target, fixed_macs, rank_multiple, weights)}
+    for factor in np.arange(0.99, 0.0, -0.01):
+        start = choose_ranks(layers, float(factor), "uniform", rank_multiple=rank_multiple)
+        if fixed_macs + sum(l.macs(start[l.name]) for l in layers) <= target:
+            out["uniform-seeded"] = _budget(layers, spectra, target, fixed_macs, rank_multiple,
+                                            weights, start=start)
+            break
+    return out
 
 
 def choose_ranks(layers: Sequence[LayerShape], ratio: float, policy: str = "budget",

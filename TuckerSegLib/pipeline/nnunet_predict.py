@@ -33,7 +33,7 @@ def resolve_device(device: str = "auto"):
     except RuntimeError:
         raise InputError(f"unknown device {device!r} (use auto, cpu, gpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device cuda was requested but no CUDA GPU is available")
+        raise InputError("a GPU was requested but PyTorch sees no CUDA device; use --device cpu")
     return dev
 
 
