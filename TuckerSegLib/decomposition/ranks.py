@@ -269,8 +269,10 @@ def budget_alternatives(layers: Sequence[LayerShape], ratio: float,
     for factor in np.arange(0.99, 0.0, -0.01):
         start = choose_ranks(layers, float(factor), "uniform", rank_multiple=rank_multiple)
         if fixed_macs + sum(l.macs(start[l.name]) for l in layers) <= target:
-            out["uniform-seeded"] = _budget(layers, spectra, target, fixed_macs, rank_multiple,
-                                            weights, start=start)
+            filled = _budget(layers, spectra, target, fixed_macs, rank_multiple, weights, start=start)
+            # an alternative must hit the target as closely as the greedy one (within 2 %)
+            if filled is not None and fixed_macs + sum(l.macs(filled[l.name]) for l in layers) >= 0.98 * target:
+                out["uniform-seeded"] = filled
             break
     return out
 
