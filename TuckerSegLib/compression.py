@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from TuckerSegLib.decomposition.ranks import (POLICIES, LayerShape, Ranks, budget_alternatives,
-                                              choose_ranks)
+                                              choose_ranks, rank_ladders)
 from TuckerSegLib.decomposition.tucker import METHODS, ModeSpectra, Tucker2, mode_spectra, tucker2
 from TuckerSegLib.errors import InputError, check_ratio
 from TuckerSegLib.network.cost import Cost, layer_shapes, trace
@@ -25,6 +25,10 @@ from TuckerSegLib.progress import NullProgress, Progress
 
 # Ranks are rounded to multiples of this for fast kernels (uniform, energy, budget).
 RANK_MULTIPLE = 8
+# Closed-loop refinement of budget allocations on the probe (``network.probe_search``): at most
+# this many rounds, started only while their estimated time fits in this many seconds.
+REFINE_ROUNDS = 8
+REFINE_SECONDS = 30.0
 
 
 @dataclass
@@ -134,8 +138,9 @@ def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
         alternatives = budget_alternatives(candidates, ratio, rank_spectra, rank_multiple,
                                            fixed_macs=before.cost.macs - dense_candidates,
                                            total_macs=before.cost.macs, weights=sensitivity)
-        allocation = _best_on_probe(net, alternatives, spectra, probe)
-        ranks = alternatives[allocation["chosen"]]
+        ranks, allocation = _search_on_probe(net, candidates, alternatives, spectra, probe, rank_multiple,
+                                             ratio * before.cost.macs,
+                                             before.cost.macs - dense_candidates, sensitivity, progress)
     else:
         ranks = choose_ranks(candidates, ratio, policy, spectra=rank_spectra, rank_min=rank_min,
                              rank_multiple=rank_multiple, fixed_macs=before.cost.macs - dense_candidates,
@@ -191,28 +196,25 @@ def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
     return CompressionResult(net, layer_ranks, report)
 
 
-def _apply_ranks(network: nn.Module, ranks: Mapping[str, Ranks], spectra: Mapping) -> nn.Module:
-    """A copy of ``network`` with the given ranks applied (HOSVD factors)."""
-    net = copy.deepcopy(network)
-    for site in find_sites(net):
-        r = ranks.get(site.name)
-        if r is not None:
-            factors = tucker2(conv_layout_weight(site.module), r, spectra=spectra.get(site.name))
-            replace_site(net, site, TuckerConv.from_factors(site.module, factors))
-    return net
+def _search_on_probe(net: nn.Module, candidates: Sequence[LayerShape],
+                     alternatives: Mapping[str, Mapping[str, Ranks]], spectra: Mapping, probe: torch.Tensor,
+                     rank_multiple: int, target_macs: float, fixed_macs: int,
+                     sensitivity: Mapping[str, Tuple[float, float]], progress: Progress
+                     ) -> Tuple[Dict[str, Ranks], dict]:
+    """Keep the allocation with the least measured probe error, then refine it on the probe."""
+    from TuckerSegLib.network.probe_search import ProbeScorer, best_on_probe, refine_on_probe
 
-
-def _best_on_probe(network: nn.Module, alternatives: Mapping[str, Mapping[str, Ranks]],
-                   spectra: Mapping, probe: torch.Tensor) -> dict:
-    """Measure each candidate allocation's output error on the probe; name the best."""
-    with torch.no_grad():
-        reference = torch.softmax(network(probe).float(), 1)
-        norm = float(reference.pow(2).sum()) or 1.0
-        errors = {}
-        for name, ranks in alternatives.items():
-            out = torch.softmax(_apply_ranks(network, ranks, spectra)(probe).float(), 1)
-            errors[name] = float((out - reference).pow(2).sum()) / norm
-    return {"chosen": min(errors, key=errors.get), "probe_error": errors}
+    scorer = ProbeScorer(net, {s.name: s for s in find_sites(net)}, spectra, probe)
+    try:
+        allocation = best_on_probe(scorer, alternatives)
+        ladders = rank_ladders(candidates, spectra, rank_multiple, sensitivity)
+        ranks, refined = refine_on_probe(scorer, candidates, ladders, alternatives[allocation["chosen"]],
+                                         target_macs, fixed_macs, max_rounds=REFINE_ROUNDS,
+                                         max_seconds=REFINE_SECONDS, progress=progress)
+    finally:
+        scorer.restore()
+    allocation["refined"] = refined
+    return ranks, allocation
 
 
 def _report(before: Cost, after: Cost, layers: list, **settings) -> dict:

@@ -8,8 +8,10 @@ timings are representative, segmentations are not) and prints times and speed-up
     nice -n 10 python benchmarks/bench_segment_end_to_end.py --ct ../shared/data/example_ct.nii.gz \
         --mode fast --ratios 1.0 0.5 0.3 0.1 --json bench_segment.json
 
-Each ratio first runs cold (decomposes and fills the cache); then stock and every ratio run
-interleaved ``--repeats`` times from the cache; speed-up = min stock time / min time. ``--mode total`` uses the five 1.5 mm models (slow on CPU).
+Each ratio (and engine config, ``--configs openvino:f32 openvino:bf16``) first runs cold
+(decomposes, converts, times layer forms and fills the cache); then stock and every run go
+interleaved ``--repeats`` times from the cache; speed-up = min stock time / min time.
+``--mode total`` uses the five 1.5 mm models (slow on CPU).
 """
 from __future__ import annotations
 
@@ -46,6 +48,9 @@ def main(argv=None) -> int:
     p.add_argument("--mode", choices=sorted(MODES), default="fast")
     p.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.5, 0.3, 0.1])
     p.add_argument("--policy", default="budget")
+    p.add_argument("--configs", nargs="+", default=["auto:auto"], metavar="ENGINE:PRECISION",
+                   help="engine configs run at every ratio below 1 (ratio 1 runs auto:auto)")
+    p.add_argument("--layer-forms", default="auto", choices=["auto", "as-is"])
     p.add_argument("--width-scale", type=float, default=1.0, help="1.0 = TotalSegmentator's widths")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", type=Path, default=None,
@@ -75,45 +80,56 @@ def main(argv=None) -> int:
         totalsegmentator(str(small), str(out / "warmup.nii.gz"), ml=True, device=args.device,
                          quiet=True, **mode_kwargs)
 
-    # Cold runs first: each decomposes its networks once and fills the cache.
-    cold = {}
+    runs = []  # (label, ratio, engine, precision)
     for ratio in args.ratios:
-        r = segment(args.ct, out / f"r{ratio:g}_cold.nii.gz", ratio=ratio, policy=args.policy,
-                    device=args.device, cache_dir=cache, quiet=True, **mode_kwargs)
-        cold[ratio] = r
-        print(f"cold ratio {ratio:g}: {r.seconds:.1f} s", file=sys.stderr)
+        for cfg in (["auto:auto"] if ratio >= 1.0 else args.configs):
+            engine, _, precision = cfg.partition(":")
+            runs.append((f"r{ratio:g} {engine}:{precision or 'auto'}", ratio, engine, precision or "auto"))
 
-    # Timed runs, interleaved (stock, then every ratio) and repeated: the minimum per run is
+    def run_once(label, ratio, engine, precision, name):
+        return segment(args.ct, out / name, ratio=ratio, policy=args.policy, device=args.device,
+                       cache_dir=cache, engine=engine, precision=precision, layer_forms=args.layer_forms,
+                       quiet=True, **mode_kwargs)
+
+    # Cold runs first: each decomposes its networks once and fills the caches.
+    cold = {}
+    for label, ratio, engine, precision in runs:
+        cold[label] = run_once(label, ratio, engine, precision, f"cold_{len(cold)}.nii.gz")
+        print(f"cold {label}: {cold[label].seconds:.1f} s", file=sys.stderr)
+
+    # Timed runs, interleaved (stock, then every run) and repeated: the minimum per run is
     # reported, so that load from other processes on a shared machine does not decide the result.
     times = {"stock": []}
-    times.update({ratio: [] for ratio in args.ratios})
+    times.update({label: [] for label, *_ in runs})
     warm = {}
     for rep in range(args.repeats):
         t = time.perf_counter()
         totalsegmentator(str(args.ct), str(out / "stock.nii.gz"), ml=True, device=args.device,
                          quiet=True, **mode_kwargs)
         times["stock"].append(time.perf_counter() - t)
-        for ratio in args.ratios:
-            r = segment(args.ct, out / f"r{ratio:g}.nii.gz", ratio=ratio, policy=args.policy,
-                        device=args.device, cache_dir=cache, quiet=True, **mode_kwargs)
-            times[ratio].append(r.seconds)
-            warm[ratio] = r
+        for i, (label, ratio, engine, precision) in enumerate(runs):
+            r = run_once(label, ratio, engine, precision, f"run_{i}.nii.gz")
+            times[label].append(r.seconds)
+            warm[label] = r
         print(f"repeat {rep + 1}: " + ", ".join(f"{k}: {v[-1]:.1f} s" for k, v in times.items()),
               file=sys.stderr)
 
     stock = min(times["stock"])
     rows = [{"run": "stock TotalSegmentator", "ratio": None, "seconds": stock,
              "all_seconds": times["stock"], "cold_seconds": None}]
-    for ratio in args.ratios:
-        w = warm[ratio]
-        rows.append({"run": "tuckerseg segment", "ratio": ratio, "seconds": min(times[ratio]),
-                     "all_seconds": times[ratio], "cold_seconds": cold[ratio].seconds,
+    for label, ratio, engine, precision in runs:
+        w = warm[label]
+        used = [m.get("engine") or {} for m in w.models]
+        rows.append({"run": "tuckerseg " + " ".join(sorted({f"{u.get('name', 'torch')}:{u.get('precision', 'f32')}"
+                                                             for u in used})),
+                     "ratio": ratio, "requested": f"{engine}:{precision}", "seconds": min(times[label]),
+                     "all_seconds": times[label], "cold_seconds": cold[label].seconds,
                      "params": w.params, "macs": w.macs, "params_original": w.params_original,
                      "macs_original": w.macs_original,
                      "load_seconds": sum(m["load_seconds"] for m in w.models),
                      "predict_seconds": sum(m["predict_seconds"] for m in w.models)})
 
-    header = (f"{'run':<24}{'ratio':>7}{'seconds':>10}{'speed-up':>10}{'cold s':>9}"
+    header = (f"{'run':<30}{'ratio':>7}{'seconds':>10}{'speed-up':>10}{'cold s':>9}"
               f"{'params M':>10}{'GMACs/patch':>13}")
     print(f"\nTotalSegmentator --{args.mode if args.mode != 'total' else 'default'} on {args.ct.name}, "
           f"device {args.device}, width {args.width_scale:g}, policy {args.policy}, "
@@ -127,10 +143,11 @@ def main(argv=None) -> int:
         cold = "-" if r["cold_seconds"] is None else f"{r['cold_seconds']:.1f}"
         params = f"{r['params'] / 1e6:.2f}" if "params" in r else "-"
         macs = f"{r['macs'] / 1e9:.1f}" if "macs" in r else "-"
-        print(f"{r['run']:<24}{ratio:>7}{r['seconds']:>10.1f}{speed:>9.2f}x{cold:>9}{params:>10}{macs:>13}")
+        print(f"{r['run']:<30}{ratio:>7}{r['seconds']:>10.1f}{speed:>9.2f}x{cold:>9}{params:>10}{macs:>13}")
     if args.json:
         args.json.write_text(json.dumps({"ct": str(args.ct), "mode": args.mode, "device": args.device,
                                          "width_scale": args.width_scale, "policy": args.policy,
+                                         "layer_forms": args.layer_forms, "command": " ".join(sys.argv),
                                          "cpus": os.cpu_count(), "repeats": args.repeats,
                                          "rows": rows}, indent=2))
     return 0

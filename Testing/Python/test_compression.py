@@ -196,7 +196,7 @@ def test_budget_with_probe_weighs_layers_by_output_effect():
 
     model = load_model_folder(materialize_demo_model())
     probe = default_probe(model, seed=0)
-    held_out = default_probe(model, seed=1)
+    held_out = default_probe(model, seed=100)  # other phantoms than the probe's
     with torch.no_grad():
         ref = model.network(held_out).argmax(1)
     agreement = {}
@@ -227,8 +227,75 @@ def test_budget_never_worse_than_the_study_rule_on_its_probe():
     alloc = budget.report["allocation"]
     assert set(alloc["probe_error"]) == {"greedy", "uniform-seeded"}
     assert alloc["probe_error"][alloc["chosen"]] == min(alloc["probe_error"].values())
+    from TuckerSegLib.network.probe_search import output_error
+
     with torch.no_grad():
         ref = torch.softmax(model.network(probe), 1)
-        err = {name: float((torch.softmax(r.network(probe), 1) - ref).pow(2).sum() / ref.pow(2).sum())
-               for name, r in (("uniform", uniform), ("budget", budget))}
+        err = {name: output_error(r.network(probe), ref) for name, r in (("uniform", uniform), ("budget", budget))}
     assert err["budget"] <= err["uniform"] * (1 + 1e-4), err
+    refined = alloc["refined"]
+    assert refined["probe_error"] <= alloc["probe_error"][alloc["chosen"]]
+    assert err["budget"] == pytest.approx(refined["probe_error"], rel=1e-3)  # the report is what runs
+
+
+def test_refinement_trades_macs_by_measured_error_and_keeps_the_target():
+    """Closed-loop refinement lowers the measured probe error at the same MAC target."""
+    from TuckerSegLib.decomposition.ranks import rank_ladders
+    from TuckerSegLib.decomposition.tucker import mode_spectra
+    from TuckerSegLib.demo.demo_model import materialize_demo_model
+    from TuckerSegLib.models.nnunet_folder import load_model_folder
+    from TuckerSegLib.models.probe import default_probe
+    from TuckerSegLib.network.cost import layer_shapes, trace
+    from TuckerSegLib.network.probe_search import ProbeScorer, refine_on_probe
+    from TuckerSegLib.network.tucker_conv import conv_layout_weight
+
+    model = load_model_folder(materialize_demo_model())
+    net = model.network.eval()
+    tr = trace(net, (1, 1, *model.patch_size))
+    layers = [l for l in layer_shapes(net, tr).values() if l.worth_factorising()]
+    sites = {s.name: s for s in find_sites(net)}
+    spectra = {l.name: mode_spectra(conv_layout_weight(sites[l.name].module)) for l in layers}
+    ladders = rank_ladders(layers, spectra)
+    assert all(l.macs(ladders[l.name][-1]) == l.dense_macs() for l in layers)  # dense on top
+    assert all(l.macs(a) < l.macs(b) for l in layers for a, b in zip(ladders[l.name], ladders[l.name][1:]))
+    # start: every layer one rung below dense; the target is what that costs
+    start = {l.name: ladders[l.name][-2] if len(ladders[l.name]) > 1 else None for l in layers}
+    fixed = tr.cost.macs - sum(l.dense_macs() for l in layers)
+    target = fixed + sum(l.macs(start[l.name]) for l in layers)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    scorer = ProbeScorer(net, sites, spectra, default_probe(model))
+    try:
+        ranks, history = refine_on_probe(scorer, layers, ladders, start, target, fixed, max_rounds=2)
+        assert history["probe_error"] < history["probe_error_start"], history
+        assert history["trades"] >= 1 and history["evaluations"] > len(layers)
+        assert 0.98 * target <= fixed + sum(l.macs(ranks[l.name]) for l in layers) <= target
+        assert scorer.error(ranks) == pytest.approx(history["probe_error"], rel=1e-5)
+    finally:
+        scorer.restore()
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # network restored
+    assert not any(isinstance(m, TuckerConv) for m in net.modules())
+
+
+def test_trade_plan_pays_each_raise_with_cheaper_cuts():
+    from TuckerSegLib.network.probe_search import _plan_trades
+
+    ups = [(2.0, "a", (8, 8), 10), (0.1, "e", (8, 8), 4)]
+    downs = [(0.5, "b", (4, 4), 6), (1.0, "c", (4, 4), 6), (3.0, "d", (4, 4), 50)]
+    assert _plan_trades(ups, downs, slack=0) == [[("a", (8, 8)), ("b", (4, 4)), ("c", (4, 4))]]
+    # slack under the target pays part of a raise; no cut dearer than the gain is taken
+    assert _plan_trades(ups[:1], downs, slack=5) == [[("a", (8, 8)), ("b", (4, 4))]]
+    assert _plan_trades(ups[:1], downs[2:], slack=0) == []
+    assert _plan_trades([(-1.0, "a", (8, 8), 10)], downs, slack=100) == []
+
+
+def test_default_probe_batches_small_patches_from_different_phantoms():
+    from TuckerSegLib.demo.demo_model import materialize_demo_model
+    from TuckerSegLib.models.nnunet_folder import load_model_folder
+    from TuckerSegLib.models.probe import MAX_PROBE_PATCHES, default_probe
+
+    model = load_model_folder(materialize_demo_model())
+    probe = default_probe(model)
+    assert probe.shape == (MAX_PROBE_PATCHES, 1, *model.patch_size)
+    assert all(not torch.equal(probe[0], probe[i]) for i in range(1, len(probe)))
+    assert torch.isfinite(probe).all() and probe.std() > 0.1
+    assert torch.equal(default_probe(model), probe)  # deterministic: cached compressions reproduce

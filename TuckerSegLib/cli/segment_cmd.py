@@ -47,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto (default) = stock TotalSegmentator's precision on the device (f32 on "
                         "CPU, fp16 autocast on CUDA); bf16/fp16 are faster, their argmax agreement "
                         "with f32 is measured and reported")
+    p.add_argument("--layer-forms", default="auto", choices=["auto", "as-is"],
+                   help="auto (default): time each factorised layer's equivalent forms (factorised, "
+                        "padded ranks, fused, dense) on this device once (cached) and run the fastest, "
+                        "so that no ratio is slower than stock; as-is: run the factorised layers as they are")
     p.add_argument("--no-download", action="store_true",
                    help="never download missing TotalSegmentator weights")
     p.add_argument("-q", "--quiet", action="store_true", help="less output from TotalSegmentator")
@@ -63,7 +67,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     result = segment(args.input, args.output, ratio=args.ratio, policy=args.policy, task=args.task,
                      fast=args.fast, fastest=args.fastest, roi_subset=args.roi_subset, ml=args.ml,
                      device=args.device, cache_dir=args.cache_dir, engine=args.engine,
-                     precision=args.precision,
+                     precision=args.precision, layer_forms=args.layer_forms,
                      progress=progress, allow_download=not args.no_download, quiet=quiet,
                      compressed_models=args.compressed_model,
                      statistics=args.statistics, body_seg=args.body_seg,

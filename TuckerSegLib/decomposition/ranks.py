@@ -23,7 +23,8 @@
   With a probe input, ``compression.compress_network`` also builds the study's rule at the largest
   rank factor under the target, fills its slack the same way (``budget_alternatives``), measures
   both on the probe and keeps the better: the additive error model cannot see how errors
-  compound through the network, the probe can.
+  compound through the network, the probe can. ``network.probe_search`` then refines the pick by
+  measured trades along each layer's ``rank_ladders``.
 
 Everything here works on ``LayerShape`` (channel counts, kernel, voxels in and out) and on the
 kernels' ``ModeSpectra``, not on modules: network surgery lives in ``TuckerSegLib.network``.
@@ -171,6 +172,46 @@ def _balanced_pairs(layer: LayerShape, multiple: int) -> List[Tuple[int, int]]:
     return sorted(pairs)
 
 
+def _point(layer: LayerShape, ranks: Ranks, spectra: Mapping[str, ModeSpectra],
+           weights: Optional[Mapping[str, Tuple[float, float]]]) -> Tuple[int, float, Ranks]:
+    """(MACs, predicted error, ranks) of one layer at ``ranks`` (None = dense, no error)."""
+    if ranks is None:
+        return (layer.dense_macs(), 0.0, None)
+    sp = spectra[layer.name]
+    w_out, w_in = (1.0, 1.0) if weights is None else weights.get(layer.name, (1.0, 1.0))
+    err = (w_out * sp.tail_out(ranks[0]) + w_in * sp.tail_in(ranks[1])) / max(sp.total, 1e-30)
+    return (layer.factorised_macs(*ranks), err, tuple(ranks))
+
+
+def _layer_points(layer: LayerShape, spectra: Mapping[str, ModeSpectra], multiple: int,
+                  weights: Optional[Mapping[str, Tuple[float, float]]]) -> List[Tuple[int, float, Ranks]]:
+    """The dense point and every balanced rank pair cheaper than dense, as (MACs, error, ranks)."""
+    dense = layer.dense_macs()
+    return [_point(layer, None, spectra, weights)] + [
+        _point(layer, pair, spectra, weights) for pair in _balanced_pairs(layer, multiple)
+        if layer.factorised_macs(*pair) < dense]
+
+
+def rank_ladders(layers: Sequence[LayerShape], spectra: Mapping[str, ModeSpectra], multiple: int = 8,
+                 weights: Optional[Mapping[str, Tuple[float, float]]] = None) -> Dict[str, List[Ranks]]:
+    """Per layer, the rank pairs worth stepping through, cheapest first, ending with dense (None).
+
+    Each rung costs more MACs and has less predicted error than the one below it (the Pareto
+    front of ``_layer_points``): the moves ``network.probe_search`` measures.
+    """
+    ladders: Dict[str, List[Ranks]] = {}
+    for layer in layers:
+        front: List[Ranks] = []
+        best = math.inf
+        for macs, err, ranks in sorted(_layer_points(layer, spectra, multiple, weights),
+                                       key=lambda p: (p[0], p[1])):
+            if err < best:
+                front.append(ranks)
+                best = err
+        ladders[layer.name] = front
+    return ladders
+
+
 def _budget(layers: Sequence[LayerShape], spectra: Mapping[str, ModeSpectra], target_macs: float,
             fixed_macs: int, multiple: int,
             weights: Optional[Mapping[str, Tuple[float, float]]] = None,
@@ -181,19 +222,9 @@ def _budget(layers: Sequence[LayerShape], spectra: Mapping[str, ModeSpectra], ta
     skipped and only the slack is filled; None when ``start`` does not fit under the target.
     """
     def point(layer: LayerShape, ranks: Ranks) -> Tuple[int, float, Ranks]:
-        if ranks is None:
-            return (layer.dense_macs(), 0.0, None)
-        sp = spectra[layer.name]
-        w_out, w_in = (1.0, 1.0) if weights is None else weights.get(layer.name, (1.0, 1.0))
-        err = (w_out * sp.tail_out(ranks[0]) + w_in * sp.tail_in(ranks[1])) / max(sp.total, 1e-30)
-        return (layer.factorised_macs(*ranks), err, tuple(ranks))
+        return _point(layer, ranks, spectra, weights)
 
-    candidates: Dict[str, List[Tuple[int, float, Ranks]]] = {}
-    for layer in layers:
-        dense = layer.dense_macs()
-        candidates[layer.name] = [point(layer, None)] + [
-            point(layer, pair) for pair in _balanced_pairs(layer, multiple)
-            if layer.factorised_macs(*pair) < dense]
+    candidates = {layer.name: _layer_points(layer, spectra, multiple, weights) for layer in layers}
 
     if start is not None:
         chosen = {l.name: point(l, start.get(l.name)) for l in layers}

@@ -152,7 +152,7 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
             policy: str = "budget", task: str = "total", fast: bool = False, fastest: bool = False,
             roi_subset: Optional[Sequence[str]] = None, ml: bool = True, device: str = "auto",
             cache_dir: Optional[Union[str, Path]] = None, engine: str = "auto", precision: str = "auto",
-            progress: Optional[Progress] = None, allow_download: bool = True, quiet: bool = False,
+            layer_forms: str = "auto", progress: Optional[Progress] = None, allow_download: bool = True, quiet: bool = False,
             compressed_models: Sequence[Union[str, Path]] = (), **totalseg_kwargs: Any) -> SegmentResult:
     """Segment ``input`` (NIfTI file or DICOM folder) into ``output`` with compressed networks.
 
@@ -161,6 +161,9 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
     (``statistics``, ``body_seg``, ``nr_thr_resamp``, ...) pass through ``totalseg_kwargs``.
     ``output`` is a .nii.gz file with ``ml=True`` (one multilabel file), else a folder with one
     file per class. Raises ``TuckerSegError`` subclasses with one-line messages.
+    ``layer_forms``: "auto" times each factorised layer's equivalent forms (factorised, ranks
+    padded, first 1x1 fused, dense) with the engine on this device once (cached) and runs the
+    fastest, so that no ratio runs slower than the stock network; "as-is" skips that.
     ``compressed_models``: compressed-model folders (e.g. from ``tuckerseg finetune``) used for the
     models they were made from, instead of compressing those at ``ratio``.
     """
@@ -181,6 +184,10 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
         raise InputError(f"unknown engine {engine!r} (choose one of {', '.join(ENGINE_CHOICES)})")
     if precision not in PRECISION_CHOICES:
         raise InputError(f"unknown precision {precision!r} (choose one of {', '.join(PRECISION_CHOICES)})")
+    from TuckerSegLib.engines.prepare import SHAPES_CHOICES
+
+    if layer_forms not in SHAPES_CHOICES:
+        raise InputError(f"unknown layer forms {layer_forms!r} (choose one of {', '.join(SHAPES_CHOICES)})")
     roi_subset = list(roi_subset) if roi_subset else None
 
     given = _compressed_models_by_source(compressed_models)
@@ -227,7 +234,8 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
         with compressed_predictors(ratio=ratio, policy=policy,
                                    cache_dir=Path(cache_dir) if cache_dir else None,
                                    engine=engine, progress=progress, on_model=on_model,
-                                   compressed_models=given, precision=precision) as hook:
+                                   compressed_models=given, precision=precision,
+                                   shapes=layer_forms) as hook:
             # quiet: TotalSegmentator's prints go to stderr, JSON event lines stay on stdout.
             if quiet and isinstance(progress, JsonProgress) and progress.stream is None:
                 progress.stream = sys.stdout
