@@ -236,3 +236,12 @@ def test_missing_weights_offline_one_line(shared_data, tmp_path):
     assert len(lines) == 1 and str(empty) in lines[0] and "totalseg_import_weights -i" in lines[0]
     assert "could not be downloaded" in lines[0]
     assert not out.exists() and not any(empty.iterdir())
+
+
+def test_unknown_layer_forms_is_refused_before_any_work(tmp_path):
+    from TuckerSegLib import segment
+    from TuckerSegLib.errors import InputError
+
+    with pytest.raises(InputError, match="layer forms"):
+        segment(tmp_path / "missing.nii.gz", tmp_path / "out.nii.gz", ratio=0.5, layer_forms="fastest")
+    assert not list(tmp_path.iterdir())
