@@ -116,6 +116,8 @@ def test_compressed_fast_output_and_cache_reuse(stock_fast, shared_data, tmp_pat
     ids = set(np.unique(np.asarray(img.dataobj)).tolist())
     assert ids <= set(r1.labels) | {0}
     assert r1.macs < 0.6 * r1.macs_original and r1.params < r1.params_original
+    forms = r1.models[0]["engine"]["layer_forms"]  # --layer-forms auto: a measured form per layer
+    assert forms and set(forms.values()) <= {"factorised", "padded", "fused", "dense"}
     result_events = [e for e in events if e["type"] == "result"]
     assert len(result_events) == 1
     payload = result_events[0]["result"]
