@@ -247,3 +247,30 @@ def test_unknown_layer_forms_is_refused_before_any_work(tmp_path):
     with pytest.raises(InputError, match="layer forms"):
         segment(tmp_path / "missing.nii.gz", tmp_path / "out.nii.gz", ratio=0.5, layer_forms="fastest")
     assert not list(tmp_path.iterdir())
+
+
+def test_single_case_runs_in_process_and_keeps_nnunet_signature(tmp_path):
+    """One case goes to nnU-Net's in-process sequential path; the wrapper keeps the signature
+    TotalSegmentator inspects; the original method is back after the run."""
+    import inspect
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from TuckerSegLib.pipeline.predictor_hook import _single_case, compressed_predictors
+
+    class P:
+        dataset_json = {"file_ending": ".nii.gz"}
+
+    for name in ("s01_0000.nii.gz", "s01.nii.gz", "plans.json", "predict_from_raw_data_args.json"):
+        (tmp_path / name).write_text("")
+    assert _single_case(P(), tmp_path)  # an output in the same folder is not a second case
+    (tmp_path / "s02_0000.nii.gz").write_text("")
+    assert not _single_case(P(), tmp_path)
+    assert _single_case(P(), [["a_0000.nii.gz"]]) and not _single_case(P(), [["a"], ["b"]])
+
+    import totalsegmentator.nnunet  # noqa: F401  (TotalSegmentator's own runtime patches first)
+    before = nnUNetPredictor.predict_from_files
+    with compressed_predictors(ratio=1.0):
+        assert nnUNetPredictor.predict_from_files is not before
+        assert inspect.signature(nnUNetPredictor.predict_from_files) == inspect.signature(before)
+    assert nnUNetPredictor.predict_from_files is before

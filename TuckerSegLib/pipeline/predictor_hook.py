@@ -3,13 +3,15 @@
 Why: TotalSegmentator builds one ``nnUNetPredictor`` per model and calls
 ``initialize_from_trained_model_folder`` then ``predict_from_files``. Replacing that one method for
 the duration of a run keeps every other step of TotalSegmentator (resampling, cropping, pasting
-parts, statistics, saving) untouched. The replacement does what nnU-Net's method does, except that
-it loads checkpoints with ``torch.load(weights_only=True)`` and takes the network from the
+parts, statistics, saving) untouched; ``predict_from_files`` of a single case is only routed to
+nnU-Net's in-process ``predict_from_files_sequential`` (see ``_in_process_predict_from_files``).
+The replacement does what nnU-Net's method does, except that it loads checkpoints with ``torch.load(weights_only=True)`` and takes the network from the
 compression cache; ``list_of_parameters`` is set to the new network's state dict because the
 predictor reloads it into the network before every case.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import time
@@ -77,7 +79,7 @@ class CompressedPredictorHook:
                  engine: str = "torch", progress: Optional[Progress] = None,
                  on_model: Optional[Callable[[int, Path], None]] = None,
                  compressed_models: Optional[Dict[str, Path]] = None, precision: str = "auto",
-                 shapes: str = "as-is"):
+                 shapes: str = "as-is", in_process: bool = True):
         from TuckerSegLib.engines import ENGINE_CHOICES, PRECISION_CHOICES
 
         if engine not in ENGINES and engine not in ENGINE_CHOICES:
@@ -99,6 +101,8 @@ class CompressedPredictorHook:
         # (e.g. one written by ``tuckerseg finetune``)
         self.compressed_models = {str(Path(k).resolve()): Path(v) for k, v in (compressed_models or {}).items()}
         self._original = None
+        self._original_predict = None
+        self.in_process = in_process
         self._t_last: Optional[float] = None
 
     # -- the replacement of nnUNetPredictor.initialize_from_trained_model_folder ----------------
@@ -248,6 +252,13 @@ class CompressedPredictorHook:
             return hook._initialize(predictor, model_training_output_dir, use_folds, checkpoint_name)
 
         nnUNetPredictor.initialize_from_trained_model_folder = initialize_from_trained_model_folder
+        if self.in_process:
+            try:  # TotalSegmentator patches predict_from_files on import: wrap its version, not under it
+                import totalsegmentator.nnunet  # noqa: F401
+            except ImportError:
+                pass
+            self._original_predict = nnUNetPredictor.predict_from_files
+            nnUNetPredictor.predict_from_files = _in_process_predict_from_files(self._original_predict)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -257,6 +268,55 @@ class CompressedPredictorHook:
         if self._original is not None:
             nnUNetPredictor.initialize_from_trained_model_folder = self._original
             self._original = None
+        if self._original_predict is not None:
+            nnUNetPredictor.predict_from_files = self._original_predict
+            self._original_predict = None
+
+
+def _in_process_predict_from_files(original: Callable) -> Callable:
+    """``predict_from_files`` that runs one case in this process (``predict_from_files_sequential``).
+
+    Why: TotalSegmentator predicts one case per call; nnU-Net's pipelined path spawns a
+    preprocessing worker and an export pool for it, and on a small CPU those spawns (each imports
+    torch and nnU-Net) cost more than the work: about 7 s around a 3 s network on example_ct with
+    --fast. The sequential path runs the same preprocessing (``run_case``), prediction and export
+    functions, so the output is the same; several cases or parts keep the pipelined path.
+    """
+    @functools.wraps(original)  # TotalSegmentator's version inspects its own signature
+    def predict_from_files(predictor, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                           save_probabilities=False, overwrite=True, num_processes_preprocessing=None,
+                           num_processes_segmentation_export=None, folder_with_segs_from_prev_stage=None,
+                           num_parts=1, part_id=0, **kwargs):
+        sequential = getattr(predictor, "predict_from_files_sequential", None)
+        if sequential is not None and num_parts == 1 and _single_case(predictor, list_of_lists_or_source_folder) and \
+                all(k in inspect.signature(sequential).parameters for k in kwargs):
+            return sequential(list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                              save_probabilities=save_probabilities, overwrite=overwrite,
+                              folder_with_segs_from_prev_stage=folder_with_segs_from_prev_stage, **kwargs)
+        extra = {k: v for k, v in (("num_processes_preprocessing", num_processes_preprocessing),
+                                   ("num_processes_segmentation_export", num_processes_segmentation_export))
+                 if v is not None}
+        return original(predictor, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                        save_probabilities=save_probabilities, overwrite=overwrite,
+                        folder_with_segs_from_prev_stage=folder_with_segs_from_prev_stage,
+                        num_parts=num_parts, part_id=part_id, **extra, **kwargs)
+
+    return predict_from_files
+
+
+def _single_case(predictor, source) -> bool:
+    """True when ``source`` (a folder of nnU-Net inputs or a list of cases) holds one case."""
+    if isinstance(source, (list, tuple)):
+        return len(source) == 1
+    import re
+
+    ending = (getattr(predictor, "dataset_json", None) or {}).get("file_ending")
+    if not ending or not Path(source).is_dir():
+        return False
+    # nnU-Net's input naming, CASE_XXXX<ending>; outputs (CASE<ending>) may share the folder
+    pattern = re.compile(r"(.+)_\d{4}" + re.escape(ending))
+    cases = {m.group(1) for m in (pattern.fullmatch(f.name) for f in Path(source).iterdir()) if m}
+    return len(cases) == 1
 
 
 @contextmanager
