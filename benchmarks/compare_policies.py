@@ -1,10 +1,13 @@
-"""Budget vs the study's uniform rule on the demo model, at matched MACs.
+"""Budget vs the study's rank rule on the demo model, at matched MACs.
 
-For each uniform rank factor, the uniform policy's fraction of MACs kept is measured; the budget
-policy is then run at that same fraction (its ratio is the fraction of MACs kept). Both are scored
-against the uncompressed model's output (mean Dice over the 8 classes) on held-out phantoms.
+Baselines: ``uniform`` (the study's rule as in its code: rank floor 16, layers worth factorising)
+and ``paper`` (the study's rule exactly: every conv, no floor, reaching far lower MACs). For each
+baseline rank factor, the baseline's fraction of MACs kept is measured; the budget policy is then
+run at that same fraction (its ratio is the fraction of MACs kept). Both are scored against the
+uncompressed model's output (mean Dice over the 8 classes) on held-out phantoms.
 
-    nice -n 10 python benchmarks/compare_policies.py [--factors 0.9,0.75,0.5,0.3,0.2] [--phantoms 3] [-o out/compare_policies]
+    nice -n 10 python benchmarks/compare_policies.py [--factors 0.9,0.75,0.5,0.3,0.2] \\
+        [--paper-factors 0.5,0.3,0.2,0.1] [--phantoms 3] [-o out/compare_policies]
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--factors", default="0.9,0.75,0.5,0.3,0.2")
+    ap.add_argument("--factors", default="0.9,0.75,0.5,0.3,0.2", help="uniform rank factors")
+    ap.add_argument("--paper-factors", default="0.5,0.3,0.2,0.1", help="paper rank factors ('' = none)")
     ap.add_argument("--phantoms", type=int, default=3)
     ap.add_argument("-o", "--output", type=Path, default=Path("out/compare_policies"))
     ap.add_argument("--cache-dir", type=Path, default=None)
@@ -37,7 +41,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(2)
-    factors = [float(f) for f in args.factors.split(",")]
+    runs = [("uniform", float(f)) for f in args.factors.split(",") if f] + \
+        [("paper", float(f)) for f in args.paper_factors.split(",") if f]
     cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="tuckerseg-cmp-"))
     folder = materialize_demo_model()
     predictor = load_predictor(folder, device="cpu")
@@ -53,22 +58,23 @@ def main() -> int:
 
     base_cost, originals = run("budget", 1.0)
     rows = []
-    for f in factors:
-        for policy, ratio in (("uniform", f), ("budget", None)):
+    for baseline, f in runs:
+        for policy, ratio in ((baseline, f), ("budget", None)):
             if policy == "budget":
-                ratio = rows[-1]["macs_fraction"]  # match the uniform run's MACs
+                ratio = min(1.0, rows[-1]["macs_fraction"])  # match the baseline run's MACs
             cost, segs = run(policy, ratio)
             vs_orig = [mean_score(per_class_scores(s, o, classes, p.spacing, with_nsd=False))
                        for s, o, p in zip(segs, originals, phantoms)]
             vs_truth = [mean_score(per_class_scores(s, p.labels, classes, p.spacing, with_nsd=False))
                         for s, p in zip(segs, phantoms)]
-            rows.append({"policy": policy, "ratio": round(float(ratio), 4), "uniform_factor": f,
+            rows.append({"policy": policy if policy != "budget" else f"budget vs {baseline}",
+                         "baseline": baseline, "ratio": round(float(ratio), 4), "factor": f,
                          "params": cost["params"], "macs": cost["macs"],
                          "macs_fraction": cost["macs"] / base_cost["macs"],
                          "dice_vs_original": float(np.mean(vs_orig)),
                          "dice_vs_truth": float(np.mean(vs_truth))})
             r = rows[-1]
-            print(f"{policy:>8} ratio {r['ratio']:.3f}  MACs kept {r['macs_fraction']:.3f}  "
+            print(f"{r['policy']:>18} ratio {r['ratio']:.3f}  MACs kept {r['macs_fraction']:.3f}  "
                   f"params {r['params']:>8d}  Dice vs orig {r['dice_vs_original']:.3f}  "
                   f"vs truth {r['dice_vs_truth']:.3f}", flush=True)
     args.output.mkdir(parents=True, exist_ok=True)
@@ -77,11 +83,12 @@ def main() -> int:
          "rows": rows}, indent=2))
     plot_ratio_curves(rows, args.output / "compare_policies.png", x_key="macs_fraction",
                       quality_keys=("dice_vs_original",), time_key=None, group_key="policy",
-                      title="demo model: budget vs uniform at matched MACs")
-    print("\n| uniform factor | MACs kept | Dice vs orig (uniform) | Dice vs orig (budget) | Dice vs truth (uniform) | Dice vs truth (budget) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+                      title="demo model: budget vs the study's rule at matched MACs")
+    print("\n| baseline | factor | MACs kept (baseline / budget) | Dice vs orig (baseline) | Dice vs orig (budget) "
+          "| Dice vs truth (baseline) | Dice vs truth (budget) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for u, b in zip(rows[0::2], rows[1::2]):
-        print(f"| {u['uniform_factor']:.2f} | {u['macs_fraction']:.3f} / {b['macs_fraction']:.3f} | "
+        print(f"| {u['baseline']} | {u['factor']:.2f} | {u['macs_fraction']:.3f} / {b['macs_fraction']:.3f} | "
               f"{u['dice_vs_original']:.3f} | {b['dice_vs_original']:.3f} | {u['dice_vs_truth']:.3f} | "
               f"{b['dice_vs_truth']:.3f} |")
     return 0
