@@ -57,6 +57,18 @@ def synthetic_ct(scene, name: str = "CT"):
     return volume_from_array(scene, array, name=name)
 
 
+def scene_with_previous_result(node_name: str = "previous result", segment: str = "kept"):
+    """A scene with a CT and a segmentation node that already holds a segment, and its snapshot:
+    what a failed run must leave exactly as it was."""
+    from TuckerSegUtils.segmentation_import import scene_snapshot
+
+    scene = new_scene()
+    ct = synthetic_ct(scene)
+    out = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", node_name)
+    out.GetSegmentation().AddEmptySegment(segment, segment)
+    return scene, ct, out, scene_snapshot(scene)
+
+
 def segment_array(segmentation_node, segment_id: str, reference_volume) -> np.ndarray:
     """The segment as a (k, j, i) 0/1 array on the reference volume's grid (Slicer's export)."""
     scene = segmentation_node.GetScene()

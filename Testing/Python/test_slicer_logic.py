@@ -10,8 +10,8 @@ import csv
 import numpy as np
 import pytest
 
-from slicer_helpers import (load_volume, new_scene, segment_array, slicer, synthetic_ct, vtk,
-                            vtk_to_numpy)
+from slicer_helpers import (load_volume, new_scene, scene_with_previous_result, segment_array, slicer,
+                            synthetic_ct, vtk, vtk_to_numpy)
 
 from TuckerSegLib.errors import InputError
 from TuckerSegUtils import segmentation_import, structures, terminology, volume_io
@@ -129,11 +129,7 @@ def test_existing_output_node_has_its_segments_replaced_not_added():
 
 
 def test_label_not_named_by_the_task_fails_and_leaves_the_scene_unchanged():
-    scene = new_scene()
-    ct = synthetic_ct(scene)
-    out = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
-    out.GetSegmentation().AddEmptySegment("old", "old")
-    before = scene_snapshot(scene)
+    scene, ct, out, before = scene_with_previous_result("mine", "old")
     labelmap = _labelmap_like(ct, {200: (slice(1, 3), slice(1, 3), slice(1, 3))})
     with pytest.raises(InputError, match="label 200"):
         segmentation_import.build_segmentation(labelmap, structures.label_map("total"))

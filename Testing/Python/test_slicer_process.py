@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from slicer_helpers import (REPO, WORKER_SCRIPT, load_volume, new_scene, segment_array,
-                            synthetic_ct, worker_env)
+from slicer_helpers import (REPO, WORKER_SCRIPT, load_volume, new_scene, scene_with_previous_result,
+                            segment_array, synthetic_ct, worker_env)
 
 from TuckerSegLib.errors import Cancelled, InputError, TuckerSegError
 from TuckerSegLib.progress import format_event, parse_event
@@ -137,11 +137,7 @@ def test_run_with_subset_and_real_reference_labels(shared_data):
 
 
 def test_error_event_gives_its_one_line_message_and_leaves_the_scene_unchanged():
-    scene = new_scene()
-    ct = synthetic_ct(scene)
-    out = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "previous result")
-    out.GetSegmentation().AddEmptySegment("kept", "kept")
-    before = scene_snapshot(scene)
+    scene, ct, out, before = scene_with_previous_result()
     rec = Recorder()
     run = SegmentationRun(ct, out, SegmentationRequest(), rec.callbacks(),
                           command_prefix=PREFIX, env=worker_env("error"))

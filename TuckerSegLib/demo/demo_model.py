@@ -37,31 +37,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_network(plans: dict, dataset_json: dict, trainer_name: str,
-                  configuration: str = "3d_fullres", deep_supervision: bool = False):
-    """The network exactly as nnU-Net's trainer and predictor build it from the plans."""
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    pm = PlansManager(plans)
-    cm = pm.get_configuration(configuration)
-    n_in = determine_num_input_channels(pm, cm, dataset_json)
-    n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
-    trainer_class = recursive_find_trainer_class_by_name(trainer_name)
-    return trainer_class.build_network_architecture(pm, cm, n_in, n_out,
-                                                    enable_deep_supervision=deep_supervision)
-
-
 def _write_folder(source: Path, target: Path) -> None:
     """Write the nnU-Net trained-model folder for the shipped files into ``target``."""
     import torch
     from safetensors.torch import load_model
 
+    from TuckerSegLib.models.nnunet_folder import build_network
+
     meta = json.loads((source / "trainer.json").read_text())
     network = build_network(json.loads((source / "plans.json").read_text()),
                             json.loads((source / "dataset.json").read_text()),
-                            meta["trainer_name"], meta["configuration"])
+                            meta["configuration"], meta["trainer_name"])
     load_model(network, str(source / WEIGHTS), strict=True)
     weights = {k: v.detach().clone() for k, v in network.state_dict().items()}
     (target / "fold_0").mkdir(parents=True)

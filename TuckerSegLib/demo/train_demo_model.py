@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from TuckerSegLib.demo.demo_model import build_network
+from TuckerSegLib.models.nnunet_folder import build_network
 from TuckerSegLib.demo.phantom import DEFAULT_SPACING, LABEL_NAMES, make_phantom
 
 RESOURCE_DIR = Path(__file__).resolve().parents[1] / "resources" / "demo_model"
@@ -182,7 +182,7 @@ def train(out_dir: Path = RESOURCE_DIR, steps: int = 600, seed: int = 1234, thre
     del phantoms
     fg_index = [[np.argwhere(lab == c) for c in range(1, len(LABEL_NAMES))] for _, lab in cases]
 
-    network = build_network(plans, dataset_json, TRAINER_NAME, CONFIGURATION, deep_supervision=True)
+    network = build_network(plans, dataset_json, CONFIGURATION, TRAINER_NAME, deep_supervision=True)
     network.train()
     n_scales = len(FEATURES) - 1
     weights = np.array([1 / (2 ** i) for i in range(n_scales)])

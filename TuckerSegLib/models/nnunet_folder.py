@@ -88,8 +88,9 @@ def _plans_manager(plans: dict):
 
 
 def build_network(plans: dict, dataset_json: dict, configuration: str = "3d_fullres",
-                  trainer_name: str = "nnUNetTrainer") -> nn.Module:
-    """The architecture of a model (untrained), built the way nnU-Net's predictor builds it."""
+                  trainer_name: str = "nnUNetTrainer", deep_supervision: bool = False) -> nn.Module:
+    """The architecture of a model (untrained), built the way nnU-Net's predictor builds it
+    (``deep_supervision=True``: as its trainer builds it for training)."""
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
     pm = _plans_manager(plans)
@@ -103,11 +104,12 @@ def build_network(plans: dict, dataset_json: dict, configuration: str = "3d_full
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if "plans_manager" in inspect.signature(trainer.build_network_architecture).parameters:
-            net = trainer.build_network_architecture(pm, cm, n_in, n_out, enable_deep_supervision=False)
+            net = trainer.build_network_architecture(pm, cm, n_in, n_out,
+                                                     enable_deep_supervision=deep_supervision)
         else:
             net = trainer.build_network_architecture(cm.network_arch_class_name, cm.network_arch_init_kwargs,
                                                      cm.network_arch_init_kwargs_req_import, n_in, n_out,
-                                                     enable_deep_supervision=False)
+                                                     enable_deep_supervision=deep_supervision)
     return net
 
 

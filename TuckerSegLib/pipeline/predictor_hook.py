@@ -25,6 +25,7 @@ from torch import nn
 
 from TuckerSegLib.errors import EngineError, ModelError
 from TuckerSegLib.models.checkpoint import load_checkpoint
+from TuckerSegLib.models.nnunet_folder import build_network
 from TuckerSegLib.progress import NullProgress, Progress
 
 # Engines turn a (compressed) PyTorch network into the module the predictor runs. "torch" runs it
@@ -57,7 +58,7 @@ class ModelUse:
     engine: dict = field(default_factory=dict)  # EngineInfo.as_dict() of the engine that ran it
 
 
-def count_cost(network: nn.Module, patch_size: Tuple[int, ...], in_channels: int = 1) -> Tuple[int, int]:
+def _params_and_macs(network: nn.Module, patch_size: Tuple[int, ...], in_channels: int = 1) -> Tuple[int, int]:
     """Params and MACs per patch, in the project's convention (``TuckerSegLib.network.cost``)."""
     from TuckerSegLib.network.cost import count_cost as _count
 
@@ -142,21 +143,11 @@ class CompressedPredictorHook:
             mirroring = first.get("inference_allowed_mirroring_axes")
             configuration_manager = plans_manager.get_configuration(configuration_name)
             num_in = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
-            num_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-            trainer_class = prd.recursive_find_trainer_class_by_name(trainer_name)
-            if "plans_manager" in inspect.signature(trainer_class.build_network_architecture).parameters:
-                network = trainer_class.build_network_architecture(
-                    plans_manager, configuration_manager, num_in, num_out, enable_deep_supervision=False)
-            else:
-                network = trainer_class.build_network_architecture(
-                    configuration_manager.network_arch_class_name,
-                    configuration_manager.network_arch_init_kwargs,
-                    configuration_manager.network_arch_init_kwargs_req_import,
-                    num_in, num_out, enable_deep_supervision=False)
+            network = build_network(plans, dataset_json, configuration_name, trainer_name)
             network.load_state_dict(first["network_weights"])
             parameters = [c["network_weights"] for c in checkpoints]
             patch = tuple(int(p) for p in configuration_manager.patch_size)
-            params0, macs0 = count_cost(network, patch, num_in)
+            params0, macs0 = _params_and_macs(network, patch, num_in)
             params, macs = params0, macs0
         else:
             # Compressed: from the cache (built once, then loaded without the original checkpoint).
@@ -188,7 +179,7 @@ class CompressedPredictorHook:
                 params0, macs0 = int(report["original"]["params"]), int(report["original"]["macs"])
                 params, macs = int(report["compressed"]["params"]), int(report["compressed"]["macs"])
             else:
-                params, macs = count_cost(network, patch, model.num_input_channels)
+                params, macs = _params_and_macs(network, patch, model.num_input_channels)
                 params0, macs0 = params, macs
 
         network.load_state_dict(parameters[0])
