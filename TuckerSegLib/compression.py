@@ -144,7 +144,7 @@ def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
     else:
         ranks = choose_ranks(candidates, ratio, policy, spectra=rank_spectra, rank_min=rank_min,
                              rank_multiple=rank_multiple, fixed_macs=before.cost.macs - dense_candidates,
-                             total_macs=before.cost.macs, weights=sensitivity)
+                             total_macs=before.cost.macs)
 
     layers_report = []
     sites = find_sites(net)
@@ -208,9 +208,11 @@ def _search_on_probe(net: nn.Module, candidates: Sequence[LayerShape],
     try:
         allocation = best_on_probe(scorer, alternatives)
         ladders = rank_ladders(candidates, spectra, rank_multiple, sensitivity)
-        ranks, refined = refine_on_probe(scorer, candidates, ladders, alternatives[allocation["chosen"]],
+        chosen = allocation["chosen"]
+        ranks, refined = refine_on_probe(scorer, candidates, ladders, alternatives[chosen],
                                          target_macs, fixed_macs, max_rounds=REFINE_ROUNDS,
-                                         max_seconds=REFINE_SECONDS, progress=progress)
+                                         max_seconds=REFINE_SECONDS, progress=progress,
+                                         start_error=allocation["probe_error"][chosen])
     finally:
         scorer.restore()
     allocation["refined"] = refined

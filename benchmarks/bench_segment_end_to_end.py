@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "Testing"))
 
+from TuckerSegLib.cli.bench_cmd import _config  # noqa: E402  (ENGINE:PRECISION, as tuckerseg bench)
+
 MODES = {"fast": ([297], {"fast": True}), "fastest": ([298], {"fastest": True}),
          "total": ([291, 292, 293, 294, 295], {})}
 
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--mode", choices=sorted(MODES), default="fast")
     p.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.5, 0.3, 0.1])
     p.add_argument("--policy", default="budget")
-    p.add_argument("--configs", nargs="+", default=["auto:auto"], metavar="ENGINE:PRECISION",
+    p.add_argument("--configs", nargs="+", type=_config, default=[("auto", "auto")], metavar="ENGINE:PRECISION",
                    help="engine configs run at every ratio below 1 (ratio 1 runs auto:auto)")
     p.add_argument("--layer-forms", default="auto", choices=["auto", "as-is"])
     p.add_argument("--width-scale", type=float, default=1.0, help="1.0 = TotalSegmentator's widths")
@@ -82,11 +84,10 @@ def main(argv=None) -> int:
 
     runs = []  # (label, ratio, engine, precision)
     for ratio in args.ratios:
-        for cfg in (["auto:auto"] if ratio >= 1.0 else args.configs):
-            engine, _, precision = cfg.partition(":")
-            runs.append((f"r{ratio:g} {engine}:{precision or 'auto'}", ratio, engine, precision or "auto"))
+        for engine, precision in ([("auto", "auto")] if ratio >= 1.0 else args.configs):
+            runs.append((f"r{ratio:g} {engine}:{precision}", ratio, engine, precision))
 
-    def run_once(label, ratio, engine, precision, name):
+    def run_once(ratio, engine, precision, name):
         return segment(args.ct, out / name, ratio=ratio, policy=args.policy, device=args.device,
                        cache_dir=cache, engine=engine, precision=precision, layer_forms=args.layer_forms,
                        quiet=True, **mode_kwargs)
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     # Cold runs first: each decomposes its networks once and fills the caches.
     cold = {}
     for label, ratio, engine, precision in runs:
-        cold[label] = run_once(label, ratio, engine, precision, f"cold_{len(cold)}.nii.gz")
+        cold[label] = run_once(ratio, engine, precision, f"cold_{len(cold)}.nii.gz")
         print(f"cold {label}: {cold[label].seconds:.1f} s", file=sys.stderr)
 
     # Timed runs, interleaved (stock, then every run) and repeated: the minimum per run is
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
                          quiet=True, **mode_kwargs)
         times["stock"].append(time.perf_counter() - t)
         for i, (label, ratio, engine, precision) in enumerate(runs):
-            r = run_once(label, ratio, engine, precision, f"run_{i}.nii.gz")
+            r = run_once(ratio, engine, precision, f"run_{i}.nii.gz")
             times[label].append(r.seconds)
             warm[label] = r
         print(f"repeat {rep + 1}: " + ", ".join(f"{k}: {v[-1]:.1f} s" for k, v in times.items()),

@@ -117,12 +117,14 @@ def _neighbours(ladder: Sequence[Ranks], layer: LayerShape, ranks: Ranks) -> Tup
 def refine_on_probe(scorer: ProbeScorer, layers: Sequence[LayerShape], ladders: Mapping[str, List[Ranks]],
                     start: Allocation, target_macs: float, fixed_macs: int, max_rounds: int = 3,
                     max_seconds: Optional[float] = None, tolerance: float = 0.02,
-                    progress: Optional[Progress] = None) -> Tuple[Allocation, dict]:
+                    progress: Optional[Progress] = None,
+                    start_error: Optional[float] = None) -> Tuple[Allocation, dict]:
     """Trade MACs between layers by measured error at the same MAC target (see module docstring).
 
     ``max_seconds`` bounds the time: a round starts only if its estimated cost (two forwards per
     layer) fits in what is left. The MACs stay within ``[1 - tolerance, 1] x target_macs``
-    unless ``start`` already lies below that.
+    unless ``start`` already lies below that. ``start_error``: the probe error of ``start`` when
+    already measured (e.g. by ``best_on_probe``), so that it is not measured again.
     """
     progress = progress or NullProgress()
     t0 = time.perf_counter()
@@ -133,7 +135,7 @@ def refine_on_probe(scorer: ProbeScorer, layers: Sequence[LayerShape], ladders: 
         return fixed_macs + sum(by_name[n].macs(r) for n, r in alloc.items())
 
     floor = min((1 - tolerance) * target_macs, total(current))
-    error = scorer.error(current)
+    error = scorer.error(current) if start_error is None else start_error
     history = {"probe_error_start": error, "rounds": 0, "trades": 0, "evaluations_start": scorer.evaluations}
     movable = [l for l in layers if len(ladders.get(l.name, [])) > 1]
     for round_ in range(max_rounds):

@@ -5,9 +5,10 @@ Why: TotalSegmentator builds one ``nnUNetPredictor`` per model and calls
 the duration of a run keeps every other step of TotalSegmentator (resampling, cropping, pasting
 parts, statistics, saving) untouched; ``predict_from_files`` of a single case is only routed to
 nnU-Net's in-process ``predict_from_files_sequential`` (see ``_in_process_predict_from_files``).
-The replacement does what nnU-Net's method does, except that it loads checkpoints with ``torch.load(weights_only=True)`` and takes the network from the
-compression cache; ``list_of_parameters`` is set to the new network's state dict because the
-predictor reloads it into the network before every case.
+The replacement does what nnU-Net's method does, except that it loads checkpoints with
+``torch.load(weights_only=True)`` and takes the network from the compression cache;
+``list_of_parameters`` is set to the new network's state dict because the predictor reloads it
+into the network before every case.
 """
 from __future__ import annotations
 

@@ -152,7 +152,8 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
             policy: str = "budget", task: str = "total", fast: bool = False, fastest: bool = False,
             roi_subset: Optional[Sequence[str]] = None, ml: bool = True, device: str = "auto",
             cache_dir: Optional[Union[str, Path]] = None, engine: str = "auto", precision: str = "auto",
-            layer_forms: str = "auto", progress: Optional[Progress] = None, allow_download: bool = True, quiet: bool = False,
+            layer_forms: str = "auto", progress: Optional[Progress] = None, allow_download: bool = True,
+            quiet: bool = False,
             compressed_models: Sequence[Union[str, Path]] = (), **totalseg_kwargs: Any) -> SegmentResult:
     """Segment ``input`` (NIfTI file or DICOM folder) into ``output`` with compressed networks.
 
@@ -178,14 +179,13 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
     if fast and fastest:
         raise InputError("use either fast or fastest, not both")
     from TuckerSegLib.engines import ENGINE_CHOICES, PRECISION_CHOICES
+    from TuckerSegLib.engines.prepare import SHAPES_CHOICES
 
     engine = engine or "auto"
     if engine not in ENGINES and engine not in ENGINE_CHOICES:
         raise InputError(f"unknown engine {engine!r} (choose one of {', '.join(ENGINE_CHOICES)})")
     if precision not in PRECISION_CHOICES:
         raise InputError(f"unknown precision {precision!r} (choose one of {', '.join(PRECISION_CHOICES)})")
-    from TuckerSegLib.engines.prepare import SHAPES_CHOICES
-
     if layer_forms not in SHAPES_CHOICES:
         raise InputError(f"unknown layer forms {layer_forms!r} (choose one of {', '.join(SHAPES_CHOICES)})")
     roi_subset = list(roi_subset) if roi_subset else None
