@@ -217,3 +217,19 @@ def test_hardware_aware_shapes_with_torch(compressed, tmp_path, patch_input):
     assert again.layer_forms == info.layer_forms
     assert timings.stat().st_mtime_ns == stamp  # cached per device: nothing timed again
     module.load_state_dict(compressed.state_dict())  # the user's weights still load
+
+
+def test_torch_channels_last_layout_is_the_same_function(compressed, patch_input):
+    """The channels-last candidate (tried on CUDA) computes the same logits in standard layout."""
+    import copy
+
+    from TuckerSegLib.engines.torch_engine import TorchEngineModule
+
+    cpu = torch.device("cpu")
+    plain = TorchEngineModule(copy.deepcopy(compressed), "f32", cpu)
+    net_cl = copy.deepcopy(compressed).to(memory_format=torch.channels_last_3d)
+    ndhwc = TorchEngineModule(net_cl, "f32", cpu, channels_last=True)
+    a, b = _run(plain, patch_input), _run(ndhwc, patch_input)
+    assert b.is_contiguous()
+    assert compare_logits(b, a).argmax_agreement >= 0.9999
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)

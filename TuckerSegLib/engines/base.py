@@ -56,21 +56,24 @@ def weights_fingerprint(network: nn.Module) -> str:
     """A hash of the network's structure and every tensor of its state dict (names, shapes, bytes)."""
     h = hashlib.sha256()
     h.update(repr(network).encode())
-    for name, tensor in network.state_dict().items():
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    _hash_state(h, network.state_dict())
     return h.hexdigest()
 
 
 def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
     """A hash of a bare state dict (names, shapes, bytes), for ``load_state_dict`` checks."""
     h = hashlib.sha256()
-    for name, tensor in state.items():
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    _hash_state(h, state)
     return h.hexdigest()
+
+
+def _hash_state(h: "hashlib._Hash", state: Mapping[str, torch.Tensor]) -> None:
+    """Names, shapes, dtypes and bytes in logical order, whatever the memory layout."""
+    for name, tensor in state.items():
+        # flat copy in logical order: a channels-last weight hashes like its standard twin
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(tensor.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def available_threads() -> int:

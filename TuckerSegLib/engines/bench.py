@@ -201,6 +201,7 @@ def run_patch_bench(archs: Sequence[str] = ("1.5mm", "3mm"), ratios: Sequence[fl
                         module, info = prepare_network(net, patch, 1, dev, engine, prec, cache_dir,
                                                        shapes=shapes, check_agreement=False)
                         prep = time.perf_counter() - t0
+                        out = None
                         with torch.inference_mode():
                             for _ in range(warmup):
                                 out = module(x)

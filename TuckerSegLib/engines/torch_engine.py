@@ -32,13 +32,15 @@ class TorchEngineModule(EngineModule):
 
     def __init__(self, network: nn.Module, precision: str, device: torch.device,
                  runner: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 clone_output: bool = False):
+                 clone_output: bool = False, channels_last: bool = False):
         super().__init__(state_fingerprint(network.state_dict()))
         self.net = network
         self.precision = precision
         self.device_type = device.type
         self._runner = runner  # a compiled callable, or None for eager
         self._clone = clone_output  # CUDA graphs reuse their output buffer
+        # NDHWC activations: cuDNN's tensor-core 3D convolutions often prefer them
+        self.channels_last = channels_last
 
     def _autocast(self):
         if self.precision == "f32":
@@ -50,11 +52,23 @@ class TorchEngineModule(EngineModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         with self._autocast():
             out = self._runner(x) if self._runner is not None else self.net(x)
-        if self._clone:
-            out = out.clone()
+        if self._clone or self.channels_last:  # a fresh, standard-layout tensor for the caller
+            out = out.contiguous() if not self._clone else out.clone(memory_format=torch.contiguous_format)
         return out.float()
+
+
+def _allow_recompiles(limit: int = 256) -> None:
+    """Every nnU-Net network shares one ``forward``: dynamo counts each compiled network, layout
+    and precision as a recompile of it, and past its default limit (8) silently runs eager."""
+    cfg = torch._dynamo.config
+    for name, value in (("recompile_limit", limit), ("cache_size_limit", limit),
+                        ("accumulated_recompile_limit", 8 * limit), ("accumulated_cache_size_limit", 8 * limit)):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), value))
 
 
 def _time(fn: Callable[[], torch.Tensor], device: torch.device, reps: int = 3) -> float:
@@ -100,29 +114,38 @@ class TorchEngine(Engine):
         if device.type != "cuda" or os.environ.get("TUCKERSEG_TORCH_COMPILE", "1") == "0":
             return TorchEngineModule(net, precision, device)
         torch.backends.cudnn.benchmark = True
-        eager = TorchEngineModule(net, precision, device)
-        compiled = self._compiled(net, patch_size, in_channels, device, precision, cache_dir, info)
-        if compiled is None:
-            return eager
+        return self._fastest(net, patch_size, in_channels, device, precision, cache_dir, info)
+
+    def _fastest(self, net: nn.Module, patch_size, in_channels, device, precision, cache_dir,
+                 info: EngineInfo) -> "TorchEngineModule":
+        """Eager or compiled, standard or channels-last layout: each measured, the fastest kept."""
+        net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last_3d)
+        candidates = {"eager": TorchEngineModule(net, precision, device),
+                      "eager channels-last": TorchEngineModule(net_cl, precision, device, channels_last=True)}
+        for label, module in (("compiled", net), ("compiled channels-last", net_cl)):
+            compiled = self._compiled(module, patch_size, in_channels, device, precision, cache_dir, info,
+                                      channels_last=module is net_cl)
+            if compiled is not None:
+                candidates[label] = compiled
         x = example_input(patch_size, in_channels).to(device)
         with torch.inference_mode():
-            t_eager = _time(lambda: eager(x), device)
-            t_comp = _time(lambda: compiled(x), device)
-        if t_comp < t_eager:
-            info.notes.append(f"torch.compile kept: {t_comp * 1e3:.1f} ms vs eager {t_eager * 1e3:.1f} ms per patch")
-            return compiled
-        info.notes.append(f"torch.compile not faster ({t_comp * 1e3:.1f} ms vs eager {t_eager * 1e3:.1f} ms): eager kept")
-        return eager
+            times = {label: _time(lambda m=m: m(x), device) for label, m in candidates.items()}
+        best = min(times, key=times.get)
+        info.notes.append(f"torch {best} kept: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items())
+                          + " per patch")
+        return candidates[best]
 
     def _compiled(self, net: nn.Module, patch_size, in_channels, device, precision, cache_dir,
-                  info: EngineInfo) -> Optional[TorchEngineModule]:
+                  info: EngineInfo, channels_last: bool = False) -> Optional[TorchEngineModule]:
         """``torch.compile`` with CUDA graphs for the static patch shape; None when it fails."""
         if cache_dir is not None:  # inductor's on-disk cache beside the model: warm starts in seconds
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir) / "inductor"))
         mode = os.environ.get("TUCKERSEG_TORCH_COMPILE_MODE", "reduce-overhead")
+        _allow_recompiles()
         try:
             fn = torch.compile(net, mode=mode, dynamic=False)
-            module = TorchEngineModule(net, precision, device, runner=fn, clone_output=True)
+            module = TorchEngineModule(net, precision, device, runner=fn, clone_output=True,
+                                       channels_last=channels_last)
             x = example_input(patch_size, in_channels).to(device)
             with torch.inference_mode():
                 for _ in range(3):  # compile, record the graph, replay
