@@ -261,12 +261,20 @@ def test_single_case_runs_in_process_and_keeps_nnunet_signature(tmp_path):
     class P:
         dataset_json = {"file_ending": ".nii.gz"}
 
-    for name in ("s01_0000.nii.gz", "s01.nii.gz", "plans.json", "predict_from_raw_data_args.json"):
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    for name in ("s01_0001.nii.gz", "s01_0000.nii.gz", "plans.json"):
         (tmp_path / name).write_text("")
-    assert _single_case(P(), tmp_path)  # an output in the same folder is not a second case
+    expected = [[str(tmp_path / "s01_0000.nii.gz"), str(tmp_path / "s01_0001.nii.gz")]]
+    assert create_lists_from_splitted_dataset_folder(str(tmp_path), ".nii.gz") == expected  # what nnU-Net makes
+    assert _single_case(P(), tmp_path) == expected
+    for name in ("s01.nii.gz", "predict_from_raw_data_args.json"):  # outputs are not a second case
+        (tmp_path / name).write_text("")
+    assert _single_case(P(), tmp_path) == expected
     (tmp_path / "s02_0000.nii.gz").write_text("")
-    assert not _single_case(P(), tmp_path)
-    assert _single_case(P(), [["a_0000.nii.gz"]]) and not _single_case(P(), [["a"], ["b"]])
+    assert _single_case(P(), tmp_path) is None
+    assert _single_case(P(), [["a_0000.nii.gz"]]) == [["a_0000.nii.gz"]]
+    assert _single_case(P(), [["a"], ["b"]]) is None
 
     import totalsegmentator.nnunet  # noqa: F401  (TotalSegmentator's own runtime patches first)
     before = nnUNetPredictor.predict_from_files
