@@ -114,3 +114,17 @@ def test_missing_weights_offline_is_one_line(tmp_path, monkeypatch):
         totalseg.ensure_weights([297], allow_download=False)
     msg = str(info.value)
     assert "\n" not in msg and str(tmp_path) in msg and "totalseg_import_weights -i" in msg
+
+
+def test_uninitialised_build_loads_to_the_same_network():
+    """``initialise=False`` skips nnU-Net's random init; after a strict load the network is the same."""
+    import torch
+
+    plans, dj = totalseg_archs.totalseg_plans(292, width_scale=0.125)
+    ref = build_network(plans, dj, "3d_fullres", "nnUNetTrainerNoMirroring").eval()
+    fast = build_network(plans, dj, "3d_fullres", "nnUNetTrainerNoMirroring", initialise=False).eval()
+    assert not any(p.is_meta for p in fast.parameters())
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ref(x), fast(x))

@@ -47,7 +47,7 @@ def _write_folder(source: Path, target: Path) -> None:
     meta = json.loads((source / "trainer.json").read_text())
     network = build_network(json.loads((source / "plans.json").read_text()),
                             json.loads((source / "dataset.json").read_text()),
-                            meta["configuration"], meta["trainer_name"])
+                            meta["configuration"], meta["trainer_name"], initialise=False)
     load_model(network, str(source / WEIGHTS), strict=True)
     weights = {k: v.detach().clone() for k, v in network.state_dict().items()}
     (target / "fold_0").mkdir(parents=True)

@@ -130,7 +130,8 @@ def load_compressed(folder: Union[str, Path], verify_hash: bool = True) -> NnUNe
         raise ModelError(f"compressed model {folder} is incomplete or corrupt: {exc}") from None
     src = manifest["source"]
     try:
-        network: nn.Module = build_network(plans, dataset_json, src["configuration"], src["trainer_name"])
+        network: nn.Module = build_network(plans, dataset_json, src["configuration"],
+                                           src["trainer_name"], initialise=False)
         factorise_structure(network, manifest["layers"])
         load_model(network, str(weights), strict=True)
     except (KeyError, RuntimeError, SafetensorError, ValueError) as exc:

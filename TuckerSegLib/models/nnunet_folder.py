@@ -88,9 +88,19 @@ def _plans_manager(plans: dict):
 
 
 def build_network(plans: dict, dataset_json: dict, configuration: str = "3d_fullres",
-                  trainer_name: str = "nnUNetTrainer", deep_supervision: bool = False) -> nn.Module:
+                  trainer_name: str = "nnUNetTrainer", deep_supervision: bool = False,
+                  initialise: bool = True) -> nn.Module:
     """The architecture of a model (untrained), built the way nnU-Net's predictor builds it
-    (``deep_supervision=True``: as its trainer builds it for training)."""
+    (``deep_supervision=True``: as its trainer builds it for training).
+
+    ``initialise=False`` allocates the parameters without nnU-Net's random initialisation, for a
+    caller that loads every weight next (strictly): it saves a fifth of a second per model load.
+    """
+    if not initialise:
+        with torch.device("meta"):
+            net = build_network(plans, dataset_json, configuration, trainer_name, deep_supervision)
+        if not any(m._non_persistent_buffers_set for m in net.modules()):  # all state is loaded
+            return net.to_empty(device="cpu")
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
     pm = _plans_manager(plans)
@@ -179,7 +189,7 @@ def load_model_folder(folder: Union[str, Path], fold: Union[int, str] = 0,
     trainer_name = str(ckpt.get("trainer_name", "nnUNetTrainer"))
     configuration = str((ckpt.get("init_args") or {}).get("configuration", "3d_fullres"))
     try:
-        network = build_network(plans, dataset_json, configuration, trainer_name)
+        network = build_network(plans, dataset_json, configuration, trainer_name, initialise=False)
     except ModelError:
         raise
     except Exception as exc:

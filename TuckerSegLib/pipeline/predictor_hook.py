@@ -144,7 +144,8 @@ class CompressedPredictorHook:
             mirroring = first.get("inference_allowed_mirroring_axes")
             configuration_manager = plans_manager.get_configuration(configuration_name)
             num_in = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
-            network = build_network(plans, dataset_json, configuration_name, trainer_name)
+            network = build_network(plans, dataset_json, configuration_name, trainer_name,
+                                    initialise=False)
             network.load_state_dict(first["network_weights"])
             parameters = [c["network_weights"] for c in checkpoints]
             patch = tuple(int(p) for p in configuration_manager.patch_size)
