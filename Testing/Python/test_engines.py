@@ -201,7 +201,7 @@ def test_layer_forms_compute_the_same_function():
             assert all(r % 16 == 0 or r == c for r, c in zip(padded.ranks, (tc.last.out_channels, tc.first.in_channels)))
 
 
-def test_hardware_aware_shapes_with_torch(compressed, tmp_path, patch_input):
+def test_hardware_aware_shapes_with_torch(compressed, tmp_path, patch_input, monkeypatch):
     module, info = prepare_network(compressed, PATCH, 1, "cpu", "torch", "f32", tmp_path, shapes="auto")
     assert set(info.layer_forms) == set(factorised_layers(compressed))
     assert set(info.layer_forms.values()) <= set(FORMS)
@@ -213,6 +213,19 @@ def test_hardware_aware_shapes_with_torch(compressed, tmp_path, patch_input):
     assert 3 <= len(measured) <= len(FORMS) * len(info.layer_forms)
     assert all(v > 0 for v in measured.values())
     stamp = timings.stat().st_mtime_ns
+    from TuckerSegLib.engines import layer_shapes
+
+    def fail(*a, **k):
+        raise AssertionError("a warm start neither traces nor times")
+
+    with monkeypatch.context() as m:  # the network's forms are remembered: nothing traced or timed
+        m.setattr(layer_shapes, "trace", fail)
+        m.setattr(layer_shapes, "time_layer", fail)
+        again_module, again = prepare_network(compressed, PATCH, 1, "cpu", "torch", "f32", tmp_path,
+                                              shapes="auto")
+    assert again.layer_forms == info.layer_forms
+    assert torch.equal(_run(again_module, patch_input), _run(module, patch_input))
+    (tmp_path / layer_shapes.CHOICES_FILE).unlink()  # choices lost: rebuilt from cached timings
     _, again = prepare_network(compressed, PATCH, 1, "cpu", "torch", "f32", tmp_path, shapes="auto")
     assert again.layer_forms == info.layer_forms
     assert timings.stat().st_mtime_ns == stamp  # cached per device: nothing timed again

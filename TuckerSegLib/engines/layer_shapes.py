@@ -7,7 +7,9 @@ with the engine that will run it, at its real input shape, in four equivalent fo
 (``layer_forms``: factorised, ranks zero-padded to the vector width, first 1x1 fused into the
 core, dense); the fastest is used, the
 factorised form unless another is at least ``MARGIN`` faster. Timings are cached per device,
-engine, precision and layer signature in ``layer_timings.json``, so each shape is timed once.
+engine, precision and layer signature in ``layer_timings.json``, so each shape is timed once;
+the forms chosen for a whole network are kept beside them (``layer_form_choices.json``), so a
+warm start rebuilds only the layers whose form changes, without tracing or timing.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -31,6 +33,7 @@ from TuckerSegLib.progress import NullProgress, Progress
 
 MARGIN = 0.05  # another form must be this much faster than the factorised one to replace it
 TIMINGS_FILE = "layer_timings.json"
+CHOICES_FILE = "layer_form_choices.json"
 
 
 def timings_path(cache_dir: Optional[Path]) -> Path:
@@ -41,14 +44,14 @@ def timings_path(cache_dir: Optional[Path]) -> Path:
     return base / TIMINGS_FILE
 
 
-def _load(path: Path) -> Dict[str, float]:
+def _load(path: Path) -> Dict[str, Any]:
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
     except ValueError:
         return {}
 
 
-def _save(path: Path, data: Dict[str, float]) -> None:
+def _save(path: Path, data: Dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     merged = {**_load(path), **data}  # keep what other runs measured meanwhile
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
@@ -115,9 +118,22 @@ def shape_for_device(network: nn.Module, patch_size: Sequence[int], in_channels:
     sites = [s for s in find_sites(network, include_factorised=True) if isinstance(s.module, TuckerConv)]
     if not sites:
         return network, {}
-    shapes = trace(network, (1, in_channels, *patch_size)).shapes
     device_name = device_name or describe_device(device, engine.name)
+    multiple = PAD_MULTIPLE.get(device.type, 8)
     path = timings_path(cache_dir)
+    choices_path = path.with_name(CHOICES_FILE)
+    # the forms depend on the structure and shapes only (timings are never overwritten): a
+    # network seen before on this device gets the same forms without tracing or timing
+    net_key = timing_key(engine.name, precision, device_name, network, (in_channels, *patch_size))
+    remembered = _load(choices_path).get(net_key)
+    if isinstance(remembered, dict) and set(remembered) == {s.name for s in sites}:
+        net = copy.deepcopy(network)
+        for site in find_sites(net, include_factorised=True):
+            choice = remembered.get(site.name, "factorised")
+            if isinstance(site.module, TuckerConv) and choice != "factorised":
+                replace_site(net, site, make_form(site.module, choice, multiple))
+        return net.eval(), dict(remembered)
+    shapes = trace(network, (1, in_channels, *patch_size)).shapes
     known = _load(path)
     new: Dict[str, float] = {}
     net = copy.deepcopy(network)
@@ -127,7 +143,6 @@ def shape_for_device(network: nn.Module, patch_size: Sequence[int], in_channels:
             continue
         in_shape = shapes[site.name][0]
         seconds = {}
-        multiple = PAD_MULTIPLE.get(device.type, 8)
         for form in FORMS:
             candidate = make_form(site.module, form, multiple)
             if form != "factorised" and candidate is site.module:
@@ -144,4 +159,5 @@ def shape_for_device(network: nn.Module, patch_size: Sequence[int], in_channels:
         progress.update((i + 1) / len(sites), f"timed {site.name}: {choice}")
     if new:
         _save(path, new)
+    _save(choices_path, {net_key: forms})
     return net.eval(), forms
