@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=Path("bench_engines.json"), help="results file")
     parser.add_argument("--png", type=Path, default=None, help="plot (default: the JSON path with .png)")
     parser.add_argument("--end-to-end", type=Path, default=None, metavar="CT",
-                        help="also run the whole pipeline on this CT (needs the segment pipeline)")
+                        help="also run the whole pipeline on this CT (from a checkout: runs "
+                             "benchmarks/bench_segment_end_to_end.py with the first policy, these ratios, "
+                             "configs and --reps)")
     parser.add_argument("--per-patch", action=argparse.BooleanOptionalAction, default=True,
                         help="run the per-patch benchmark (default on)")
 
@@ -83,9 +85,15 @@ def run(args: argparse.Namespace, progress) -> int:
             print(f"end-to-end benchmark skipped: {why}")
             return 0
         script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_segment_end_to_end.py"
+        # the pipeline's own layer forms (measured, as `tuckerseg segment` uses them); first policy
         cmd = [sys.executable, str(script), "--ct", str(args.end_to_end), "--device", args.device,
-               "--ratios", *[f"{r:g}" for r in args.ratios],
+               "--ratios", *[f"{r:g}" for r in args.ratios], "--policy", args.policies[0],
+               "--repeats", str(args.reps),
                "--json", str(args.json.with_name(args.json.stem + "_end_to_end.json"))]
+        if args.configs:
+            cmd += ["--configs", *[f"{e}:{p}" for e, p in args.configs]]
+        if args.cache_dir is not None:
+            cmd += ["--workdir", str(args.cache_dir / "end_to_end")]
         print("end to end: " + " ".join(cmd), file=sys.stderr)
         return subprocess.call(cmd)
     return 0

@@ -50,25 +50,55 @@ def build_arch(name: str, seed: int = 0) -> nn.Module:
 
 
 class PeakRSS:
-    """Samples this process's resident memory while active (Linux /proc; else ru_maxrss)."""
+    """Samples this process's resident memory while active (Linux /proc; else ru_maxrss).
 
-    def __init__(self, interval: float = 0.02):
+    ``tree=True`` adds the child processes (nnU-Net's preprocessing and export workers), so a
+    pipeline that spawns workers is measured like one that does not.
+    """
+
+    def __init__(self, interval: float = 0.02, tree: bool = False):
         self.interval = interval
+        self.tree = tree
         self.peak = 0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     @staticmethod
-    def current() -> int:
+    def _rss(pid: str) -> int:
         try:
-            with open("/proc/self/status") as fh:
+            with open(f"/proc/{pid}/status") as fh:
                 for line in fh:
                     if line.startswith("VmRSS:"):
                         return int(line.split()[1]) * 1024
         except OSError:
             pass
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return 0
+
+    @staticmethod
+    def _children(pid: str) -> List[str]:
+        kids: List[str] = []
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as fh:
+                    kids += fh.read().split()
+        except OSError:
+            pass
+        return kids
+
+    def current(self) -> int:
+        own = self._rss("self")
+        if not own:
+            import resource
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if self.tree:
+            todo, seen = self._children(str(os.getpid())), set()
+            while todo:
+                pid = todo.pop()
+                if pid not in seen:
+                    seen.add(pid)
+                    own += self._rss(pid)
+                    todo += self._children(pid)
+        return own
 
     def _run(self) -> None:
         while not self._stop.is_set():
