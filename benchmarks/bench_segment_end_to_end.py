@@ -4,7 +4,7 @@ Why: the per-patch speed-ups of compressed networks only matter if they survive 
 whole pipeline (resampling, preprocessing workers, sliding window, export). This runs the real
 pipeline on a real CT with full-width test models in TotalSegmentator's layout (random weights:
 timings are representative, segmentations are not) and prints times, speed-ups, the MAC limit and
-peak memory (this process and its workers) side by side; writes JSON and a PNG.
+peak memory (PSS of this process and its workers) side by side; writes JSON and a PNG.
 
     nice -n 10 python benchmarks/bench_segment_end_to_end.py --ct ../shared/data/example_ct.nii.gz \
         --mode fast --ratios 1.0 0.5 0.3 0.1 --json bench_segment.json
@@ -110,13 +110,13 @@ def main(argv=None) -> int:
     warm = {}
     for rep in range(args.repeats):
         t = time.perf_counter()
-        with PeakRSS(tree=True) as mem:
+        with PeakRSS(interval=0.1, tree=True) as mem:
             totalsegmentator(str(args.ct), str(out / "stock.nii.gz"), ml=True, device=args.device,
                              quiet=True, **mode_kwargs)
         times["stock"].append(time.perf_counter() - t)
         peak["stock"] = max(peak["stock"], mem.peak)
         for i, (label, ratio, engine, precision) in enumerate(runs):
-            with PeakRSS(tree=True) as mem:
+            with PeakRSS(interval=0.1, tree=True) as mem:
                 r = run_once(ratio, engine, precision, f"run_{i}.nii.gz")
             times[label].append(r.seconds)
             peak[label] = max(peak[label], mem.peak)
@@ -173,10 +173,9 @@ def main(argv=None) -> int:
 
 def plot(result: dict, path: Path) -> Path:
     """Seconds per run (minimum, bar) with speed-up against stock and the MAC limit as labels."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from TuckerSegLib.evaluation.plots import pyplot, save_figure
 
+    plt = pyplot()
     rows = result["rows"]
     stock = rows[0]["seconds"]
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4.2))
@@ -194,11 +193,7 @@ def plot(result: dict, path: Path) -> Path:
     ax.set_title(f"TotalSegmentator --{result['mode']} end to end on {Path(result['ct']).name}, "
                  f"{result['device']}, {result['cpus']} CPUs, policy {result['policy']}", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, tight=False)
 
 
 if __name__ == "__main__":

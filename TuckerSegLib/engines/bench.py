@@ -53,7 +53,8 @@ class PeakRSS:
     """Samples this process's resident memory while active (Linux /proc; else ru_maxrss).
 
     ``tree=True`` adds the child processes (nnU-Net's preprocessing and export workers), so a
-    pipeline that spawns workers is measured like one that does not.
+    pipeline that spawns workers is measured like one that does not; it counts proportional set
+    sizes (PSS), so that pages forked workers share with their parent are counted once.
     """
 
     def __init__(self, interval: float = 0.02, tree: bool = False):
@@ -64,11 +65,12 @@ class PeakRSS:
         self._thread: Optional[threading.Thread] = None
 
     @staticmethod
-    def _rss(pid: str) -> int:
+    def _rss(pid: str, proportional: bool = False) -> int:
+        path, key = (f"/proc/{pid}/smaps_rollup", "Pss:") if proportional else (f"/proc/{pid}/status", "VmRSS:")
         try:
-            with open(f"/proc/{pid}/status") as fh:
+            with open(path) as fh:
                 for line in fh:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(key):
                         return int(line.split()[1]) * 1024
         except OSError:
             pass
@@ -86,7 +88,7 @@ class PeakRSS:
         return kids
 
     def current(self) -> int:
-        own = self._rss("self")
+        own = self._rss("self", self.tree)
         if not own:
             import resource
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -96,7 +98,7 @@ class PeakRSS:
                 pid = todo.pop()
                 if pid not in seen:
                     seen.add(pid)
-                    own += self._rss(pid)
+                    own += self._rss(pid, True)
                     todo += self._children(pid)
         return own
 
@@ -202,13 +204,16 @@ def run_patch_bench(archs: Sequence[str] = ("1.5mm", "3mm"), ratios: Sequence[fl
         # stock: dense PyTorch eager, the stock pipeline's precision on this device
         stock_module = TorchEngineModule(base.to(dev), stock_precision, dev)
         gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         with PeakRSS() as mem:
             times, _ = time_module(stock_module, x, dev, reps, warmup)
         stock_s = min(times)
         params0 = sum(p.numel() for p in base.parameters())
         rows.append(Row(arch, "stock", 1.0, "torch-eager", stock_precision, stock_s, times, 1.0, 1.0,
                         params0, mem.peak / 2 ** 20, device=describe_device(dev, "torch"),
-                        notes=["stock TotalSegmentator network: PyTorch eager, dense"]))
+                        notes=["stock TotalSegmentator network: PyTorch eager, dense"],
+                        gpu_peak_mb=torch.cuda.max_memory_allocated(dev) / 2 ** 20 if dev.type == "cuda" else None))
         log(f"[{arch}] stock torch eager {stock_precision}: {stock_s:.3f} s/patch")
         del stock_module
         networks: List[Tuple[str, float, nn.Module, float]] = [("dense", 1.0, base, 1.0)]
@@ -238,7 +243,7 @@ def run_patch_bench(archs: Sequence[str] = ("1.5mm", "3mm"), ratios: Sequence[fl
                 except EngineError as exc:
                     log(f"[{arch}] {policy} {ratio:g} {engine} {prec}: skipped ({exc})")
                     continue
-                prepared.append([engine, info, module, prep, mem.peak, [], out])
+                prepared.append([engine, info, module, prep, mem.peak, [], out, 0.0])
             # timed rounds interleave the configs, so that load from other processes on a shared
             # machine hits them alike; the best round counts
             for _ in range(reps):
@@ -250,14 +255,15 @@ def run_patch_bench(archs: Sequence[str] = ("1.5mm", "3mm"), ratios: Sequence[fl
                         times, item[6] = time_module(item[2], x, dev, 1, 0)
                     item[4] = max(item[4], mem.peak)
                     item[5] += times
+                    if dev.type == "cuda":  # this configuration's own peak
+                        item[7] = max(item[7], torch.cuda.max_memory_allocated(dev) / 2 ** 20)
             reference = next((item[6].float().cpu() for item in prepared
                               if item[0] == "torch" and item[1].precision == "f32"), None)
-            for engine, info, module, prep, peak, times, out in prepared:
+            for engine, info, module, prep, peak, times, out, gpu_peak in prepared:
                 row = Row(arch, policy, ratio, engine, info.precision, min(times), times,
                           stock_s / min(times), macs_ratio, params, peak / 2 ** 20, prep,
-                          device=info.device, notes=list(info.notes))
-                if dev.type == "cuda":
-                    row.gpu_peak_mb = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+                          device=info.device, notes=list(info.notes),
+                          gpu_peak_mb=gpu_peak if dev.type == "cuda" else None)
                 if reference is not None:
                     agr = compare_logits(out, reference)
                     row.agreement_vs_torch_f32 = agr.argmax_agreement
@@ -318,10 +324,9 @@ def format_table(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> Path:
     """Speed-up against stock per configuration, one panel per architecture, MAC limit dashed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from TuckerSegLib.evaluation.plots import pyplot, save_figure
 
+    plt = pyplot()
     rows = [r for r in result["rows"] if r["policy"] != "stock"]
     archs = list(dict.fromkeys(r["arch"] for r in rows))
     fig, axes = plt.subplots(1, max(1, len(archs)), figsize=(7 * max(1, len(archs)), 4.5), squeeze=False)
@@ -350,11 +355,7 @@ def plot(result: dict, path: Path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle("dashed: MAC limit (1 / MACs kept)", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, tight=False)
 
 
 def write_json(result: dict, path: Path) -> Path:

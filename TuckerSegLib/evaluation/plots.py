@@ -12,7 +12,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -21,18 +22,20 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path, tight: bool = True) -> Path:
+    """Write ``fig`` to ``path`` atomically (a temporary file, then a rename) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, dpi=110, bbox_inches="tight" if tight else None)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; it is an ordinary output file
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
         fig.clf()
-        _pyplot().close(fig)
+        pyplot().close(fig)
     return path
 
 
@@ -40,7 +43,7 @@ def _label_cmap(n_labels: int):
     from matplotlib.colors import ListedColormap
 
     name, n = ("tab10", 10) if n_labels <= 10 else ("tab20", 20)
-    base = _pyplot().get_cmap(name)
+    base = pyplot().get_cmap(name)
     colours = [(0, 0, 0, 0)] + [base(i % n) for i in range(max(n_labels, 1))]
     return ListedColormap(colours)
 
@@ -50,7 +53,7 @@ def plot_slices(image: np.ndarray, segmentations: Mapping[str, np.ndarray], spac
     """One row per segmentation (e.g. truth, ratio 1.0, 0.5, ...), columns axial/coronal/sagittal
     through the centre of the labelled region, image in a soft-tissue window with label overlay.
     Arrays are in NIfTI voxel order (i, j, k)."""
-    plt = _pyplot()
+    plt = pyplot()
     any_fg = np.zeros(image.shape, dtype=bool)
     for seg in segmentations.values():
         any_fg |= seg > 0
@@ -82,7 +85,7 @@ def plot_slices(image: np.ndarray, segmentations: Mapping[str, np.ndarray], spac
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_ratio_curves(rows: List[dict], path: Path, x_key: str = "macs_fraction",
@@ -91,7 +94,7 @@ def plot_ratio_curves(rows: List[dict], path: Path, x_key: str = "macs_fraction"
                       title: str = "") -> Path:
     """Quality (left axis) and time (right axis) against the fraction of MACs kept (or ratio).
     ``group_key`` (e.g. "policy") draws one line per group."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups: Dict[str, List[dict]] = {}
     for row in rows:
@@ -128,13 +131,13 @@ def plot_ratio_curves(rows: List[dict], path: Path, x_key: str = "macs_fraction"
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str],
                  path: Path, title: str = "", value_label: str = "Dice") -> Path:
     """Heat map (rows = classes, columns = ratio/policy), values in [0, 1]."""
-    plt = _pyplot()
+    plt = pyplot()
     matrix = np.asarray(matrix, dtype=float)
     h = max(3.0, 0.22 * len(row_labels) + 1.5)
     w = max(4.0, 0.9 * len(col_labels) + 3.0)
@@ -154,4 +157,4 @@ def plot_heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequ
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

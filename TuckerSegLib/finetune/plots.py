@@ -1,8 +1,6 @@
 """The distillation loss curve as a PNG (matplotlib, Agg backend: no display needed)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -11,12 +9,9 @@ import numpy as np
 
 def save_loss_curve(loss_curve: Sequence[float], path: Path, title: str = "distillation loss") -> Path:
     """Raw per-step loss and its running mean, log scale; written atomically."""
-    import matplotlib
+    from TuckerSegLib.evaluation.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
+    plt = pyplot()
     y = np.asarray(loss_curve, dtype=float)
     steps = np.arange(1, len(y) + 1)
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
@@ -33,14 +28,4 @@ def save_loss_curve(loss_curve: Sequence[float], path: Path, title: str = "disti
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; it is an ordinary output file
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return save_figure(fig, path, tight=False)
