@@ -77,12 +77,9 @@ def _time_torch(module: nn.Module, x: torch.Tensor, device: torch.device, precis
 
 
 def _time_openvino(module: nn.Module, x: torch.Tensor, precision: str, reps: int) -> float:
-    import openvino as ov
+    from TuckerSegLib.engines.openvino_engine import OpenVINOEngine, convert_static, core, ov_device_name
 
-    from TuckerSegLib.engines.openvino_engine import OpenVINOEngine, core, ov_device_name
-
-    with torch.no_grad():
-        model = ov.convert_model(module.eval(), example_input=x, input=[ov.PartialShape(list(x.shape))])
+    model = convert_static(module, x.shape)
     compiled = core().compile_model(model, ov_device_name(), OpenVINOEngine().config(precision))
     request = compiled.create_infer_request()
     arr = x.numpy()

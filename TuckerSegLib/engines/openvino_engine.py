@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -62,16 +63,37 @@ def ir_key(network: nn.Module, input_shape: Sequence[int]) -> str:
     return h.hexdigest()[:24]
 
 
+def convert_static(module: nn.Module, input_shape: Sequence[int]):
+    """``ov.convert_model`` of ``module`` with a static ``input_shape``.
+
+    Why not trace at that shape: tracing runs the module in PyTorch, which at a full 3D patch
+    costs seconds per layer (minutes when every form of every layer is timed). The graph does not
+    depend on the spatial size, so it is traced at a small one that keeps the network's
+    downsampling exact (the largest power of two up to 64 dividing each axis), then reshaped.
+    Tracing at the real shape remains the fallback.
+    """
+    ov = _ov()
+    small = [int(input_shape[0]), int(input_shape[1]), *[math.gcd(int(s), 64) for s in input_shape[2:]]]
+    module = module.eval().to("cpu")
+    with torch.no_grad():
+        if small != [int(s) for s in input_shape]:
+            try:
+                model = ov.convert_model(module, example_input=torch.zeros(*small))
+                model.reshape({0: ov.PartialShape([int(s) for s in input_shape])})
+                return model
+            except Exception as exc:  # e.g. a network whose strides need more than 64
+                log.debug("small-shape conversion failed (%s); tracing at %s", exc, tuple(input_shape))
+        return ov.convert_model(module, example_input=torch.zeros(*input_shape),
+                                input=[ov.PartialShape([int(s) for s in input_shape])])
+
+
 def convert_to_ir(network: nn.Module, input_shape: Sequence[int], folder: Path) -> Path:
     """Convert ``network`` at a static ``input_shape`` and save f32 IR into ``folder`` atomically."""
     ov = _ov()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
-        net = network.eval().to("cpu")
-        with torch.no_grad():
-            model = ov.convert_model(net, example_input=torch.zeros(*input_shape),
-                                     input=[ov.PartialShape(list(input_shape))])
+        model = convert_static(network, input_shape)
         # keep f32 weights: save_model compresses to fp16 by default, which would change results
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
         (tmp / "source.json").write_text(json.dumps({"input_shape": list(input_shape),
