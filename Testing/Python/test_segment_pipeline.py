@@ -282,3 +282,26 @@ def test_single_case_runs_in_process_and_keeps_nnunet_signature(tmp_path):
         assert nnUNetPredictor.predict_from_files is not before
         assert inspect.signature(nnUNetPredictor.predict_from_files) == inspect.signature(before)
     assert nnUNetPredictor.predict_from_files is before
+
+
+def test_parallel_argmax_gives_nnunets_labels():
+    """The hook's argmax over classes (torch, all cores) equals nnU-Net's numpy one, ties included,
+    for numpy and torch inputs; region-based label managers are left alone."""
+    import numpy as np
+    import torch
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from TuckerSegLib.pipeline.predictor_hook import _parallel_argmax
+
+    labels = {"background": 0, **{f"c{i}": i for i in range(1, 12)}}
+    stock, fast = LabelManager(labels, None), _parallel_argmax(LabelManager(labels, None))
+    probs = np.random.default_rng(0).random((12, 9, 10, 11)).astype(np.float32)
+    probs[3, 0, 0, :4] = probs[8, 0, 0, :4] = 2.0  # a tie: the first maximum wins in both
+    ours = fast.convert_probabilities_to_segmentation(probs)
+    theirs = stock.convert_probabilities_to_segmentation(probs)
+    assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs) and (ours[0, 0, :4] == 3).all()
+    t = torch.from_numpy(probs)
+    assert torch.equal(fast.convert_probabilities_to_segmentation(t), stock.convert_probabilities_to_segmentation(t))
+    assert np.array_equal(fast.convert_logits_to_segmentation(probs), stock.convert_logits_to_segmentation(probs))
+    regions = LabelManager({"background": 0, "a": [1, 2], "b": 2}, regions_class_order=[1, 2])
+    assert _parallel_argmax(regions).convert_probabilities_to_segmentation == regions.convert_probabilities_to_segmentation

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -214,7 +215,7 @@ class CompressedPredictorHook:
         predictor.dataset_json = dataset_json
         predictor.trainer_name = trainer_name
         predictor.allowed_mirroring_axes = mirroring
-        predictor.label_manager = plans_manager.get_label_manager(dataset_json)
+        predictor.label_manager = _parallel_argmax(plans_manager.get_label_manager(dataset_json))
         if os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t"):
             predictor.network = torch.compile(predictor.network)
 
@@ -296,6 +297,32 @@ def _in_process_predict_from_files(original: Callable) -> Callable:
                         num_parts=num_parts, part_id=part_id, **extra, **kwargs)
 
     return predict_from_files
+
+
+def _parallel_argmax(label_manager):
+    """``label_manager`` whose argmax over classes runs on every core.
+
+    Why: nnU-Net takes it with numpy on one core, about 0.5 s of a 3 s compressed --fast run on
+    2 cores for 118 classes. ``torch.max`` over the class axis gives the same labels (the first
+    maximum on ties, as numpy) and dtype. Region-based models keep nnU-Net's own code.
+    """
+    if getattr(label_manager, "has_regions", True):
+        return label_manager
+    original = label_manager.convert_probabilities_to_segmentation
+
+    def convert_probabilities_to_segmentation(predicted_probabilities):
+        probs = predicted_probabilities
+        if isinstance(probs, np.ndarray) and probs.ndim >= 2 and probs.shape[0] == label_manager.num_segmentation_heads:
+            with torch.inference_mode():
+                return torch.from_numpy(probs).max(0).indices.numpy()
+        if isinstance(probs, torch.Tensor) and probs.device.type == "cpu" and probs.dim() >= 2 and \
+                probs.shape[0] == label_manager.num_segmentation_heads:
+            with torch.inference_mode():
+                return probs.max(0).indices
+        return original(predicted_probabilities)
+
+    label_manager.convert_probabilities_to_segmentation = convert_probabilities_to_segmentation
+    return label_manager
 
 
 def _single_case(predictor, source) -> Optional[List[List[str]]]:
