@@ -7,6 +7,7 @@ that nothing is decomposed twice). Model folders and files are handled in ``Tuck
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
@@ -26,9 +27,12 @@ from TuckerSegLib.progress import NullProgress, Progress
 # Ranks are rounded to multiples of this for fast kernels (uniform, energy, budget).
 RANK_MULTIPLE = 8
 # Closed-loop refinement of budget allocations on the probe (``network.probe_search``): at most
-# this many rounds, started only while their estimated time fits in this many seconds.
+# this many rounds, started only while their probe forwards fit in this many MACs in all. A
+# budget in MACs, not seconds, gives the same ranks on every machine. It buys about 140 forwards
+# of the demo model's probe (3 rounds, about 10 s on 2 cores) and none of a TotalSegmentator network's,
+# whose rounds would take many minutes on a CPU.
 REFINE_ROUNDS = 8
-REFINE_SECONDS = 30.0
+REFINE_PROBE_MACS = 1e12
 
 
 @dataclass
@@ -138,9 +142,11 @@ def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
         alternatives = budget_alternatives(candidates, ratio, rank_spectra, rank_multiple,
                                            fixed_macs=before.cost.macs - dense_candidates,
                                            total_macs=before.cost.macs, weights=sensitivity)
+        probe_macs = before.cost.macs * probe.shape[0] * probe[0, 0].numel() / math.prod(patch_size)
         ranks, allocation = _search_on_probe(net, candidates, alternatives, spectra, probe, rank_multiple,
                                              ratio * before.cost.macs,
-                                             before.cost.macs - dense_candidates, sensitivity, progress)
+                                             before.cost.macs - dense_candidates, sensitivity, progress,
+                                             max_evaluations=int(REFINE_PROBE_MACS // max(1.0, probe_macs)))
     else:
         ranks = choose_ranks(candidates, ratio, policy, spectra=rank_spectra, rank_min=rank_min,
                              rank_multiple=rank_multiple, fixed_macs=before.cost.macs - dense_candidates,
@@ -199,8 +205,8 @@ def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
 def _search_on_probe(net: nn.Module, candidates: Sequence[LayerShape],
                      alternatives: Mapping[str, Mapping[str, Ranks]], spectra: Mapping, probe: torch.Tensor,
                      rank_multiple: int, target_macs: float, fixed_macs: int,
-                     sensitivity: Mapping[str, Tuple[float, float]], progress: Progress
-                     ) -> Tuple[Dict[str, Ranks], dict]:
+                     sensitivity: Mapping[str, Tuple[float, float]], progress: Progress,
+                     max_evaluations: int) -> Tuple[Dict[str, Ranks], dict]:
     """Keep the allocation with the least measured probe error, then refine it on the probe."""
     from TuckerSegLib.network.probe_search import ProbeScorer, best_on_probe, refine_on_probe
 
@@ -211,7 +217,7 @@ def _search_on_probe(net: nn.Module, candidates: Sequence[LayerShape],
         chosen = allocation["chosen"]
         ranks, refined = refine_on_probe(scorer, candidates, ladders, alternatives[chosen],
                                          target_macs, fixed_macs, max_rounds=REFINE_ROUNDS,
-                                         max_seconds=REFINE_SECONDS, progress=progress,
+                                         max_evaluations=max_evaluations, progress=progress,
                                          start_error=allocation["probe_error"][chosen])
     finally:
         scorer.restore()

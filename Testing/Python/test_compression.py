@@ -270,6 +270,12 @@ def test_refinement_trades_macs_by_measured_error_and_keeps_the_target():
         assert history["trades"] >= 1 and history["evaluations"] > len(layers)
         assert 0.98 * target <= fixed + sum(l.macs(ranks[l.name]) for l in layers) <= target
         assert scorer.error(ranks) == pytest.approx(history["probe_error"], rel=1e-5)
+        # a budget of forwards too small for one round: no round, the start comes back
+        movable = sum(len(ladders[l.name]) > 1 for l in layers)
+        same, short = refine_on_probe(scorer, layers, ladders, start, target, fixed, max_rounds=2,
+                                      max_evaluations=2 * movable + 1)
+        assert short["stopped"] == "evaluation budget" and short["rounds"] == 0 and same == start
+        assert short["evaluations"] == 0  # nothing measured beyond the start
     finally:
         scorer.restore()
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # network restored

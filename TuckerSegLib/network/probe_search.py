@@ -118,11 +118,13 @@ def refine_on_probe(scorer: ProbeScorer, layers: Sequence[LayerShape], ladders: 
                     start: Allocation, target_macs: float, fixed_macs: int, max_rounds: int = 3,
                     max_seconds: Optional[float] = None, tolerance: float = 0.02,
                     progress: Optional[Progress] = None,
-                    start_error: Optional[float] = None) -> Tuple[Allocation, dict]:
+                    start_error: Optional[float] = None,
+                    max_evaluations: Optional[int] = None) -> Tuple[Allocation, dict]:
     """Trade MACs between layers by measured error at the same MAC target (see module docstring).
 
-    ``max_seconds`` bounds the time: a round starts only if its estimated cost (two forwards per
-    layer) fits in what is left. The MACs stay within ``[1 - tolerance, 1] x target_macs``
+    A round costs two probe forwards per layer. It starts only if that fits in ``max_evaluations``
+    forwards (the same on every machine, so the result is too) and, when given, in what is left
+    of ``max_seconds``. The MACs stay within ``[1 - tolerance, 1] x target_macs``
     unless ``start`` already lies below that. ``start_error``: the probe error of ``start`` when
     already measured (e.g. by ``best_on_probe``), so that it is not measured again.
     """
@@ -139,9 +141,13 @@ def refine_on_probe(scorer: ProbeScorer, layers: Sequence[LayerShape], ladders: 
     history = {"probe_error_start": error, "rounds": 0, "trades": 0, "evaluations_start": scorer.evaluations}
     movable = [l for l in layers if len(ladders.get(l.name, [])) > 1]
     for round_ in range(max_rounds):
+        per_round = 2 * len(movable) + 2
+        if max_evaluations is not None and \
+                scorer.evaluations - history["evaluations_start"] + per_round > max_evaluations:
+            history["stopped"] = "evaluation budget"
+            break
         if max_seconds is not None:
-            estimate = (2 * len(movable) + 2) * scorer.forward_seconds
-            if time.perf_counter() - t0 + estimate > max_seconds:
+            if time.perf_counter() - t0 + per_round * scorer.forward_seconds > max_seconds:
                 history["stopped"] = "time budget"
                 break
         slack = target_macs - total(current)
