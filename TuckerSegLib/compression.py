@@ -26,6 +26,9 @@ from TuckerSegLib.progress import NullProgress, Progress
 
 # Ranks are rounded to multiples of this for fast kernels (uniform, energy, budget).
 RANK_MULTIPLE = 8
+# Raised whenever the same arguments may give other ranks or factors (rank policies, probe,
+# refinement): cached compressed models of an older version are then rebuilt, not reused.
+ALGORITHM_VERSION = 10
 # Closed-loop refinement of budget allocations on the probe (``network.probe_search``): at most
 # this many rounds, started only while their probe forwards fit in this many MACs in all. A
 # budget in MACs, not seconds, gives the same ranks on every machine. It buys about 140 forwards

@@ -127,6 +127,18 @@ def test_cache_builds_once_and_rebuilds_damaged(model_dir, tmp_path):
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
 
 
+def test_cache_entries_of_another_algorithm_version_are_not_reused(model_dir, tmp_path, monkeypatch):
+    """A TuckerSeg that chooses ranks differently must not load what an older one cached."""
+    from TuckerSegLib.models import cache as cache_mod
+
+    cache = tmp_path / "cache"
+    get_compressed_network(model_dir, 0, "uniform", 0.5, cache_dir=cache)
+    monkeypatch.setattr(cache_mod, "ALGORITHM_VERSION", cache_mod.ALGORITHM_VERSION + 1)
+    get_compressed_network(model_dir, 0, "uniform", 0.5, cache_dir=cache)
+    names = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    assert len(names) == 2 and names[0].rsplit("-v", 1)[0] == names[1].rsplit("-v", 1)[0]
+
+
 def test_cache_concurrent_builders(model_dir, tmp_path):
     cache = tmp_path / "cache"
     code = ("import sys; from TuckerSegLib.models.cache import get_compressed_network as g;"

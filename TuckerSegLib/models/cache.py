@@ -1,4 +1,5 @@
-"""The compression cache: each (model, fold, policy, ratio, method) is compressed once.
+"""The compression cache: each (model, fold, policy, ratio, method) is compressed once per
+``compression.ALGORITHM_VERSION`` (a newer TuckerSeg that chooses ranks differently rebuilds).
 
 Entries are compressed-model folders (``compressed_file``) under the cache folder, which is, in
 order: the ``cache_dir`` argument, ``$TUCKERSEG_CACHE_DIR``, a ``tuckerseg_cache`` folder beside
@@ -18,7 +19,7 @@ from typing import Optional, Tuple, Union
 
 from torch import nn
 
-from TuckerSegLib.compression import RANK_MULTIPLE, compress_network
+from TuckerSegLib.compression import ALGORITHM_VERSION, RANK_MULTIPLE, compress_network
 from TuckerSegLib.errors import ModelError, check_ratio
 from TuckerSegLib.models.compressed_file import load_compressed, read_manifest, save_compressed
 from TuckerSegLib.models.nnunet_folder import DEFAULT_CHECKPOINT, NnUNetModel, load_model_folder
@@ -55,7 +56,7 @@ def default_cache_dir(model_folder: Path) -> Path:
 def entry_name(fold, checkpoint_name: str, policy: str, ratio: float, method: str,
                rank_multiple: int) -> str:
     stem = Path(checkpoint_name).stem
-    return f"fold{fold}-{stem}-{policy}-r{ratio:.4f}-{method}-m{rank_multiple}"
+    return f"fold{fold}-{stem}-{policy}-r{ratio:.4f}-{method}-m{rank_multiple}-v{ALGORITHM_VERSION}"
 
 
 def original_report(model: NnUNetModel) -> dict:
