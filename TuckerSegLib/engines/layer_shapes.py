@@ -122,21 +122,29 @@ def shape_for_device(network: nn.Module, patch_size: Sequence[int], in_channels:
     # the forms depend on the structure and shapes only (timings are never overwritten): a
     # network seen before on this device gets the same forms without tracing or timing
     net_key = timing_key(engine.name, precision, device_name, network, (in_channels, *patch_size))
-    remembered = _load(choices_path).get(net_key)
-    if isinstance(remembered, dict) and set(remembered) == {s.name for s in sites}:
-        net = copy.deepcopy(network)
-        for site in find_sites(net, include_factorised=True):
-            choice = remembered.get(site.name, "factorised")
-            if isinstance(site.module, TuckerConv) and choice != "factorised":
-                replace_site(net, site, make_form(site.module, choice, multiple))
-        return net.eval(), dict(remembered)
+    forms = _load(choices_path).get(net_key)
+    if not (isinstance(forms, dict) and set(forms) == {s.name for s in sites}):
+        forms = _measure_forms(network, sites, in_channels, patch_size, engine, device, precision,
+                               device_name, multiple, path, reps, progress)
+        _save(choices_path, {net_key: forms})
+    net = copy.deepcopy(network)
+    for site in find_sites(net, include_factorised=True):
+        choice = forms.get(site.name, "factorised")
+        if isinstance(site.module, TuckerConv) and choice != "factorised":
+            replace_site(net, site, make_form(site.module, choice, multiple))
+    return net.eval(), dict(forms)
+
+
+def _measure_forms(network: nn.Module, sites, in_channels: int, patch_size: Sequence[int], engine: Engine,
+                   device: torch.device, precision: str, device_name: str, multiple: int, path: Path,
+                   reps: int, progress: Progress) -> Dict[str, str]:
+    """The fastest form of each factorised layer, timing only what ``path`` does not hold yet."""
     shapes = trace(network, (1, in_channels, *patch_size)).shapes
     known = _load(path)
     new: Dict[str, float] = {}
-    net = copy.deepcopy(network)
     forms: Dict[str, str] = {}
-    for i, site in enumerate(find_sites(net, include_factorised=True)):
-        if not isinstance(site.module, TuckerConv) or site.name not in shapes:
+    for i, site in enumerate(sites):
+        if site.name not in shapes:
             continue
         in_shape = shapes[site.name][0]
         seconds = {}
@@ -149,12 +157,8 @@ def shape_for_device(network: nn.Module, patch_size: Sequence[int], in_channels:
                 new[key] = time_layer(engine, candidate, in_shape, device, precision, reps)
             seconds[form] = known.get(key, new.get(key))
         best = min(seconds, key=seconds.get)
-        choice = best if seconds[best] < (1 - MARGIN) * seconds["factorised"] else "factorised"
-        forms[site.name] = choice
-        if choice != "factorised":
-            replace_site(net, site, make_form(site.module, choice, multiple))
-        progress.update((i + 1) / len(sites), f"timed {site.name}: {choice}")
+        forms[site.name] = best if seconds[best] < (1 - MARGIN) * seconds["factorised"] else "factorised"
+        progress.update((i + 1) / len(sites), f"timed {site.name}: {forms[site.name]}")
     if new:
         _save(path, new)
-    _save(choices_path, {net_key: forms})
-    return net.eval(), forms
+    return forms

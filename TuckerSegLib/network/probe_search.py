@@ -60,10 +60,8 @@ class ProbeScorer:
         self._current: Dict[str, Ranks] = {name: None for name in self.sites}
         self._modules: Dict[Tuple[str, Tuple[int, int]], nn.Module] = {}
         self.evaluations = 0
-        t0 = time.perf_counter()
         with torch.no_grad():
             self.reference = torch.softmax(network(probe).float(), 1)
-        self.forward_seconds = time.perf_counter() - t0
 
     def _module(self, name: str, ranks: Ranks) -> nn.Module:
         if ranks is None:
@@ -116,15 +114,14 @@ def _neighbours(ladder: Sequence[Ranks], layer: LayerShape, ranks: Ranks) -> Tup
 
 def refine_on_probe(scorer: ProbeScorer, layers: Sequence[LayerShape], ladders: Mapping[str, List[Ranks]],
                     start: Allocation, target_macs: float, fixed_macs: int, max_rounds: int = 3,
-                    max_seconds: Optional[float] = None, tolerance: float = 0.02,
+                    tolerance: float = 0.02,
                     progress: Optional[Progress] = None,
                     start_error: Optional[float] = None,
                     max_evaluations: Optional[int] = None) -> Tuple[Allocation, dict]:
     """Trade MACs between layers by measured error at the same MAC target (see module docstring).
 
     A round costs two probe forwards per layer. It starts only if that fits in ``max_evaluations``
-    forwards (the same on every machine, so the result is too) and, when given, in what is left
-    of ``max_seconds``. The MACs stay within ``[1 - tolerance, 1] x target_macs``
+    forwards (a count, not a time, so that every machine gets the same result). The MACs stay within ``[1 - tolerance, 1] x target_macs``
     unless ``start`` already lies below that. ``start_error``: the probe error of ``start`` when
     already measured (e.g. by ``best_on_probe``), so that it is not measured again.
     """
@@ -146,10 +143,6 @@ def refine_on_probe(scorer: ProbeScorer, layers: Sequence[LayerShape], ladders: 
                 scorer.evaluations - history["evaluations_start"] + per_round > max_evaluations:
             history["stopped"] = "evaluation budget"
             break
-        if max_seconds is not None:
-            if time.perf_counter() - t0 + per_round * scorer.forward_seconds > max_seconds:
-                history["stopped"] = "time budget"
-                break
         slack = target_macs - total(current)
         ups: List[Tuple[float, str, Ranks, int]] = []
         downs: List[Tuple[float, str, Ranks, int]] = []

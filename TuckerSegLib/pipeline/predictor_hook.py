@@ -185,7 +185,6 @@ class CompressedPredictorHook:
                 params, macs = _params_and_macs(network, patch, model.num_input_channels)
                 params0, macs0 = params, macs
 
-        network.load_state_dict(parameters[0])
         engine_info: dict = {}
         from TuckerSegLib.engines import ENGINE_CHOICES
         if self.engine in ENGINES and self.engine not in ENGINE_CHOICES:  # a registered custom engine
@@ -311,14 +310,13 @@ def _parallel_argmax(label_manager):
     original = label_manager.convert_probabilities_to_segmentation
 
     def convert_probabilities_to_segmentation(predicted_probabilities):
-        probs = predicted_probabilities
-        if isinstance(probs, np.ndarray) and probs.ndim >= 2 and probs.shape[0] == label_manager.num_segmentation_heads:
-            with torch.inference_mode():
-                return torch.from_numpy(probs).max(0).indices.numpy()
+        is_numpy = isinstance(predicted_probabilities, np.ndarray)
+        probs = torch.from_numpy(predicted_probabilities) if is_numpy else predicted_probabilities
         if isinstance(probs, torch.Tensor) and probs.device.type == "cpu" and probs.dim() >= 2 and \
                 probs.shape[0] == label_manager.num_segmentation_heads:
             with torch.inference_mode():
-                return probs.max(0).indices
+                labels = probs.max(0).indices
+            return labels.numpy() if is_numpy else labels
         return original(predicted_probabilities)
 
     label_manager.convert_probabilities_to_segmentation = convert_probabilities_to_segmentation
