@@ -20,6 +20,7 @@ from TuckerSegLib.decomposition.ranks import (POLICIES, LayerShape, Ranks, budge
 from TuckerSegLib.decomposition.tucker import METHODS, ModeSpectra, Tucker2, mode_spectra, tucker2
 from TuckerSegLib.errors import InputError, check_ratio
 from TuckerSegLib.network.cost import Cost, layer_shapes, trace
+from TuckerSegLib.network.probe_search import ValidationSet
 from TuckerSegLib.network.surgery import find_sites, replace_site
 from TuckerSegLib.network.tucker_conv import TuckerConv, conv_layout_weight
 from TuckerSegLib.progress import NullProgress, Progress
@@ -28,14 +29,16 @@ from TuckerSegLib.progress import NullProgress, Progress
 RANK_MULTIPLE = 8
 # Raised whenever the same arguments may give other ranks or factors (rank policies, probe,
 # refinement): cached compressed models of an older version are then rebuilt, not reused.
-ALGORITHM_VERSION = 10
+ALGORITHM_VERSION = 11
 # Closed-loop refinement of budget allocations on the probe (``network.probe_search``): at most
 # this many rounds, started only while their probe forwards fit in this many MACs in all. A
-# budget in MACs, not seconds, gives the same ranks on every machine. It buys about 140 forwards
-# of the demo model's probe (3 rounds, about 10 s on 2 cores) and none of a TotalSegmentator network's,
-# whose rounds would take many minutes on a CPU.
+# budget in MACs, not seconds, gives the same ranks on every machine. Whole-volume validation is
+# paid from it too (in probe forwards). It buys about 280 forwards of the demo model's probe (3
+# rounds validated on 4 phantoms, about 40 s on 2 cores) and neither rounds nor validation for a
+# TotalSegmentator network (33 probe forwards; one round needs 44 to 54), which would take many
+# minutes on a CPU.
 REFINE_ROUNDS = 8
-REFINE_PROBE_MACS = 1e12
+REFINE_PROBE_MACS = 2e12
 
 
 @dataclass
@@ -91,13 +94,16 @@ def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
                      rank_multiple: int = RANK_MULTIPLE, inplace: bool = False,
                      progress: Optional[Progress] = None,
                      probe: Optional[torch.Tensor] = None,
-                     calibration: Optional[Calibration] = None) -> CompressionResult:
+                     calibration: Optional[Calibration] = None,
+                     validation: Optional[ValidationSet] = None) -> CompressionResult:
     """Factorise ``network`` at ``ratio`` under ``policy`` (see ``decomposition.ranks``).
 
     Costs are counted at ``patch_size`` (the model's sliding-window patch). The input network is
     left untouched unless ``inplace``. ``ratio = 1.0`` returns the network unchanged.
     ``probe`` (an input batch, e.g. ``models.probe.default_probe``) lets ``budget`` weigh each
     layer's error by its measured effect on the output (``network.sensitivity``).
+    ``validation`` (whole volumes, e.g. ``models.probe.default_validation``) then decides which
+    of the probe's choices are kept, where the refinement budget affords it (``network.probe_search``).
     ``calibration`` (activation statistics) replaces ``method`` for the factors and the weight
     spectra for rank allocation wherever it has data for a layer (``probe`` is then unused).
     """
@@ -149,7 +155,8 @@ def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
         ranks, allocation = _search_on_probe(net, candidates, alternatives, spectra, probe, rank_multiple,
                                              ratio * before.cost.macs,
                                              before.cost.macs - dense_candidates, sensitivity, progress,
-                                             max_evaluations=int(REFINE_PROBE_MACS // max(1.0, probe_macs)))
+                                             max_evaluations=int(REFINE_PROBE_MACS // max(1.0, probe_macs)),
+                                             validation=validation, patch_size=patch_size)
     else:
         ranks = choose_ranks(candidates, ratio, policy, spectra=rank_spectra, rank_min=rank_min,
                              rank_multiple=rank_multiple, fixed_macs=before.cost.macs - dense_candidates,
@@ -209,22 +216,38 @@ def _search_on_probe(net: nn.Module, candidates: Sequence[LayerShape],
                      alternatives: Mapping[str, Mapping[str, Ranks]], spectra: Mapping, probe: torch.Tensor,
                      rank_multiple: int, target_macs: float, fixed_macs: int,
                      sensitivity: Mapping[str, Tuple[float, float]], progress: Progress,
-                     max_evaluations: int) -> Tuple[Dict[str, Ranks], dict]:
-    """Keep the allocation with the least measured probe error, then refine it on the probe."""
-    from TuckerSegLib.network.probe_search import ProbeScorer, best_on_probe, refine_on_probe
+                     max_evaluations: int, validation: Optional[ValidationSet] = None,
+                     patch_size: Sequence[int] = ()) -> Tuple[Dict[str, Ranks], dict]:
+    """Keep the allocation with the least measured error, then refine it (see ``network.probe_search``).
+
+    Whole-volume validation is used only when its reference and the alternatives' measurements
+    fit in ``max_evaluations`` (probe forwards); otherwise the probe alone decides, as before.
+    """
+    from TuckerSegLib.network.probe_search import (ProbeScorer, VolumeScorer, best_on_probe, refine_on_probe,
+                                                   volume_cost)
 
     scorer = ProbeScorer(net, {s.name: s for s in find_sites(net)}, spectra, probe)
+    volumes = None
     try:
-        allocation = best_on_probe(scorer, alternatives)
+        if validation is not None and validation.shapes:
+            cost = volume_cost(validation.shapes, patch_size, probe.shape)
+            if (1 + len(alternatives)) * cost + len(alternatives) <= max_evaluations:
+                progress.log(f"validating on {len(validation.shapes)} whole volumes")
+                volumes = VolumeScorer(scorer, validation.build(), patch_size)
+        allocation = best_on_probe(scorer, alternatives, volumes)
         ladders = rank_ladders(candidates, spectra, rank_multiple, sensitivity)
         chosen = allocation["chosen"]
+        left = max_evaluations - scorer.evaluations
         ranks, refined = refine_on_probe(scorer, candidates, ladders, alternatives[chosen],
                                          target_macs, fixed_macs, max_rounds=REFINE_ROUNDS,
-                                         max_evaluations=max_evaluations, progress=progress,
-                                         start_error=allocation["probe_error"][chosen])
+                                         max_evaluations=left, progress=progress,
+                                         start_error=allocation["probe_error"][chosen], volumes=volumes,
+                                         start_volume_error=allocation.get("volume_error", {}).get(chosen))
     finally:
         scorer.restore()
     allocation["refined"] = refined
+    allocation["validation"] = {"volumes": len(validation.shapes) if volumes is not None else 0,
+                                "probe_forwards_each": volumes.cost if volumes is not None else None}
     return ranks, allocation
 
 

@@ -44,7 +44,7 @@ from TuckerSegLib.finetune.calibrate import collect_stats  # noqa: E402
 from TuckerSegLib.finetune.distill import DistillConfig, distill  # noqa: E402
 from TuckerSegLib.finetune.preprocess import PatchSampler, preprocess  # noqa: E402
 from TuckerSegLib.models.nnunet_folder import load_model_folder  # noqa: E402
-from TuckerSegLib.models.probe import default_probe  # noqa: E402
+from TuckerSegLib.models.probe import budget_inputs  # noqa: E402
 from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume  # noqa: E402
 
 STUDY_RANK_FACTOR = 0.3
@@ -129,7 +129,7 @@ def run_case(name: str, model_dir: Path, train: List[Path], evaluate: List[Path]
         "budget, weight-energy HOSVD, zero-shot": compress_network(
             net, target, "budget", patch_size=patch, rank_multiple=1),
         "budget, probe-sensitivity HOSVD, zero-shot": compress_network(
-            net, target, "budget", patch_size=patch, rank_multiple=1, probe=default_probe(model)),
+            net, target, "budget", patch_size=patch, rank_multiple=1, **budget_inputs(model)),
         "uniform ranks, data-aware factors": compress_network(
             net, u_ratio, "uniform", patch_size=patch, rank_min=1, rank_multiple=1, calibration=stats),
         "budget, data-aware ranks + factors": compress_network(

@@ -282,6 +282,76 @@ def test_refinement_trades_macs_by_measured_error_and_keeps_the_target():
     assert not any(isinstance(m, TuckerConv) for m in net.modules())
 
 
+def test_volume_scorer_predicts_as_nnunets_sliding_window():
+    """The validation volumes are nnU-Net's own preprocessing of the phantoms, and the batched
+    tiles give nnU-Net's predictor's logits (same steps, same Gaussian)."""
+    from TuckerSegLib.demo.demo_model import materialize_demo_model
+    from TuckerSegLib.models.nnunet_folder import load_model_folder
+    from TuckerSegLib.models.probe import default_probe, default_validation
+    from TuckerSegLib.network.probe_search import ProbeScorer, VolumeScorer, volume_cost
+    from TuckerSegLib.pipeline.nnunet_predict import load_predictor
+
+    folder = materialize_demo_model()
+    model = load_model_folder(folder)
+    validation = default_validation(model, seeds=(300,))
+    volumes = validation.build()
+    assert [tuple(v.shape) for v in volumes] == list(validation.shapes)
+    net = model.network.eval()
+    probe = default_probe(model)
+    scorer = ProbeScorer(net, {s.name: s for s in find_sites(net)}, {}, probe)
+    volume_scorer = VolumeScorer(scorer, volumes, model.patch_size)
+    assert volume_scorer.cost == volume_cost(validation.shapes, model.patch_size, probe.shape)
+    assert scorer.evaluations == volume_scorer.cost  # the reference is paid for
+    predictor = load_predictor(folder, device="cpu")
+    predictor.network = net
+    with torch.no_grad():
+        expected = predictor.predict_sliding_window_return_logits(volumes[0]).float()
+    ours = volume_scorer._predict(0)
+    # nnU-Net accumulates the weighted tiles in float16 (steps of up to 1/2 at these values); we in float32
+    assert torch.allclose(ours, expected, atol=0.75)
+    assert float((ours.argmax(0) == expected.argmax(0)).float().mean()) > 0.999
+    assert volume_scorer.error({}) == pytest.approx(0.0, abs=1e-9)  # the original agrees with itself
+
+
+def test_refinement_keeps_only_trades_the_volumes_confirm():
+    """With validation volumes, every kept trade lowers the whole-volume error, the volumes'
+    cost comes out of the evaluation budget, and the report says what was validated."""
+    from TuckerSegLib.demo.demo_model import materialize_demo_model
+    from TuckerSegLib.models.nnunet_folder import load_model_folder
+    from TuckerSegLib.models.probe import budget_inputs, default_validation
+
+    model = load_model_folder(materialize_demo_model())
+    uniform = compress_network(model.network, 0.2, "uniform", patch_size=model.patch_size)
+    measured = budget_inputs(model)
+    res = compress_network(model.network, uniform.report["macs_ratio"], "budget",
+                           patch_size=model.patch_size, **measured)
+    alloc = res.report["allocation"]
+    assert alloc["validation"]["volumes"] == len(measured["validation"].shapes) == 4
+    assert alloc["chosen"] == min(alloc["volume_error"], key=alloc["volume_error"].get)
+    refined = alloc["refined"]
+    assert refined["volume_error"] <= refined["volume_error_start"] == alloc["volume_error"][alloc["chosen"]]
+    assert (refined["trades"] == 0) == (refined["volume_error"] == refined["volume_error_start"])
+    # what the report says is what the network does on the volumes
+    from TuckerSegLib.models.probe import default_probe
+    from TuckerSegLib.network.probe_search import ProbeScorer, VolumeScorer
+
+    net = res.network.eval()
+    scorer = ProbeScorer(net, {s.name: s for s in find_sites(net)}, {}, default_probe(model))
+    ours = VolumeScorer(scorer, measured["validation"].build(), model.patch_size)
+    ref_scorer = ProbeScorer(model.network.eval(), {}, {}, default_probe(model))
+    original = VolumeScorer(ref_scorer, measured["validation"].build(), model.patch_size)
+    from TuckerSegLib.network.probe_search import output_error
+
+    errors = [output_error(ours._predict(i)[None], ref[None]) for i, ref in enumerate(original.reference)]
+    assert sum(errors) / len(errors) == pytest.approx(refined["volume_error"], rel=1e-3)
+    # a budget that cannot pay for the volumes (40 phantoms, never built): the probe alone decides
+    probe_only = compress_network(model.network, uniform.report["macs_ratio"], "budget",
+                                  patch_size=model.patch_size, probe=measured["probe"],
+                                  validation=default_validation(model, seeds=tuple(range(300, 340))))
+    assert probe_only.report["allocation"]["validation"]["volumes"] == 0
+    assert "volume_error" not in probe_only.report["allocation"]
+
+
 def test_trade_plan_pays_each_raise_with_cheaper_cuts():
     from TuckerSegLib.network.probe_search import _plan_trades
 

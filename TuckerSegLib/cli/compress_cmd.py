@@ -51,7 +51,7 @@ def run(args: argparse.Namespace, progress) -> int:
     from TuckerSegLib.compression import compress_network
     from TuckerSegLib.models.compressed_file import save_compressed
     from TuckerSegLib.models.nnunet_folder import load_model_folder
-    from TuckerSegLib.models.probe import default_probe
+    from TuckerSegLib.models.probe import budget_inputs
     from TuckerSegLib.report import format_report
 
     ratio = check_ratio(args.ratio)
@@ -71,11 +71,11 @@ def run(args: argparse.Namespace, progress) -> int:
         calibration = calibrate(model, args.calibrate, patches_per_ct=args.calibration_patches,
                                 progress=progress)
     progress.stage("compress", f"compressing ({args.policy}, ratio {ratio:g})")
-    probe = default_probe(model) if args.policy == "budget" and calibration is None else None
+    measured = budget_inputs(model) if args.policy == "budget" and calibration is None else {}
     result = compress_network(model.network, ratio, args.policy, patch_size=model.patch_size,
                               in_channels=model.num_input_channels, method=args.method,
                               rank_min=args.rank_min, rank_multiple=args.rank_multiple,
-                              inplace=True, progress=progress, probe=probe, calibration=calibration)
+                              inplace=True, progress=progress, calibration=calibration, **measured)
     progress.stage("save", f"writing {out}")
     save_compressed(out, model, result)
     progress.result({"output": str(out), "original": result.report["original"],

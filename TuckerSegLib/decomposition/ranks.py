@@ -24,7 +24,8 @@
   rank factor under the target, fills its slack the same way (``budget_alternatives``), measures
   both on the probe and keeps the better: the additive error model cannot see how errors
   compound through the network, the probe can. ``network.probe_search`` then refines the pick by
-  measured trades along each layer's ``rank_ladders``.
+  measured trades along each layer's ``rank_ladders``, kept only where whole validation volumes
+  agree (when the refinement budget affords them).
 
 Everything here works on ``LayerShape`` (channel counts, kernel, voxels in and out) and on the
 kernels' ``ModeSpectra``, not on modules: network surgery lives in ``TuckerSegLib.network``.

@@ -154,15 +154,15 @@ def finetune(model: PathLike, images: Sequence[PathLike], output: PathLike,
             calibration = collect_stats(teacher.network.to(dev), patches, device=dev,
                                         sources=[Path(p).name for p in images], progress=progress)
             teacher.network.to("cpu")
-        probe = None
+        measured = {}
         if calibration is None and policy == "budget":  # as ``tuckerseg compress`` does
-            from TuckerSegLib.models.probe import default_probe
+            from TuckerSegLib.models.probe import budget_inputs
 
-            probe = default_probe(teacher)
+            measured = budget_inputs(teacher)
         progress.stage("compress", f"compressing ({policy}, ratio {ratio:g})")
         result = compress_network(teacher.network, ratio, policy, patch_size=teacher.patch_size,
                                   in_channels=teacher.num_input_channels, calibration=calibration,
-                                  probe=probe, progress=progress)
+                                  progress=progress, **measured)
         student, layer_ranks, report = result.network, result.layer_ranks, result.report
 
     progress.stage("distill", f"distilling for {config.steps} steps on {dev}")

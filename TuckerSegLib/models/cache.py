@@ -23,7 +23,7 @@ from TuckerSegLib.compression import ALGORITHM_VERSION, RANK_MULTIPLE, compress_
 from TuckerSegLib.errors import ModelError, check_ratio
 from TuckerSegLib.models.compressed_file import load_compressed, read_manifest, save_compressed
 from TuckerSegLib.models.nnunet_folder import DEFAULT_CHECKPOINT, NnUNetModel, load_model_folder
-from TuckerSegLib.models.probe import default_probe
+from TuckerSegLib.models.probe import budget_inputs
 from TuckerSegLib.network.cost import count_cost
 from TuckerSegLib.progress import NullProgress, Progress
 
@@ -100,11 +100,11 @@ def get_compressed_model(model_folder: Union[str, Path], fold: Union[int, str] =
         progress.log(f"compressing {model_folder.parent.name or model_folder.name} fold {fold}: "
                      f"{policy} policy, ratio {ratio:g} (once; cached in {entry})")
         model = load_model_folder(model_folder, fold, checkpoint_name)
-        probe = default_probe(model) if policy == "budget" else None
+        measured = budget_inputs(model) if policy == "budget" else {}
         result = compress_network(model.network, ratio, policy, patch_size=model.patch_size,
                                   in_channels=model.num_input_channels, method=method,
                                   rank_multiple=rank_multiple, inplace=True, progress=progress,
-                                  probe=probe)
+                                  **measured)
         save_compressed(entry, model, result)
     return load_compressed(entry, verify_hash=False)
 

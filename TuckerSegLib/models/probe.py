@@ -8,18 +8,28 @@ change, while eight times less compute keeps compression of a 1.5 mm network fas
 (under ``MAX_PROBE_VOXELS`` together) are probed as a batch of up to ``MAX_PROBE_PATCHES``: the
 centre of one phantom and windows anywhere in others (body edges and air included, as nnU-Net's
 sliding window sees them), so that choices made on the probe do not fit one centred patch.
+
+``default_validation`` gives whole phantom CTs, preprocessed by nnU-Net's own preprocessor: what
+the budget policy's refinement must also improve before it keeps a trade (the probe proposes,
+whole volumes through the sliding window decide; see ``network.probe_search``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import io
+from typing import List, Sequence
 
 import numpy as np
 import torch
 
 from TuckerSegLib.models.nnunet_folder import NnUNetModel, _plans_manager
+from TuckerSegLib.network.probe_search import ValidationSet
 
 MAX_PROBE_VOXELS = 80 ** 3
 MAX_PROBE_PATCHES = 4
+# Whole phantoms for validation: seeds apart from the probe's (0-3), the demo model's training
+# (0-39) and validation (10000-10003) phantoms, the demo's CT (2024) and compare_policies' (20000+).
+VALIDATION_SEEDS = (300, 301, 302, 303)
 
 
 def probe_shape(patch_size: Sequence[int], total_strides: Sequence[int]) -> tuple:
@@ -75,3 +85,41 @@ def default_probe(model: NnUNetModel, seed: int = 0) -> torch.Tensor:
                 channels.append(np.random.default_rng(seed + i).standard_normal(shape).astype(np.float32))
         batch.append(np.stack(channels))
     return torch.from_numpy(np.stack(batch).astype(np.float32))
+
+
+def default_validation(model: NnUNetModel, seeds: Sequence[int] = VALIDATION_SEEDS) -> ValidationSet:
+    """Phantom CTs preprocessed as nnU-Net's predictor does (transpose, crop, resample, CT
+    normalisation with the model's statistics); empty for models that are not 3-D single-channel CT."""
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+    from TuckerSegLib.demo.phantom import DEFAULT_SHAPE, DEFAULT_SPACING, make_phantom
+
+    pm = _plans_manager(model.plans)
+    cm = pm.get_configuration(model.configuration)
+    if model.num_input_channels != 1 or len(cm.patch_size) != 3 or \
+            list(cm.normalization_schemes)[:1] != ["CTNormalization"]:
+        return ValidationSet((), list)
+    order = list(pm.transpose_forward)
+    nnunet_shape = [DEFAULT_SHAPE[::-1][i] for i in order]  # nnU-Net reads NIfTI as (z, y, x)
+    nnunet_spacing = [DEFAULT_SPACING[::-1][i] for i in order]
+    shape = tuple(int(n) for n in compute_new_shape(nnunet_shape, nnunet_spacing, cm.spacing))
+
+    def build() -> List[torch.Tensor]:
+        volumes = []
+        for seed in seeds:
+            ph = make_phantom(seed)
+            image = np.asarray(ph.image, dtype=np.float32).transpose(2, 1, 0)[None]
+            props = {"spacing": [float(s) for s in ph.spacing[::-1]]}
+            preprocessor = cm.preprocessor_class(verbose=False)
+            with contextlib.redirect_stdout(io.StringIO()):
+                data, _, _ = preprocessor.run_case_npy(image, None, props, pm, cm, model.dataset_json)
+            volumes.append(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)))
+        return volumes
+
+    return ValidationSet(tuple((1, *shape) for _ in seeds), build)
+
+
+def budget_inputs(model: NnUNetModel) -> dict:
+    """What ``compress_network`` needs for the ``budget`` policy's measurements on ``model``:
+    ``probe`` and ``validation`` keyword arguments."""
+    return {"probe": default_probe(model), "validation": default_validation(model)}
