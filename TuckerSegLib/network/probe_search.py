@@ -43,8 +43,8 @@ Allocation = Dict[str, Ranks]
 class ValidationSet:
     """Whole volumes (C, *spatial) in the network's input space, built on first use.
 
-    ``shapes`` are known without building them, so that the caller can price the validation
-    (resampling four phantoms to 1.5 mm takes seconds, for validation a CPU could never afford).
+    ``shapes`` are known without building them, so that the caller can price the validation first
+    (resampling four phantoms to 1.5 mm takes seconds, wasted where the budget cannot pay for them).
     """
 
     shapes: Tuple[Tuple[int, ...], ...]
@@ -137,7 +137,9 @@ class VolumeScorer:
         self.scorer = scorer
         self.patch = tuple(int(p) for p in patch_size)
         self.batch_size = batch_size
-        self.volumes = [pad_nd_image(v, self.patch, "constant", {"value": 0}) for v in volumes]
+        padded = [pad_nd_image(v, self.patch, "constant", {"value": 0}, True) for v in volumes]
+        self.volumes = [v for v, _ in padded]
+        self.unpad = [slicer for _, slicer in padded]  # as nnU-Net, scored on the volume, not its padding
         self.tiles = [tile_slices(v.shape[1:], self.patch, step, compute_steps_for_sliding_window)
                       for v in self.volumes]
         self.gaussian = compute_gaussian(self.patch, sigma_scale=1. / 8, value_scaling_factor=10,
@@ -162,7 +164,7 @@ class VolumeScorer:
                 for o, t in zip(out, batch):
                     logits[(slice(None), *t)] += o * self.gaussian
                     weight[t] += self.gaussian
-        return logits / weight
+        return (logits / weight)[(slice(None), *self.unpad[index][1:])]
 
     def error(self, allocation: Mapping[str, Ranks]) -> float:
         """Mean ``output_error`` over the volumes with ``allocation`` in place."""
