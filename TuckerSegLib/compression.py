@@ -33,8 +33,8 @@ ALGORITHM_VERSION = 11
 # Closed-loop refinement of budget allocations on the probe (``network.probe_search``): at most
 # this many rounds, started only while their probe forwards fit in this many MACs in all. A
 # budget in MACs, not seconds, gives the same ranks on every machine. Whole-volume validation is
-# paid from it too (in probe forwards). It buys about 280 forwards of the demo model's probe (3
-# rounds validated on 4 phantoms, about 40 s on 2 cores) and neither rounds nor validation for a
+# paid from it too (in probe forwards). It buys about 280 forwards of the demo model's probe (3 to
+# 5 rounds validated on 4 phantoms, 25 to 35 s on 2 cores) and neither rounds nor validation for a
 # TotalSegmentator network (33 probe forwards; one round needs 44 to 54), which would take many
 # minutes on a CPU.
 REFINE_ROUNDS = 8

@@ -14,7 +14,7 @@ from TuckerSegLib.errors import InputError, check_ratio
 HELP = "compress an nnU-Net model folder at a ratio into a compressed-model folder"
 
 POLICY_HELP = ("budget (default): ratio = fraction of the network's MACs kept, ranks spent where "
-               "they cost least output error (measured on a probe input); uniform: the study's rank = ceil(C*ratio) (min 16, rounded "
+               "they cost least output error (measured on a probe input; small models also on whole phantom CTs); uniform: the study's rank = ceil(C*ratio) (min 16, rounded "
                "up to multiples of 8) on spatial layers; energy: ratio = fraction of singular-value "
                "energy kept per layer; paper: the study's rule exactly, on every conv layer")
 
