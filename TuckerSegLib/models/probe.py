@@ -105,12 +105,12 @@ def default_validation(model: NnUNetModel, seeds: Sequence[int] = VALIDATION_SEE
     shape = tuple(int(n) for n in compute_new_shape(nnunet_shape, nnunet_spacing, cm.spacing))
 
     def build() -> List[torch.Tensor]:
+        preprocessor = cm.preprocessor_class(verbose=False)
         volumes = []
         for seed in seeds:
             ph = make_phantom(seed)
             image = np.asarray(ph.image, dtype=np.float32).transpose(2, 1, 0)[None]
             props = {"spacing": [float(s) for s in ph.spacing[::-1]]}
-            preprocessor = cm.preprocessor_class(verbose=False)
             with contextlib.redirect_stdout(io.StringIO()):
                 data, _, _ = preprocessor.run_case_npy(image, None, props, pm, cm, model.dataset_json)
             volumes.append(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)))

@@ -132,7 +132,7 @@ class VolumeScorer:
     def __init__(self, scorer: ProbeScorer, volumes: Sequence[torch.Tensor], patch_size: Sequence[int],
                  step: float = 0.5, batch_size: int = 4):
         from acvl_utils.cropping_and_padding.padding import pad_nd_image
-        from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+        from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
         self.scorer = scorer
         self.patch = tuple(int(p) for p in patch_size)
@@ -140,8 +140,7 @@ class VolumeScorer:
         padded = [pad_nd_image(v, self.patch, "constant", {"value": 0}, True) for v in volumes]
         self.volumes = [v for v, _ in padded]
         self.unpad = [slicer for _, slicer in padded]  # as nnU-Net, scored on the volume, not its padding
-        self.tiles = [tile_slices(v.shape[1:], self.patch, step, compute_steps_for_sliding_window)
-                      for v in self.volumes]
+        self.tiles = [tile_slices(v.shape[1:], self.patch, step) for v in self.volumes]
         self.gaussian = compute_gaussian(self.patch, sigma_scale=1. / 8, value_scaling_factor=10,
                                          dtype=torch.float32, device=torch.device("cpu"))
         self.cost = volume_cost([v.shape for v in volumes], self.patch, scorer.probe.shape, step)
@@ -177,16 +176,15 @@ class VolumeScorer:
 def volume_cost(shapes: Sequence[Sequence[int]], patch: Sequence[int], probe_shape: Sequence[int],
                 step: float = 0.5) -> int:
     """Probe forwards that one measurement on volumes of ``shapes`` (C, *spatial) costs."""
-    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
-
-    tiles = sum(len(tile_slices([max(n, p) for n, p in zip(shape[1:], patch)], patch, step,
-                                compute_steps_for_sliding_window)) for shape in shapes)
+    tiles = sum(len(tile_slices([max(n, p) for n, p in zip(shape[1:], patch)], patch, step)) for shape in shapes)
     return math.ceil(tiles * math.prod(patch) / (probe_shape[0] * math.prod(probe_shape[2:])))
 
 
-def tile_slices(shape: Sequence[int], patch: Sequence[int], step: float, steps_fn: Callable) -> List[tuple]:
-    """The sliding window's tiles of a volume of ``shape`` (nnU-Net's step rule ``steps_fn``)."""
-    steps = steps_fn(tuple(shape), tuple(patch), step)
+def tile_slices(shape: Sequence[int], patch: Sequence[int], step: float) -> List[tuple]:
+    """The sliding window's tiles of a volume of ``shape`` (at least one patch), by nnU-Net's step rule."""
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    steps = compute_steps_for_sliding_window(tuple(shape), tuple(patch), step)
     return [tuple(slice(s, s + p) for s, p in zip(corner, patch)) for corner in itertools.product(*steps)]
 
 
@@ -220,9 +218,10 @@ def refine_on_probe(scorer: ProbeScorer, layers: Sequence[LayerShape], ladders: 
     """Trade MACs between layers by measured error at the same MAC target (see module docstring).
 
     A round costs two probe forwards per layer. It starts only if that fits in ``max_evaluations``
-    forwards (a count, not a time, so that every machine gets the same result). The MACs stay within ``[1 - tolerance, 1] x target_macs``
-    unless ``start`` already lies below that. ``start_error``: the probe error of ``start`` when
-    already measured (e.g. by ``best_on_probe``), so that it is not measured again. With
+    forwards (a count, not a time, so that every machine gets the same result). The MACs stay
+    within ``[1 - tolerance, 1] x target_macs`` unless ``start`` already lies below that.
+    ``start_error``: the probe error of ``start`` when already measured (e.g. by
+    ``best_on_probe``), so that it is not measured again. With
     ``volumes``, a trade is kept only if it also lowers the error there (``start_volume_error``:
     that of ``start``, when measured); a round then tries the whole plan, then its first three
     trades alone, and its cost counts the volume measurements. When the volumes refuse them all,
