@@ -18,7 +18,8 @@ from torch import nn
 from TuckerSegLib.decomposition.ranks import (POLICIES, LayerShape, Ranks, budget_alternatives,
                                               choose_ranks, rank_ladders)
 from TuckerSegLib.decomposition.tucker import METHODS, ModeSpectra, Tucker2, mode_spectra, tucker2
-from TuckerSegLib.errors import InputError, check_ratio
+from TuckerSegLib.errors import InputError
+from TuckerSegLib.specs import check_ratio
 from TuckerSegLib.network.cost import Cost, layer_shapes, trace
 from TuckerSegLib.network.probe_search import ValidationSet
 from TuckerSegLib.network.surgery import find_sites, replace_site

@@ -37,13 +37,3 @@ class Cancelled(TuckerSegError):
 
     exit_code = 130
 
-
-def check_ratio(ratio: float) -> float:
-    """Validate a compression ratio: a float in (0, 1], where 1.0 means the original network."""
-    try:
-        value = float(ratio)
-    except (TypeError, ValueError):
-        raise InputError(f"ratio must be a number in (0, 1], got {ratio!r}") from None
-    if not (0.0 < value <= 1.0):
-        raise InputError(f"ratio must be in (0, 1] (1.0 = original network), got {value:g}")
-    return value

@@ -17,7 +17,8 @@ import torch
 
 from TuckerSegLib.decomposition.ranks import LayerShape, choose_ranks
 from TuckerSegLib.decomposition.tucker import ModeSpectra
-from TuckerSegLib.errors import InputError, check_ratio
+from TuckerSegLib.errors import InputError
+from TuckerSegLib.specs import check_ratio
 
 QUALITIES = {"default": "total", "fast": "total_fast", "fastest": "total_fastest"}
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from TuckerSegLib.errors import Cancelled, InputError, TuckerSegError, check_ratio
+from TuckerSegLib.errors import Cancelled, InputError, TuckerSegError
+from TuckerSegLib.specs import check_ratio
 
 from . import segmentation_import, structures, terminology, volume_io
 from .worker import WorkerProcess, python_executable, worker_environment

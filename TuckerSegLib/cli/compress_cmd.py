@@ -9,7 +9,8 @@ from pathlib import Path
 from TuckerSegLib.compression import RANK_MULTIPLE
 from TuckerSegLib.decomposition.ranks import POLICIES
 from TuckerSegLib.decomposition.tucker import METHODS
-from TuckerSegLib.errors import InputError, check_ratio
+from TuckerSegLib.errors import InputError
+from TuckerSegLib.specs import check_ratio
 
 HELP = "compress an nnU-Net model folder at a ratio into a compressed-model folder"
 

@@ -6,7 +6,8 @@ import warnings
 from pathlib import Path
 from typing import List
 
-from TuckerSegLib.errors import InputError, check_ratio
+from TuckerSegLib.errors import InputError
+from TuckerSegLib.specs import check_ratio
 
 HELP = "offline demo: phantom CT, compress the built-in model at a few ratios, segment, report"
 

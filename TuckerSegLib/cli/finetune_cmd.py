@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from TuckerSegLib.decomposition.ranks import POLICIES
-from TuckerSegLib.errors import InputError, check_ratio
+from TuckerSegLib.errors import InputError
+from TuckerSegLib.specs import check_ratio
 
 HELP = "recover quality by distilling a compressed model from its original"
 

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from TuckerSegLib.errors import check_ratio
+from TuckerSegLib.specs import check_ratio
 from TuckerSegLib.progress import NullProgress, Progress
 
 DEFAULT_RATIOS = (1.0, 0.5, 0.3, 0.15)

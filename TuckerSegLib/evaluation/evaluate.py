@@ -25,7 +25,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from TuckerSegLib.errors import InputError, check_ratio
+from TuckerSegLib.errors import InputError
+from TuckerSegLib.specs import check_ratio
 from TuckerSegLib.progress import NullProgress, Progress
 
 POLICIES = ("budget", "uniform", "paper", "energy")

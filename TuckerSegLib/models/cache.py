@@ -20,7 +20,8 @@ from typing import Optional, Tuple, Union
 from torch import nn
 
 from TuckerSegLib.compression import ALGORITHM_VERSION, RANK_MULTIPLE, compress_network
-from TuckerSegLib.errors import ModelError, check_ratio
+from TuckerSegLib.errors import ModelError
+from TuckerSegLib.specs import check_ratio
 from TuckerSegLib.models.compressed_file import load_compressed, read_manifest, save_compressed
 from TuckerSegLib.models.nnunet_folder import DEFAULT_CHECKPOINT, NnUNetModel, load_model_folder
 from TuckerSegLib.models.probe import budget_inputs

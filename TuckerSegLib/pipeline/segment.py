@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from TuckerSegLib.errors import InputError, TuckerSegError, check_ratio
+from TuckerSegLib.errors import InputError, TuckerSegError
+from TuckerSegLib.specs import check_ratio
 from TuckerSegLib.pipeline.inputs import check_input
 from TuckerSegLib.pipeline.predictor_hook import ENGINES, compressed_predictors
 from TuckerSegLib.progress import JsonProgress, NullProgress, Progress

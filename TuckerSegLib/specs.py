@@ -1,0 +1,128 @@
+"""What a user asks for, checked once where it enters.
+
+Why: the command line, the Python API, finetune, batch and the Slicer module all take the same
+options. Each front end builds a ``CompressionSpec`` (which network to run) and a ``RunSpec`` (how
+to run it); the constructors validate every field and raise ``InputError`` with a one-line
+message, so the layers below take the specs as given and check nothing again. Every list of
+choices is defined here, once. This module imports neither torch nor nnU-Net: the Slicer panel
+reads it on the GUI thread.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Optional, Tuple
+
+from TuckerSegLib.errors import InputError
+
+# How ranks are chosen below ratio 1.0 (``compression.ranks``).
+POLICIES: Tuple[str, ...] = ("budget", "uniform", "energy", "paper")
+# How a kernel is factorised (``compression.tucker``).
+METHODS: Tuple[str, ...] = ("hosvd", "hooi")
+# Inference engines (``engines``); "auto" times those that run the device and keeps the fastest.
+ENGINES: Tuple[str, ...] = ("auto", "torch", "openvino")
+# Numeric precisions an engine may run at; "auto" is what stock TotalSegmentator uses.
+PRECISIONS: Tuple[str, ...] = ("f32", "bf16", "fp16")
+PRECISION_CHOICES: Tuple[str, ...] = ("auto",) + PRECISIONS
+# Layer forms (``engines.layer_forms``): "auto" runs each factorised layer in its fastest measured
+# equivalent form, "as-is" runs the network as factorised.
+LAYER_FORMS: Tuple[str, ...] = ("auto", "as-is")
+# Devices, as TotalSegmentator names them ("gpu:N" and "cuda[:N]" are accepted as well).
+DEVICES: Tuple[str, ...] = ("auto", "cpu", "gpu", "mps")
+# TotalSegmentator's resolution modes for the ``total`` task: default 1.5 mm, fast 3 mm, fastest 6 mm.
+MODES: Tuple[str, ...] = ("default", "fast", "fastest")
+
+# Ranks are rounded to multiples of this for fast kernels (uniform, energy, budget).
+RANK_MULTIPLE = 8
+
+
+def check_ratio(ratio: float) -> float:
+    """A compression ratio: a float in (0, 1], where 1.0 means the original network."""
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise InputError(f"ratio must be a number in (0, 1], got {ratio!r}") from None
+    if not (0.0 < value <= 1.0):
+        raise InputError(f"ratio must be in (0, 1] (1.0 = original network), got {value:g}")
+    return value
+
+
+def _check_choice(what: str, value: str, choices: Tuple[str, ...]) -> str:
+    if value not in choices:
+        raise InputError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+    return value
+
+
+def check_device(device: Optional[str]) -> str:
+    """A device name: auto, cpu, gpu, gpu:N, cuda, cuda:N or mps (lower-cased; cuda -> gpu)."""
+    d = (device or "auto").strip().lower()
+    if d.startswith("cuda"):
+        d = "gpu" + d[4:]
+    if d in DEVICES or (d.startswith("gpu:") and d[4:].isdigit()):
+        return d
+    raise InputError(f"unknown device {device!r}; use auto, cpu, gpu, gpu:N (or cuda:N) or mps")
+
+
+@dataclass(frozen=True)
+class CompressionSpec:
+    """Which network to run: ``ratio`` of the original's cost under ``policy``.
+
+    ``ratio`` 1.0 is the original network, untouched. ``rank_min`` is the ``uniform`` and
+    ``paper`` policies' rank floor (None: the policy's own).
+    """
+
+    ratio: float = 0.5
+    policy: str = "budget"
+    method: str = "hosvd"
+    rank_multiple: int = RANK_MULTIPLE
+    rank_min: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ratio", check_ratio(self.ratio))
+        _check_choice("policy", self.policy, POLICIES)
+        _check_choice("method", self.method, METHODS)
+        if int(self.rank_multiple) < 1:
+            raise InputError(f"rank multiple must be at least 1, got {self.rank_multiple}")
+        object.__setattr__(self, "rank_multiple", int(self.rank_multiple))
+        if self.rank_min is not None:
+            if int(self.rank_min) < 1:
+                raise InputError(f"rank minimum must be at least 1, got {self.rank_min}")
+            object.__setattr__(self, "rank_min", int(self.rank_min))
+
+    @property
+    def is_original(self) -> bool:
+        """True when no layer is compressed (ratio 1.0)."""
+        return self.ratio >= 1.0
+
+    def with_ratio(self, ratio: float) -> "CompressionSpec":
+        return replace(self, ratio=ratio)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """How to run a network: engine, precision, layer forms and device (see ``engines``)."""
+
+    engine: str = "auto"
+    precision: str = "auto"
+    layer_forms: str = "auto"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "engine", _check_choice("engine", self.engine or "auto", ENGINES))
+        object.__setattr__(self, "precision",
+                           _check_choice("precision", self.precision or "auto", PRECISION_CHOICES))
+        object.__setattr__(self, "layer_forms",
+                           _check_choice("layer forms", self.layer_forms or "auto", LAYER_FORMS))
+        object.__setattr__(self, "device", check_device(self.device))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_mode(fast: bool = False, fastest: bool = False) -> str:
+    """TotalSegmentator's resolution mode from its two flags."""
+    if fast and fastest:
+        raise InputError("use either fast or fastest, not both")
+    return "fast" if fast else ("fastest" if fastest else "default")
