@@ -15,7 +15,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from TuckerSegLib.decomposition.ranks import LayerShape, choose_ranks
+from TuckerSegLib.compression.ranks import choose_ranks
+from TuckerSegLib.network.cost import LayerShape
 from TuckerSegLib.decomposition.tucker import ModeSpectra
 from TuckerSegLib.errors import InputError
 from TuckerSegLib.specs import check_ratio

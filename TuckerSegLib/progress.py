@@ -19,11 +19,10 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, TextIO, TypeVar
+from typing import Any, Callable, Optional, TextIO
 
 EVENT_PREFIX = "TUCKERSEG_EVENT "
 
-T = TypeVar("T")
 
 
 def format_event(event: dict) -> str:
@@ -64,19 +63,6 @@ class Progress:
 
     def error(self, message: str) -> None:
         pass
-
-    def iterate(self, items: Iterable[T], total: Optional[int] = None, desc: str = "",
-                start: float = 0.0, end: float = 1.0) -> Iterator[T]:
-        """Yield ``items`` while reporting progress from ``start`` to ``end`` of the whole run."""
-        if total is None:
-            try:
-                total = len(items)  # type: ignore[arg-type]
-            except TypeError:
-                total = None
-        for i, item in enumerate(items):
-            yield item
-            if total:
-                self.update(start + (end - start) * (i + 1) / total, desc)
 
 
 class NullProgress(Progress):

@@ -84,8 +84,8 @@ class CompressionSpec:
             raise InputError(f"rank multiple must be at least 1, got {self.rank_multiple}")
         object.__setattr__(self, "rank_multiple", int(self.rank_multiple))
         if self.rank_min is not None:
-            if int(self.rank_min) < 1:
-                raise InputError(f"rank minimum must be at least 1, got {self.rank_min}")
+            if int(self.rank_min) < 0:
+                raise InputError(f"rank minimum must be at least 0, got {self.rank_min}")
             object.__setattr__(self, "rank_min", int(self.rank_min))
 
     @property

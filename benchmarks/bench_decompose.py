@@ -13,7 +13,7 @@ import time
 import torch
 from torch import nn
 
-from TuckerSegLib.compression import compress_network
+from TuckerSegLib.compression.compress import compress_network
 
 
 def totalseg_15mm() -> nn.Module:
@@ -40,7 +40,7 @@ def main() -> None:
     for policy, method in runs:
         ratio = 0.9 if policy == "energy" else args.ratio
         t0 = time.perf_counter()
-        res = compress_network(net, ratio, policy, patch_size=(128, 128, 128), method=method)
+        res = compress_network(net, CompressionSpec(ratio, policy, method=method), patch_size=(128, 128, 128))
         dt = time.perf_counter() - t0
         print(f"{policy:<8} {method:<6} {dt:>8.2f} {res.report['params_ratio']:>12.3f} "
               f"{res.report['macs_ratio']:>10.3f}")

@@ -13,5 +13,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 export TUCKERSEG_TORCH_COMPILE=${TUCKERSEG_TORCH_COMPILE:-1}
 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} python3 benchmarks/bench_engines.py --progress none --device cuda \
   --archs 1.5mm --policies paper --ratios 0.3 0.5 0.1 \
-  --configs torch:fp16 --shapes auto --reps 10 --warmup 3 \
+  --configs torch:fp16 --layer-forms auto --reps 10 --warmup 3 \
   --cache-dir "${CACHE:-/tmp/tuckerseg-gpu-cache}" --json "$OUT/bench_engines_gpu.json" "$@"

@@ -30,8 +30,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from TuckerSegLib.demo.demo_model import materialize_demo_model  # noqa: E402
-from TuckerSegLib.demo.phantom import LABEL_NAMES, make_phantom  # noqa: E402
-from TuckerSegLib.compression import compress_network  # noqa: E402
+from TuckerSegLib.compression.phantom import LABEL_NAMES, make_phantom  # noqa: E402
+from TuckerSegLib.compression.compress import compress_network  # noqa: E402
 from TuckerSegLib.demo.run_demo import compressed_network  # noqa: E402
 from TuckerSegLib.models.nnunet_folder import load_model_folder  # noqa: E402
 from TuckerSegLib.network.cost import count_cost  # noqa: E402
@@ -68,7 +68,7 @@ def main() -> int:
 
     def run(policy: str, ratio: float):
         if policy == "study-code":  # not a TuckerSeg policy: the paper's rule with the code's floor
-            net = compress_network(model.network, ratio, "paper", patch_size=patch, rank_min=16).network
+            net = compress_network(model.network, CompressionSpec(ratio, "paper", rank_min=16), patch_size=patch).network
         else:
             net, _ = compressed_network(folder, ratio, policy, cache)
         cost = count_cost(net, (1, 1, *patch)).as_dict()

@@ -38,13 +38,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from TuckerSegLib.compression import compress_network  # noqa: E402
+from TuckerSegLib.compression.compress import compress_network  # noqa: E402
 from TuckerSegLib.evaluation.metrics import mean_score, per_class_scores  # noqa: E402
-from TuckerSegLib.finetune.calibrate import collect_stats  # noqa: E402
+from TuckerSegLib.compression.calibration import collect_stats  # noqa: E402
 from TuckerSegLib.finetune.distill import DistillConfig, distill  # noqa: E402
-from TuckerSegLib.finetune.preprocess import PatchSampler, preprocess  # noqa: E402
+from TuckerSegLib.compression.ct_patches import PatchSampler, preprocess  # noqa: E402
 from TuckerSegLib.models.nnunet_folder import load_model_folder  # noqa: E402
-from TuckerSegLib.models.probe import budget_inputs  # noqa: E402
+from TuckerSegLib.compression.probe_data import budget_inputs  # noqa: E402
 from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume  # noqa: E402
 
 STUDY_RANK_FACTOR = 0.3
@@ -55,7 +55,7 @@ EVAL_PHANTOMS = (20_000, 20_001)
 # -- data -----------------------------------------------------------------------------------------
 
 def phantom_cts(folder: Path, seeds: Sequence[int]) -> List[Path]:
-    from TuckerSegLib.demo.phantom import make_phantom, write_phantom
+    from TuckerSegLib.compression.phantom import make_phantom, write_phantom
 
     out = []
     for seed in seeds:
@@ -99,7 +99,7 @@ def uniform_at(network, target: float, patch) -> tuple:
     lo, hi, below, above = 0.01, 1.0, None, None
     for _ in range(14):
         mid = (lo + hi) / 2
-        res = compress_network(network, mid, "uniform", patch_size=patch, rank_min=1, rank_multiple=1)
+        res = compress_network(network, CompressionSpec(mid, "uniform", rank_min=1, rank_multiple=1), patch_size=patch)
         if res.report["macs_ratio"] <= target:
             lo, below = mid, (mid, res)
         else:
@@ -115,7 +115,7 @@ def run_case(name: str, model_dir: Path, train: List[Path], evaluate: List[Path]
     model = load_model_folder(model_dir)
     net, patch = model.network, model.patch_size
     t0 = time.perf_counter()
-    paper = compress_network(net, STUDY_RANK_FACTOR, "paper", patch_size=patch)
+    paper = compress_network(net, CompressionSpec(STUDY_RANK_FACTOR, "paper"), patch_size=patch)
     target = paper.report["macs_ratio"]
     log(f"[{name}] MAC target = paper preset at {STUDY_RANK_FACTOR}: {100 * target:.1f} % of "
         f"{model.patch_size} patch MACs")
@@ -126,14 +126,11 @@ def run_case(name: str, model_dir: Path, train: List[Path], evaluate: List[Path]
     variants = {
         f"paper {STUDY_RANK_FACTOR} (study rule), zero-shot": paper,
         f"uniform (rank factor {u_ratio:.3f}), zero-shot": uniform,
-        "budget, weight-energy HOSVD, zero-shot": compress_network(
-            net, target, "budget", patch_size=patch, rank_multiple=1),
+        "budget, weight-energy HOSVD, zero-shot": compress_network(net, CompressionSpec(target, "budget", rank_multiple=1), patch_size=patch),
         "budget, probe-sensitivity HOSVD, zero-shot": compress_network(
-            net, target, "budget", patch_size=patch, rank_multiple=1, **budget_inputs(model)),
-        "uniform ranks, data-aware factors": compress_network(
-            net, u_ratio, "uniform", patch_size=patch, rank_min=1, rank_multiple=1, calibration=stats),
-        "budget, data-aware ranks + factors": compress_network(
-            net, target, "budget", patch_size=patch, rank_multiple=1, calibration=stats),
+            net, CompressionSpec(target, "budget", rank_multiple=1), patch_size=patch, data=budget_inputs(model)),
+        "uniform ranks, data-aware factors": compress_network(net, CompressionSpec(u_ratio, "uniform", rank_min=1, rank_multiple=1), patch_size=patch, data=CompressionData(calibration=stats)),
+        "budget, data-aware ranks + factors": compress_network(net, CompressionSpec(target, "budget", rank_multiple=1), patch_size=patch, data=CompressionData(calibration=stats)),
     }
     # distil the student with the zero-shot uniform row's ranks, so that the three rows
     # "uniform zero-shot -> data-aware factors -> distilled" differ only in how weights were found

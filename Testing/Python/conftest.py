@@ -37,3 +37,15 @@ def _isolated_totalseg_home(tmp_path_factory, monkeypatch):
     if not cfg.exists():
         cfg.write_text(json.dumps({"totalseg_id": "totalseg_tests", "send_usage_stats": False,
                                    "prediction_counter": 0, "statistics_disclaimer_shown": True}))
+
+
+@pytest.fixture(autouse=True)
+def _cold_models():
+    """Each test starts without models a previous test prepared in this process (the pipeline keeps
+    them warm for later runs of the same process), so that what a test measures is its own."""
+    import sys
+
+    yield
+    hook = sys.modules.get("TuckerSegLib.pipeline.predictor_hook")
+    if hook is not None:
+        hook.clear_warm_models()

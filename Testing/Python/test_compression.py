@@ -5,11 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from TuckerSegLib.compression import compress_network, factorise_structure
+from TuckerSegLib.compression.compress import compress_network
+from TuckerSegLib.network.surgery import factorise_structure
 from TuckerSegLib.errors import InputError
 from TuckerSegLib.network.cost import count_cost
 from TuckerSegLib.network.surgery import factorised_layers, find_sites
 from TuckerSegLib.network.tucker_conv import TuckerConv
+from TuckerSegLib.specs import CompressionSpec
+from TuckerSegLib.compression.probe_data import CompressionData
 
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
@@ -40,7 +43,7 @@ def test_each_physical_layer_found_once(net):
 
 
 def test_full_rank_network_reproduces_original(net):
-    res = compress_network(net, 0.9999, "paper", patch_size=(32, 32, 32), rank_min=10_000)
+    res = compress_network(net, CompressionSpec(0.9999, "paper", rank_min=10_000), patch_size=(32, 32, 32))
     layers = factorised_layers(res.network)
     unused_heads = len(net.decoder.seg_layers) - 1  # deep-supervision heads do not run at inference
     assert len(layers) == len(find_sites(net)) - unused_heads  # every conv that runs, replaced once
@@ -60,20 +63,20 @@ def test_full_rank_network_reproduces_original(net):
 
 
 def test_ratio_one_is_unchanged(net):
-    res = compress_network(net, 1.0, "budget", patch_size=(32, 32, 32))
+    res = compress_network(net, CompressionSpec(1.0, "budget"), patch_size=(32, 32, 32))
     assert not factorised_layers(res.network)
     assert res.report["macs_ratio"] == 1.0
 
 
 def test_default_selection_skips_stem_and_1x1(net):
-    res = compress_network(net, 0.3, "uniform", patch_size=(32, 32, 32))
+    res = compress_network(net, CompressionSpec(0.3, "uniform"), patch_size=(32, 32, 32))
     by_name = {e["name"]: e for e in res.report["layers"]}
     stem = by_name["encoder.stages.0.0.convs.0.conv"]
     assert stem["status"] == "dense" and "single input channel" in stem["reason"]
     head = by_name[f"decoder.seg_layers.{len(net.decoder.seg_layers) - 1}"]
     assert head["status"] == "dense" and "1x1" in head["reason"]
     # the study's preset factorises everything, stem and head included
-    paper = compress_network(net, 0.3, "paper", patch_size=(32, 32, 32))
+    paper = compress_network(net, CompressionSpec(0.3, "paper"), patch_size=(32, 32, 32))
     assert all(e["status"] == "factorised" for e in paper.report["layers"]
                if e["macs_before"] > 0)
 
@@ -82,7 +85,7 @@ def test_default_selection_skips_stem_and_1x1(net):
 def test_budget_hits_mac_target(ratio):
     torch.manual_seed(0)
     net = plain_unet((16, 32, 64, 128, 128)).eval()
-    res = compress_network(net, ratio, "budget", patch_size=(64, 64, 64))
+    res = compress_network(net, CompressionSpec(ratio, "budget"), patch_size=(64, 64, 64))
     achieved = res.report["macs_ratio"]
     assert abs(achieved - ratio) <= 0.02 * ratio, achieved
     # and what the report claims is what the network runs
@@ -92,7 +95,7 @@ def test_budget_hits_mac_target(ratio):
 def test_budget_leaves_a_layer_dense_when_factorising_would_not_pay():
     torch.manual_seed(0)
     net = plain_unet((16, 32, 64, 128, 128)).eval()
-    res = compress_network(net, 0.9, "budget", patch_size=(64, 64, 64))
+    res = compress_network(net, CompressionSpec(0.9, "budget"), patch_size=(64, 64, 64))
     for e in res.report["layers"]:
         if e["status"] == "factorised":
             assert e["macs_after"] < e["macs_before"]
@@ -101,13 +104,13 @@ def test_budget_leaves_a_layer_dense_when_factorising_would_not_pay():
 
 
 def test_uniform_ranks_are_rounded_and_energy_monotone(net):
-    res = compress_network(net, 0.3, "uniform", patch_size=(32, 32, 32))
+    res = compress_network(net, CompressionSpec(0.3, "uniform"), patch_size=(32, 32, 32))
     for e in res.report["layers"]:
         if e["ranks"]:
             for r, c in zip(e["ranks"], (e["out_channels"], e["in_channels"])):
                 assert r == c or r % 8 == 0
-    lo = compress_network(net, 0.5, "energy", patch_size=(32, 32, 32)).report
-    hi = compress_network(net, 0.95, "energy", patch_size=(32, 32, 32)).report
+    lo = compress_network(net, CompressionSpec(0.5, "energy"), patch_size=(32, 32, 32)).report
+    hi = compress_network(net, CompressionSpec(0.95, "energy"), patch_size=(32, 32, 32)).report
     assert lo["compressed"]["params"] <= hi["compressed"]["params"]
 
 
@@ -117,7 +120,7 @@ def test_error_falls_as_ratio_rises(net):
         ref = net(x)
         errs = []
         for r in (0.3, 0.6, 0.9):
-            out = compress_network(net, r, "paper", patch_size=(32, 32, 32)).network(x)
+            out = compress_network(net, CompressionSpec(r, "paper"), patch_size=(32, 32, 32)).network(x)
             errs.append(float((out - ref).norm() / ref.norm()))
     assert errs[0] > errs[1] > errs[2]
 
@@ -127,18 +130,18 @@ def test_residual_encoder_unet_and_2d():
     res_net = ResidualEncoderUNet(1, 4, [8, 16, 32, 32], nn.Conv3d, 3, [1, 2, 2, 2], [1, 2, 2, 2], 3,
                                   [2, 2, 2], True, nn.InstanceNorm3d, {"eps": 1e-5, "affine": True},
                                   None, None, nn.LeakyReLU, {"inplace": True}).eval()
-    r = compress_network(res_net, 0.9999, "paper", patch_size=(32, 32, 32), rank_min=10_000)
+    r = compress_network(res_net, CompressionSpec(0.9999, "paper", rank_min=10_000), patch_size=(32, 32, 32))
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert torch.allclose(r.network(x), res_net(x), atol=1e-4)
     net2d = plain_unet((8, 16, 32), 3, nn.Conv2d, nn.InstanceNorm2d).eval()
-    r2 = compress_network(net2d, 0.5, "budget", patch_size=(64, 64))
+    r2 = compress_network(net2d, CompressionSpec(0.5, "budget"), patch_size=(64, 64))
     assert factorised_layers(r2.network)
     assert r2.network(torch.randn(1, 1, 64, 64)).shape == (1, 3, 64, 64)
 
 
 def test_factorise_structure_roundtrip(net):
-    res = compress_network(net, 0.4, "budget", patch_size=(32, 32, 32))
+    res = compress_network(net, CompressionSpec(0.4, "budget"), patch_size=(32, 32, 32))
     shell = factorise_structure(plain_unet().eval(), res.layer_ranks)
     shell.load_state_dict(res.network.state_dict())
     x = torch.randn(1, 1, 32, 32, 32)
@@ -151,12 +154,12 @@ def test_factorise_structure_roundtrip(net):
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan"), "x"])
 def test_bad_ratio(net, bad):
     with pytest.raises(InputError):
-        compress_network(net, bad, "budget", patch_size=(32, 32, 32))
+        compress_network(net, CompressionSpec(bad, "budget"), patch_size=(32, 32, 32))
 
 
 def test_unknown_policy(net):
     with pytest.raises(InputError):
-        compress_network(net, 0.5, "magic", patch_size=(32, 32, 32))
+        compress_network(net, CompressionSpec(0.5, "magic"), patch_size=(32, 32, 32))
 
 
 # --- The exact TotalSegmentator architectures (NOTES section 2), on the meta device -----------
@@ -176,7 +179,7 @@ def test_totalsegmentator_architecture_costs(key):
     assert round(cost.params / 1e6, 2) == params_m
     assert round(cost.macs / 1e9, 1) == macs_g
     # the study's preset at 0.3 (parameter count of the factorised network)
-    from TuckerSegLib.decomposition.ranks import choose_ranks
+    from TuckerSegLib.compression.ranks import choose_ranks
     from TuckerSegLib.network.cost import layer_shapes, trace
 
     tr = trace(net, (1, 1, *patch))
@@ -192,7 +195,7 @@ def test_budget_with_probe_weighs_layers_by_output_effect():
     with the original network (on held-out phantom input) than kernel error alone, at equal MACs."""
     from TuckerSegLib.demo.demo_model import materialize_demo_model
     from TuckerSegLib.models.nnunet_folder import load_model_folder
-    from TuckerSegLib.models.probe import default_probe
+    from TuckerSegLib.compression.probe_data import default_probe
 
     model = load_model_folder(materialize_demo_model())
     probe = default_probe(model, seed=0)
@@ -201,7 +204,7 @@ def test_budget_with_probe_weighs_layers_by_output_effect():
         ref = model.network(held_out).argmax(1)
     agreement = {}
     for name, p in (("weighted", probe), ("kernel-only", None)):
-        res = compress_network(model.network, 0.5, "budget", patch_size=model.patch_size, probe=p)
+        res = compress_network(model.network, CompressionSpec(0.5, "budget"), patch_size=model.patch_size, data=CompressionData(probe=p))
         assert abs(res.report["macs_ratio"] - 0.5) <= 0.01
         with torch.no_grad():
             agreement[name] = float((res.network(held_out).argmax(1) == ref).float().mean())
@@ -216,18 +219,17 @@ def test_budget_never_worse_than_the_study_rule_on_its_probe():
     """At the MACs of a uniform allocation, budget's probe error is at most uniform's."""
     from TuckerSegLib.demo.demo_model import materialize_demo_model
     from TuckerSegLib.models.nnunet_folder import load_model_folder
-    from TuckerSegLib.models.probe import default_probe
+    from TuckerSegLib.compression.probe_data import default_probe
 
     model = load_model_folder(materialize_demo_model())
     probe = default_probe(model)
-    uniform = compress_network(model.network, 0.5, "uniform", patch_size=model.patch_size)
-    budget = compress_network(model.network, uniform.report["macs_ratio"], "budget",
-                              patch_size=model.patch_size, probe=probe)
+    uniform = compress_network(model.network, CompressionSpec(0.5, "uniform"), patch_size=model.patch_size)
+    budget = compress_network(model.network, CompressionSpec(uniform.report["macs_ratio"], "budget"), patch_size=model.patch_size, data=CompressionData(probe=probe))
     assert budget.report["macs_ratio"] <= uniform.report["macs_ratio"] + 1e-9
     alloc = budget.report["allocation"]
     assert set(alloc["probe_error"]) == {"greedy", "uniform-seeded"}
     assert alloc["probe_error"][alloc["chosen"]] == min(alloc["probe_error"].values())
-    from TuckerSegLib.network.probe_search import output_error
+    from TuckerSegLib.compression.search import output_error
 
     with torch.no_grad():
         ref = torch.softmax(model.network(probe), 1)
@@ -240,13 +242,13 @@ def test_budget_never_worse_than_the_study_rule_on_its_probe():
 
 def test_refinement_trades_macs_by_measured_error_and_keeps_the_target():
     """Closed-loop refinement lowers the measured probe error at the same MAC target."""
-    from TuckerSegLib.decomposition.ranks import rank_ladders
+    from TuckerSegLib.compression.ranks import rank_ladders
     from TuckerSegLib.decomposition.tucker import mode_spectra
     from TuckerSegLib.demo.demo_model import materialize_demo_model
     from TuckerSegLib.models.nnunet_folder import load_model_folder
-    from TuckerSegLib.models.probe import default_probe
+    from TuckerSegLib.compression.probe_data import default_probe
     from TuckerSegLib.network.cost import layer_shapes, trace
-    from TuckerSegLib.network.probe_search import ProbeScorer, refine_on_probe
+    from TuckerSegLib.compression.search import ProbeScorer, refine_on_probe
     from TuckerSegLib.network.tucker_conv import conv_layout_weight
 
     model = load_model_folder(materialize_demo_model())
@@ -287,8 +289,8 @@ def test_volume_scorer_predicts_as_nnunets_sliding_window():
     tiles give nnU-Net's predictor's logits (same steps, same Gaussian)."""
     from TuckerSegLib.demo.demo_model import materialize_demo_model
     from TuckerSegLib.models.nnunet_folder import load_model_folder
-    from TuckerSegLib.models.probe import default_probe, default_validation
-    from TuckerSegLib.network.probe_search import ProbeScorer, VolumeScorer, volume_cost
+    from TuckerSegLib.compression.probe_data import default_probe, default_validation
+    from TuckerSegLib.compression.search import ProbeScorer, VolumeScorer, volume_cost
     from TuckerSegLib.pipeline.nnunet_predict import load_predictor
 
     folder = materialize_demo_model()
@@ -321,42 +323,40 @@ def test_refinement_keeps_only_trades_the_volumes_confirm():
     cost comes out of the evaluation budget, and the report says what was validated."""
     from TuckerSegLib.demo.demo_model import materialize_demo_model
     from TuckerSegLib.models.nnunet_folder import load_model_folder
-    from TuckerSegLib.models.probe import budget_inputs, default_validation
+    from TuckerSegLib.compression.probe_data import budget_inputs, default_validation
 
     model = load_model_folder(materialize_demo_model())
-    uniform = compress_network(model.network, 0.2, "uniform", patch_size=model.patch_size)
+    uniform = compress_network(model.network, CompressionSpec(0.2, "uniform"), patch_size=model.patch_size)
     measured = budget_inputs(model)
-    res = compress_network(model.network, uniform.report["macs_ratio"], "budget",
-                           patch_size=model.patch_size, **measured)
+    res = compress_network(model.network, CompressionSpec(uniform.report["macs_ratio"], "budget"),
+                           patch_size=model.patch_size, data=measured)
     alloc = res.report["allocation"]
-    assert alloc["validation"]["volumes"] == len(measured["validation"].shapes) == 4
+    assert alloc["validation"]["volumes"] == len(measured.validation.shapes) == 4
     assert alloc["chosen"] == min(alloc["volume_error"], key=alloc["volume_error"].get)
     refined = alloc["refined"]
     assert refined["volume_error"] <= refined["volume_error_start"] == alloc["volume_error"][alloc["chosen"]]
     assert (refined["trades"] == 0) == (refined["volume_error"] == refined["volume_error_start"])
     # what the report says is what the network does on the volumes
-    from TuckerSegLib.models.probe import default_probe
-    from TuckerSegLib.network.probe_search import ProbeScorer, VolumeScorer
+    from TuckerSegLib.compression.probe_data import default_probe
+    from TuckerSegLib.compression.search import ProbeScorer, VolumeScorer
 
     net = res.network.eval()
     scorer = ProbeScorer(net, {s.name: s for s in find_sites(net)}, {}, default_probe(model))
-    ours = VolumeScorer(scorer, measured["validation"].build(), model.patch_size)
+    ours = VolumeScorer(scorer, measured.validation.build(), model.patch_size)
     ref_scorer = ProbeScorer(model.network.eval(), {}, {}, default_probe(model))
-    original = VolumeScorer(ref_scorer, measured["validation"].build(), model.patch_size)
-    from TuckerSegLib.network.probe_search import output_error
+    original = VolumeScorer(ref_scorer, measured.validation.build(), model.patch_size)
+    from TuckerSegLib.compression.search import output_error
 
     errors = [output_error(ours._predict(i)[None], ref[None]) for i, ref in enumerate(original.reference)]
     assert sum(errors) / len(errors) == pytest.approx(refined["volume_error"], rel=1e-3)
     # a budget that cannot pay for the volumes (40 phantoms, never built): the probe alone decides
-    probe_only = compress_network(model.network, uniform.report["macs_ratio"], "budget",
-                                  patch_size=model.patch_size, probe=measured["probe"],
-                                  validation=default_validation(model, seeds=tuple(range(300, 340))))
+    probe_only = compress_network(model.network, CompressionSpec(uniform.report["macs_ratio"], "budget"), patch_size=model.patch_size, data=CompressionData(probe=measured.probe, validation=default_validation(model, seeds=tuple(range(300, 340)))))
     assert probe_only.report["allocation"]["validation"]["volumes"] == 0
     assert "volume_error" not in probe_only.report["allocation"]
 
 
 def test_trade_plan_pays_each_raise_with_cheaper_cuts():
-    from TuckerSegLib.network.probe_search import _plan_trades
+    from TuckerSegLib.compression.search import _plan_trades
 
     ups = [(2.0, "a", (8, 8), 10), (0.1, "e", (8, 8), 4)]
     downs = [(0.5, "b", (4, 4), 6), (1.0, "c", (4, 4), 6), (3.0, "d", (4, 4), 50)]
@@ -370,7 +370,7 @@ def test_trade_plan_pays_each_raise_with_cheaper_cuts():
 def test_default_probe_batches_small_patches_from_different_phantoms():
     from TuckerSegLib.demo.demo_model import materialize_demo_model
     from TuckerSegLib.models.nnunet_folder import load_model_folder
-    from TuckerSegLib.models.probe import MAX_PROBE_PATCHES, default_probe
+    from TuckerSegLib.compression.probe_data import MAX_PROBE_PATCHES, default_probe
 
     model = load_model_folder(materialize_demo_model())
     probe = default_probe(model)

@@ -67,7 +67,7 @@ def demo_folder(tmp_path_factory):
 
 @pytest.mark.slow
 def test_eval_on_demo_model(tmp_path, demo_folder, monkeypatch):
-    from TuckerSegLib.demo.phantom import make_phantom, write_phantom
+    from TuckerSegLib.compression.phantom import make_phantom, write_phantom
     from TuckerSegLib.evaluation.evaluate import evaluate
 
     monkeypatch.setenv("TUCKERSEG_CACHE_DIR", str(tmp_path / "cache"))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from TuckerSegLib.demo.demo_model import RESOURCE_DIR, materialize_demo_model
-from TuckerSegLib.demo.phantom import LABEL_NAMES, make_phantom
+from TuckerSegLib.compression.phantom import LABEL_NAMES, make_phantom
 from TuckerSegLib.errors import InputError, ModelError
 
 
@@ -45,7 +45,7 @@ def test_materialize_reports_incomplete_source(tmp_path):
 def test_nnunet_predictor_segments_heldout_phantom(tmp_path):
     """nnU-Net's own predictor with the shipped weights reaches > 0.9 mean Dice on a phantom
     it never saw, and an array input gives the same result as the NIfTI file."""
-    from TuckerSegLib.demo.phantom import write_phantom
+    from TuckerSegLib.compression.phantom import write_phantom
     from TuckerSegLib.evaluation.metrics import mean_score, per_class_scores
     from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume
 

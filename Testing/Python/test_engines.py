@@ -11,12 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from TuckerSegLib.compression import compress_network
+from TuckerSegLib.compression.compress import compress_network
 from TuckerSegLib.engines import prepare_network
 from TuckerSegLib.engines.agreement import compare_logits
 from TuckerSegLib.engines.layer_forms import FORMS, make_form
 from TuckerSegLib.network.surgery import factorised_layers
-from TuckerSegLib.errors import EngineError
+from TuckerSegLib.errors import EngineError, InputError
+from TuckerSegLib.specs import CompressionSpec, RunSpec
 
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
@@ -38,7 +39,7 @@ def small_unet(n_out=4):
 @pytest.fixture(scope="module")
 def compressed():
     torch.manual_seed(0)
-    return compress_network(small_unet(), 0.3, "budget", patch_size=PATCH).network.eval()
+    return compress_network(small_unet(), CompressionSpec(0.3, "budget"), patch_size=PATCH).network.eval()
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +58,8 @@ def _run(module, x):
 
 
 def test_openvino_f32_matches_torch_f32(compressed, cache_dir, patch_input):
-    ref, ref_info = prepare_network(compressed, PATCH, 1, "cpu", "torch", "f32", cache_dir)
-    ov_mod, info = prepare_network(compressed, PATCH, 1, "cpu", "openvino", "f32", cache_dir)
+    ref, ref_info = prepare_network(compressed, PATCH, 1, "cpu", RunSpec("torch", "f32", "as-is"), cache_dir)
+    ov_mod, info = prepare_network(compressed, PATCH, 1, "cpu", RunSpec("openvino", "f32", "as-is"), cache_dir)
     assert (ref_info.name, info.name, info.precision) == ("torch", "openvino", "f32")
     agr = compare_logits(_run(ov_mod, patch_input), _run(ref, patch_input))
     assert agr.argmax_agreement >= 0.9999
@@ -67,7 +68,7 @@ def test_openvino_f32_matches_torch_f32(compressed, cache_dir, patch_input):
 
 
 def test_openvino_bf16_agreement_is_measured_and_reported(compressed, cache_dir, patch_input):
-    mod, info = prepare_network(compressed, PATCH, 1, "cpu", "openvino", "bf16", cache_dir)
+    mod, info = prepare_network(compressed, PATCH, 1, "cpu", RunSpec("openvino", "bf16", "as-is"), cache_dir)
     assert info.precision == "bf16"
     assert info.agreement is not None and 0.5 < info.agreement <= 1.0
     assert any("argmax agreement with f32" in n for n in info.notes)
@@ -80,29 +81,29 @@ def test_openvino_bf16_agreement_is_measured_and_reported(compressed, cache_dir,
     # the measurement is cached beside the model: a second prepare reports it without measuring
     store = cache_dir / "engine_agreement.json"
     assert store.is_file()
-    _, again = prepare_network(compressed, PATCH, 1, "cpu", "openvino", "bf16", cache_dir)
+    _, again = prepare_network(compressed, PATCH, 1, "cpu", RunSpec("openvino", "bf16", "as-is"), cache_dir)
     assert again.agreement == info.agreement
 
 
 def test_openvino_ir_cache_is_reused(compressed, tmp_path, patch_input):
-    _, first = prepare_network(compressed, PATCH, 1, "cpu", "openvino", "f32", tmp_path)
+    _, first = prepare_network(compressed, PATCH, 1, "cpu", RunSpec("openvino", "f32", "as-is"), tmp_path)
     assert not first.cache_hit
     ir = os.path.join(first.cache_path, "model.xml")
     stamp = os.stat(ir).st_mtime_ns
     blobs = tmp_path / "openvino" / "compiled"
     assert blobs.is_dir() and any(blobs.iterdir())  # the compiled blob is cached too
-    mod, second = prepare_network(compressed, PATCH, 1, "cpu", "openvino", "f32", tmp_path)
+    mod, second = prepare_network(compressed, PATCH, 1, "cpu", RunSpec("openvino", "f32", "as-is"), tmp_path)
     assert second.cache_hit and second.cache_path == first.cache_path
     assert os.stat(ir).st_mtime_ns == stamp  # not converted again
     # different weights -> a different cache entry, never a stale model
-    other = compress_network(small_unet(), 0.3, "budget", patch_size=PATCH).network
-    _, third = prepare_network(other, PATCH, 1, "cpu", "openvino", "f32", tmp_path)
+    other = compress_network(small_unet(), CompressionSpec(0.3, "budget"), patch_size=PATCH).network
+    _, third = prepare_network(other, PATCH, 1, "cpu", RunSpec("openvino", "f32", "as-is"), tmp_path)
     assert not third.cache_hit and third.cache_path != first.cache_path
 
 
 def test_auto_is_exact_on_cpu_and_measured(compressed, cache_dir):
     for precision in ("auto", "f32"):
-        _, info = prepare_network(compressed, PATCH, 1, "cpu", "auto", precision, cache_dir)
+        _, info = prepare_network(compressed, PATCH, 1, "cpu", RunSpec("auto", precision, "as-is"), cache_dir)
         assert info.precision == "f32"
         assert info.agreement is None
         # both engines were timed on a patch and the faster one kept; the choice is cached
@@ -111,22 +112,23 @@ def test_auto_is_exact_on_cpu_and_measured(compressed, cache_dir):
     assert len(choices) == 1 and next(iter(choices.values()))["engine"] == info.name
     assert any(n.endswith("(cached)") for n in info.notes)
     # static order when not measuring: OpenVINO first on CPU
-    _, static = prepare_network(compressed, PATCH, 1, "cpu", "auto", "auto", cache_dir, measure_auto=False)
+    _, static = prepare_network(compressed, PATCH, 1, "cpu", RunSpec("auto", "auto", "as-is"), cache_dir, measure_auto=False)
     assert (static.name, static.precision) == ("openvino", "f32")
 
 
 def test_explicit_unsupported_engine_is_refused(compressed, cache_dir):
     with pytest.raises(EngineError, match="fp16"):
-        prepare_network(compressed, PATCH, 1, "cpu", "torch", "fp16", cache_dir)
+        prepare_network(compressed, PATCH, 1, "cpu", RunSpec("torch", "fp16", "as-is"), cache_dir)
     with pytest.raises(EngineError, match="openvino"):
-        prepare_network(compressed, PATCH, 1, "cuda", "openvino", "f32", cache_dir)
-    with pytest.raises(EngineError, match="unknown engine"):
-        prepare_network(compressed, PATCH, 1, "cpu", "tensorrt", "f32", cache_dir)
-    with pytest.raises(EngineError, match="unknown precision"):
-        prepare_network(compressed, PATCH, 1, "cpu", "auto", "int4", cache_dir)
+        prepare_network(compressed, PATCH, 1, "cuda", RunSpec("openvino", "f32", "as-is"), cache_dir)
+    with pytest.raises(InputError, match="unknown engine"):  # refused where the options enter
+
+        prepare_network(compressed, PATCH, 1, "cpu", RunSpec("tensorrt", "f32", "as-is"), cache_dir)
+    with pytest.raises(InputError, match="unknown precision"):
+        prepare_network(compressed, PATCH, 1, "cpu", RunSpec("auto", "int4", "as-is"), cache_dir)
     # one line, for the command line
     try:
-        prepare_network(compressed, PATCH, 1, "cpu", "torch", "fp16", cache_dir)
+        prepare_network(compressed, PATCH, 1, "cpu", RunSpec("torch", "fp16", "as-is"), cache_dir)
     except EngineError as exc:
         assert "\n" not in str(exc)
 
@@ -137,14 +139,14 @@ def test_missing_openvino_explicit_errors_auto_falls_back(compressed, cache_dir,
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "openvino", None)
     with pytest.raises(EngineError, match="not installed"):
-        prepare_network(compressed, PATCH, 1, "cpu", "openvino", "f32", cache_dir)
-    module, info = prepare_network(compressed, PATCH, 1, "cpu", "auto", "auto", cache_dir)
+        prepare_network(compressed, PATCH, 1, "cpu", RunSpec("openvino", "f32", "as-is"), cache_dir)
+    module, info = prepare_network(compressed, PATCH, 1, "cpu", RunSpec("auto", "auto", "as-is"), cache_dir)
     assert info.name == "torch" and info.precision == "f32"
     assert any("openvino skipped" in n and "not installed" in n for n in info.notes)
 
 
 def test_engine_module_state_dict_contract(compressed, cache_dir):
-    module, _ = prepare_network(compressed, PATCH, 1, "cpu", "openvino", "f32", cache_dir)
+    module, _ = prepare_network(compressed, PATCH, 1, "cpu", RunSpec("openvino", "f32", "as-is"), cache_dir)
     assert module.state_dict() == {}
     module.load_state_dict(module.state_dict())  # what the pipeline gives the predictor
     module.load_state_dict(compressed.state_dict())  # the very weights compiled in
@@ -167,11 +169,11 @@ def test_openvino_inside_nnunet_sliding_window(tmp_path, compressed):
                                 perform_everything_on_device=False, device=torch.device("cpu"),
                                 verbose=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,))
-    net = compress_network(predictor.network, 0.3, "budget", patch_size=PATCH).network.eval()
+    net = compress_network(predictor.network, CompressionSpec(0.3, "budget"), patch_size=PATCH).network.eval()
     data = torch.randn(1, 45, 38, 20, generator=torch.Generator().manual_seed(2))  # < patch in z
     predictor.network, predictor.list_of_parameters = net, [net.state_dict()]
     ref = predictor.predict_logits_from_preprocessed_data(data)
-    module, info = prepare_network(net, PATCH, 1, "cpu", "openvino", "f32", tmp_path / "cache")
+    module, info = prepare_network(net, PATCH, 1, "cpu", RunSpec("openvino", "f32", "as-is"), tmp_path / "cache")
     predictor.network, predictor.list_of_parameters = module, [module.state_dict()]
     out = predictor.predict_logits_from_preprocessed_data(data)
     assert out.shape == ref.shape
@@ -186,7 +188,7 @@ def test_layer_forms_compute_the_same_function():
     """Padded (zero rank channels), fused (first 1x1 folded into the core) and dense forms equal
     the factorised layer."""
     torch.manual_seed(1)  # the study's rule factorises every layer, transposed convs included
-    layers = factorised_layers(compress_network(small_unet(), 0.3, "paper", patch_size=PATCH).network)
+    layers = factorised_layers(compress_network(small_unet(), CompressionSpec(0.3, "paper"), patch_size=PATCH).network)
     kinds = {tc.transposed for tc in layers.values()}
     assert kinds == {False, True}  # convs and transposed convs both covered
     g = torch.Generator().manual_seed(0)
@@ -202,7 +204,7 @@ def test_layer_forms_compute_the_same_function():
 
 
 def test_hardware_aware_shapes_with_torch(compressed, tmp_path, patch_input, monkeypatch):
-    module, info = prepare_network(compressed, PATCH, 1, "cpu", "torch", "f32", tmp_path, shapes="auto")
+    module, info = prepare_network(compressed, PATCH, 1, "cpu", RunSpec("torch", "f32", "auto"), tmp_path)
     assert set(info.layer_forms) == set(factorised_layers(compressed))
     assert set(info.layer_forms.values()) <= set(FORMS)
     agr = compare_logits(_run(module, patch_input), _run(compressed, patch_input))
@@ -213,20 +215,19 @@ def test_hardware_aware_shapes_with_torch(compressed, tmp_path, patch_input, mon
     assert 3 <= len(measured) <= len(FORMS) * len(info.layer_forms)
     assert all(v > 0 for v in measured.values())
     stamp = timings.stat().st_mtime_ns
-    from TuckerSegLib.engines import layer_shapes
+    from TuckerSegLib.engines import layer_form_choice
 
     def fail(*a, **k):
         raise AssertionError("a warm start neither traces nor times")
 
     with monkeypatch.context() as m:  # the network's forms are remembered: nothing traced or timed
-        m.setattr(layer_shapes, "trace", fail)
-        m.setattr(layer_shapes, "time_layer", fail)
-        again_module, again = prepare_network(compressed, PATCH, 1, "cpu", "torch", "f32", tmp_path,
-                                              shapes="auto")
+        m.setattr(layer_form_choice, "trace", fail)
+        m.setattr(layer_form_choice, "time_layer", fail)
+        again_module, again = prepare_network(compressed, PATCH, 1, "cpu", RunSpec("torch", "f32", "auto"), tmp_path)
     assert again.layer_forms == info.layer_forms
     assert torch.equal(_run(again_module, patch_input), _run(module, patch_input))
-    (tmp_path / layer_shapes.CHOICES_FILE).unlink()  # choices lost: rebuilt from cached timings
-    _, again = prepare_network(compressed, PATCH, 1, "cpu", "torch", "f32", tmp_path, shapes="auto")
+    (tmp_path / layer_form_choice.CHOICES_FILE).unlink()  # choices lost: rebuilt from cached timings
+    _, again = prepare_network(compressed, PATCH, 1, "cpu", RunSpec("torch", "f32", "auto"), tmp_path)
     assert again.layer_forms == info.layer_forms
     assert timings.stat().st_mtime_ns == stamp  # cached per device: nothing timed again
     module.load_state_dict(compressed.state_dict())  # the user's weights still load

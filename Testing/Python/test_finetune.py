@@ -16,15 +16,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import write_model_folder  # noqa: E402
 
 from TuckerSegLib.cli.main import main  # noqa: E402
-from TuckerSegLib.compression import compress_network  # noqa: E402
+from TuckerSegLib.compression.compress import compress_network  # noqa: E402
 from TuckerSegLib.errors import InputError  # noqa: E402
-from TuckerSegLib.finetune.calibrate import calibrate  # noqa: E402
+from TuckerSegLib.compression.calibration import calibrate  # noqa: E402
 from TuckerSegLib.finetune.distill import DistillConfig, distill, list_checkpoints  # noqa: E402
-from TuckerSegLib.finetune.preprocess import PatchSampler, preprocess  # noqa: E402
+from TuckerSegLib.compression.ct_patches import PatchSampler, preprocess  # noqa: E402
 from TuckerSegLib.models.compressed_file import load_compressed  # noqa: E402
 from TuckerSegLib.models.nnunet_folder import load_model_folder  # noqa: E402
 from TuckerSegLib.network.surgery import factorised_layers, find_sites  # noqa: E402
 from TuckerSegLib.progress import Progress  # noqa: E402
+from TuckerSegLib.specs import CompressionSpec
+from TuckerSegLib.compression.probe_data import CompressionData
 
 PATCH = (32, 32, 32)
 
@@ -80,8 +82,8 @@ def test_calibrated_factors_lower_output_error_than_hosvd(tiny, data):
     stats = calibrate(tiny, cts[:2], patches_per_ct=3, seed=0)
     assert stats.describe()["instance_norm_aware"] > 0
     held_out = PatchSampler(preprocess(tiny, cts[2:]), PATCH).fixed_patches(3, seed=5)
-    plain = compress_network(tiny.network, 0.4, "uniform", patch_size=PATCH, rank_min=1)
-    aware = compress_network(tiny.network, 0.4, "uniform", patch_size=PATCH, rank_min=1, calibration=stats)
+    plain = compress_network(tiny.network, CompressionSpec(0.4, "uniform", rank_min=1), patch_size=PATCH)
+    aware = compress_network(tiny.network, CompressionSpec(0.4, "uniform", rank_min=1), patch_size=PATCH, data=CompressionData(calibration=stats))
     assert plain.layer_ranks == aware.layer_ranks  # equal ranks: only the factors differ
     assert aware.report["calibration"]["method"] == "whitened-svd"
 
@@ -148,7 +150,7 @@ def _setup_distill(tiny, data, ratio=0.3):
     _, cts = data
     cases = preprocess(tiny, cts[:2])
     held_out = PatchSampler(preprocess(tiny, cts[2:]), PATCH).fixed_patches(4, seed=11)
-    student = compress_network(tiny.network, ratio, "uniform", patch_size=PATCH, rank_min=1).network
+    student = compress_network(tiny.network, CompressionSpec(ratio, "uniform", rank_min=1), patch_size=PATCH).network
     return cases, held_out, student
 
 
@@ -265,11 +267,11 @@ def test_supervised_mode_reads_an_nnunet_dataset(tiny, data, tmp_path):
         (ds / "labelsTr" / f"case{i}.nii.gz").write_bytes((root / f"lab{i}.nii.gz").read_bytes())
     from TuckerSegLib.finetune.workflow import finetune
 
-    summary = finetune(tiny.folder, [], tmp_path / "sup", ratio=0.5, policy="uniform",
+    summary = finetune(tiny.folder, [], tmp_path / "sup", CompressionSpec(0.5, "uniform"),
                        config=DistillConfig(steps=2, batch_size=1), labels_dir=ds, init="hosvd", val_patches=1)
     assert summary["labels"] == str(ds) and summary["data"] == ["case0_0000.nii.gz", "case1_0000.nii.gz"]
     with pytest.raises(InputError, match="imagesTr"):
-        finetune(tiny.folder, [], tmp_path / "sup2", ratio=0.5, labels_dir=tmp_path)
+        finetune(tiny.folder, [], tmp_path / "sup2", CompressionSpec(0.5), labels_dir=tmp_path)
 
 
 def test_preprocessing_matches_nnunet_predictor_input(tiny, shared_data):

@@ -11,10 +11,11 @@ import torch
 
 from TuckerSegLib.errors import InputError, ModelError
 from TuckerSegLib.models import open_model
-from TuckerSegLib.models.cache import get_compressed_model, get_compressed_network
+from TuckerSegLib.compression.cache import get_compressed_model, get_compressed_network
 from TuckerSegLib.models.compressed_file import load_compressed, save_compressed
 from TuckerSegLib.models.nnunet_folder import load_model_folder
-from TuckerSegLib.compression import compress_network
+from TuckerSegLib.compression.compress import compress_network
+from TuckerSegLib.specs import CompressionSpec
 
 from tiny_models import write_model_folder
 
@@ -42,7 +43,7 @@ def test_load_model_folder(model_dir):
 
 def test_save_load_identical_outputs(model_dir, tmp_path):
     m = load_model_folder(model_dir)
-    res = compress_network(m.network, 0.4, "budget", patch_size=m.patch_size)
+    res = compress_network(m.network, CompressionSpec(0.4, "budget"), patch_size=m.patch_size)
     out = save_compressed(tmp_path / "c", m, res)
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "manifest.json", "model.safetensors", "plans.json"]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -60,7 +61,7 @@ def test_save_load_identical_outputs(model_dir, tmp_path):
 
 def test_corrupted_or_mismatched_file_refused(model_dir, tmp_path):
     m = load_model_folder(model_dir)
-    res = compress_network(m.network, 0.4, "budget", patch_size=m.patch_size)
+    res = compress_network(m.network, CompressionSpec(0.4, "budget"), patch_size=m.patch_size)
     out = save_compressed(tmp_path / "c", m, res)
     weights = out / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -108,41 +109,42 @@ def test_unsafe_checkpoint_refused(tmp_path, model_dir):
 
 def test_cache_builds_once_and_rebuilds_damaged(model_dir, tmp_path):
     cache = tmp_path / "cache"
-    net1, man1 = get_compressed_network(model_dir, 0, "uniform", 0.5, cache_dir=cache)
+    net1, man1 = get_compressed_network(model_dir, CompressionSpec(0.5, "uniform"), cache_dir=cache)
     entries = [p for p in cache.iterdir() if p.is_dir()]
     assert len(entries) == 1
     mtime = (entries[0] / "model.safetensors").stat().st_mtime_ns
-    net2, man2 = get_compressed_network(model_dir, 0, "uniform", 0.5, cache_dir=cache)
+    net2, man2 = get_compressed_network(model_dir, CompressionSpec(0.5, "uniform"), cache_dir=cache)
     assert (entries[0] / "model.safetensors").stat().st_mtime_ns == mtime  # loaded, not rebuilt
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert torch.equal(net1(x), net2(x))
     (entries[0] / "model.safetensors").write_bytes(b"garbage")
-    net3, _ = get_compressed_network(model_dir, 0, "uniform", 0.5, cache_dir=cache)
+    net3, _ = get_compressed_network(model_dir, CompressionSpec(0.5, "uniform"), cache_dir=cache)
     with torch.no_grad():
         assert torch.equal(net3(x), net1(x))
     # ratio 1.0: the original network, nothing cached
-    net4, man4 = get_compressed_network(model_dir, 0, "uniform", 1.0, cache_dir=cache)
+    net4, man4 = get_compressed_network(model_dir, CompressionSpec(1.0, "uniform"), cache_dir=cache)
     assert man4["report"]["macs_ratio"] == 1.0
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
 
 
 def test_cache_entries_of_another_algorithm_version_are_not_reused(model_dir, tmp_path, monkeypatch):
     """A TuckerSeg that chooses ranks differently must not load what an older one cached."""
-    from TuckerSegLib.models import cache as cache_mod
+    from TuckerSegLib.compression import cache as cache_mod
 
     cache = tmp_path / "cache"
-    get_compressed_network(model_dir, 0, "uniform", 0.5, cache_dir=cache)
+    get_compressed_network(model_dir, CompressionSpec(0.5, "uniform"), cache_dir=cache)
     monkeypatch.setattr(cache_mod, "ALGORITHM_VERSION", cache_mod.ALGORITHM_VERSION + 1)
-    get_compressed_network(model_dir, 0, "uniform", 0.5, cache_dir=cache)
+    get_compressed_network(model_dir, CompressionSpec(0.5, "uniform"), cache_dir=cache)
     names = sorted(p.name for p in cache.iterdir() if p.is_dir())
     assert len(names) == 2 and names[0].rsplit("-v", 1)[0] == names[1].rsplit("-v", 1)[0]
 
 
 def test_cache_concurrent_builders(model_dir, tmp_path):
     cache = tmp_path / "cache"
-    code = ("import sys; from TuckerSegLib.models.cache import get_compressed_network as g;"
-            f"g(r'{model_dir}', 0, 'budget', 0.3, cache_dir=r'{cache}')")
+    code = ("import sys; from TuckerSegLib.compression.cache import get_compressed_network as g;"
+            "from TuckerSegLib.specs import CompressionSpec;"
+            f"g(r'{model_dir}', CompressionSpec(0.3, 'budget'), cache_dir=r'{cache}')")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE) for _ in range(3)]
     for p in procs:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from TuckerSegLib.demo.phantom import LABEL_NAMES, make_phantom, write_phantom
+from TuckerSegLib.compression.phantom import LABEL_NAMES, make_phantom, write_phantom
 
 
 def test_phantom_is_seeded_and_varies():

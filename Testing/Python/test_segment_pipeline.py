@@ -217,7 +217,7 @@ def test_bad_inputs_give_one_line_and_no_output(shared_data, weights_root, tmp_p
 
 
 def test_dicom_folder_is_accepted(shared_data):
-    from TuckerSegLib.pipeline.inputs import check_input
+    from TuckerSegLib.inputs import check_input
 
     checked = check_input(shared_data / "example_ct_dicom")
     assert checked.kind == "dicom" and len(checked.shape) == 3 and min(checked.shape) > 1
@@ -256,7 +256,9 @@ def test_single_case_runs_in_process_and_keeps_nnunet_signature(tmp_path):
 
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from TuckerSegLib.pipeline.predictor_hook import _single_case, compressed_predictors
+    from TuckerSegLib.pipeline.nnunet_speedups import single_case
+    from TuckerSegLib.pipeline.predictor_hook import compressed_predictors
+    from TuckerSegLib.specs import CompressionSpec, RunSpec
 
     class P:
         dataset_json = {"file_ending": ".nii.gz"}
@@ -267,18 +269,18 @@ def test_single_case_runs_in_process_and_keeps_nnunet_signature(tmp_path):
         (tmp_path / name).write_text("")
     expected = [[str(tmp_path / "s01_0000.nii.gz"), str(tmp_path / "s01_0001.nii.gz")]]
     assert create_lists_from_splitted_dataset_folder(str(tmp_path), ".nii.gz") == expected  # what nnU-Net makes
-    assert _single_case(P(), tmp_path) == expected
+    assert single_case(P(), tmp_path) == expected
     for name in ("s01.nii.gz", "predict_from_raw_data_args.json"):  # outputs are not a second case
         (tmp_path / name).write_text("")
-    assert _single_case(P(), tmp_path) == expected
+    assert single_case(P(), tmp_path) == expected
     (tmp_path / "s02_0000.nii.gz").write_text("")
-    assert _single_case(P(), tmp_path) is None
-    assert _single_case(P(), [["a_0000.nii.gz"]]) == [["a_0000.nii.gz"]]
-    assert _single_case(P(), [["a"], ["b"]]) is None
+    assert single_case(P(), tmp_path) is None
+    assert single_case(P(), [["a_0000.nii.gz"]]) == [["a_0000.nii.gz"]]
+    assert single_case(P(), [["a"], ["b"]]) is None
 
     import totalsegmentator.nnunet  # noqa: F401  (TotalSegmentator's own runtime patches first)
     before = nnUNetPredictor.predict_from_files
-    with compressed_predictors(ratio=1.0):
+    with compressed_predictors(CompressionSpec(1.0), RunSpec()):
         assert nnUNetPredictor.predict_from_files is not before
         assert inspect.signature(nnUNetPredictor.predict_from_files) == inspect.signature(before)
     assert nnUNetPredictor.predict_from_files is before
@@ -291,10 +293,10 @@ def test_parallel_argmax_gives_nnunets_labels():
     import torch
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-    from TuckerSegLib.pipeline.predictor_hook import _parallel_argmax
+    from TuckerSegLib.pipeline.nnunet_speedups import parallel_argmax
 
     labels = {"background": 0, **{f"c{i}": i for i in range(1, 12)}}
-    stock, fast = LabelManager(labels, None), _parallel_argmax(LabelManager(labels, None))
+    stock, fast = LabelManager(labels, None), parallel_argmax(LabelManager(labels, None))
     probs = np.random.default_rng(0).random((12, 9, 10, 11)).astype(np.float32)
     probs[3, 0, 0, :4] = probs[8, 0, 0, :4] = 2.0  # a tie: the first maximum wins in both
     ours = fast.convert_probabilities_to_segmentation(probs)
@@ -304,4 +306,4 @@ def test_parallel_argmax_gives_nnunets_labels():
     assert torch.equal(fast.convert_probabilities_to_segmentation(t), stock.convert_probabilities_to_segmentation(t))
     assert np.array_equal(fast.convert_logits_to_segmentation(probs), stock.convert_logits_to_segmentation(probs))
     regions = LabelManager({"background": 0, "a": [1, 2], "b": 2}, regions_class_order=[1, 2])
-    assert _parallel_argmax(regions).convert_probabilities_to_segmentation == regions.convert_probabilities_to_segmentation
+    assert parallel_argmax(regions).convert_probabilities_to_segmentation == regions.convert_probabilities_to_segmentation

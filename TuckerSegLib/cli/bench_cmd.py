@@ -8,15 +8,19 @@ import sys
 from pathlib import Path
 
 from TuckerSegLib.errors import InputError
+from TuckerSegLib.specs import LAYER_FORMS, RunSpec
 
 HELP = "time stock vs compressed networks per patch and end to end"
 
 
 def _config(text: str):
+    """``ENGINE:PRECISION`` -> ``(engine, precision)``, validated by ``RunSpec``."""
     engine, _, precision = text.partition(":")
-    if engine not in ("auto", "torch", "openvino") or precision not in ("", "auto", "f32", "bf16", "fp16"):
-        raise argparse.ArgumentTypeError(f"expected ENGINE:PRECISION (e.g. openvino:bf16), got {text!r}")
-    return engine, precision or "auto"
+    try:
+        run = RunSpec(engine, precision or "auto")
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(f"expected ENGINE:PRECISION (e.g. openvino:bf16): {exc}") from None
+    return run.engine, run.precision
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="engines and precisions to time (default: torch:f32 openvino:f32 "
                              "openvino:bf16 on CPU, torch:fp16 torch:f32 on CUDA)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
-    parser.add_argument("--shapes", choices=["as-is", "auto"], default="as-is",
+    parser.add_argument("--layer-forms", choices=LAYER_FORMS, default="as-is",
                         help="auto: per-layer measured forms (factorised / fused / dense) on this device")
     parser.add_argument("--reps", type=int, default=2, help="timed runs per configuration (best is reported)")
     parser.add_argument("--warmup", type=int, default=1)
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace, progress) -> int:
     cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="tuckerseg-bench-"))
     if args.per_patch:
         result = run_patch_bench(args.archs, args.ratios, args.policies, args.configs, args.device,
-                                 args.reps, args.warmup, cache, args.shapes, progress,
+                                 args.reps, args.warmup, cache, args.layer_forms, progress,
                                  log=lambda m: print(m, file=sys.stderr, flush=True))
         result["command"] = "tuckerseg bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
         write_json(result, args.json)

@@ -3,14 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from TuckerSegLib.compression import RANK_MULTIPLE
-from TuckerSegLib.decomposition.ranks import POLICIES
-from TuckerSegLib.decomposition.tucker import METHODS
 from TuckerSegLib.errors import InputError
-from TuckerSegLib.specs import check_ratio
+from TuckerSegLib.specs import METHODS, POLICIES, RANK_MULTIPLE, CompressionSpec
 
 HELP = "compress an nnU-Net model folder at a ratio into a compressed-model folder"
 
@@ -49,15 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, progress) -> int:
-    from TuckerSegLib.compression import compress_network
+    from TuckerSegLib.compression.compress import CompressionData, compress_model
     from TuckerSegLib.models.compressed_file import save_compressed
     from TuckerSegLib.models.nnunet_folder import load_model_folder
-    from TuckerSegLib.models.probe import budget_inputs
     from TuckerSegLib.report import format_report
 
-    ratio = check_ratio(args.ratio)
-    if args.rank_multiple < 1:
-        raise InputError("--rank-multiple must be at least 1")
+    spec = CompressionSpec(ratio=args.ratio, policy=args.policy, method=args.method,
+                           rank_multiple=args.rank_multiple, rank_min=args.rank_min)
     fold = int(args.fold) if str(args.fold).isdigit() else args.fold
     out = Path(args.output)
     if out.exists() and not (out / "manifest.json").is_file():
@@ -65,18 +59,14 @@ def run(args: argparse.Namespace, progress) -> int:
             raise InputError(f"output {out} exists and is not a compressed-model folder; not overwriting it")
     progress.stage("load", f"loading {args.model_dir}")
     model = load_model_folder(args.model_dir, fold, args.checkpoint)
-    calibration = None
-    if args.calibrate and ratio < 1.0:
-        from TuckerSegLib.finetune.calibrate import calibrate
+    data = None  # the policy's default measurements
+    if args.calibrate and not spec.is_original:
+        from TuckerSegLib.compression.calibration import calibrate
 
-        calibration = calibrate(model, args.calibrate, patches_per_ct=args.calibration_patches,
-                                progress=progress)
-    progress.stage("compress", f"compressing ({args.policy}, ratio {ratio:g})")
-    measured = budget_inputs(model) if args.policy == "budget" and calibration is None else {}
-    result = compress_network(model.network, ratio, args.policy, patch_size=model.patch_size,
-                              in_channels=model.num_input_channels, method=args.method,
-                              rank_min=args.rank_min, rank_multiple=args.rank_multiple,
-                              inplace=True, progress=progress, calibration=calibration, **measured)
+        data = CompressionData(calibration=calibrate(model, args.calibrate, patches_per_ct=args.calibration_patches,
+                                                     progress=progress))
+    progress.stage("compress", f"compressing ({spec.policy}, ratio {spec.ratio:g})")
+    result = compress_model(model, spec, data, progress=progress, inplace=True)
     progress.stage("save", f"writing {out}")
     save_compressed(out, model, result)
     progress.result({"output": str(out), "original": result.report["original"],

@@ -5,9 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
-from TuckerSegLib.decomposition.ranks import POLICIES
 from TuckerSegLib.errors import InputError
-from TuckerSegLib.specs import check_ratio
+from TuckerSegLib.specs import POLICIES, CompressionSpec
 
 HELP = "recover quality by distilling a compressed model from its original"
 
@@ -56,7 +55,7 @@ def run(args: argparse.Namespace, progress) -> int:
     from TuckerSegLib.finetune.distill import DistillConfig
     from TuckerSegLib.finetune.workflow import finetune
 
-    ratio = check_ratio(args.ratio) if args.ratio is not None else None
+    spec = CompressionSpec(ratio=args.ratio, policy=args.policy) if args.ratio is not None else None
     if args.steps < 1 or args.batch_size < 1 or args.checkpoint_every < 1:
         raise InputError("--steps, --batch-size and --checkpoint-every must be at least 1")
     if not (args.lr > 0):
@@ -67,7 +66,7 @@ def run(args: argparse.Namespace, progress) -> int:
                            checkpoint_every=args.checkpoint_every,
                            seed=args.seed)
     fold = int(args.fold) if str(args.fold).isdigit() else args.fold
-    summary = finetune(args.model, args.input, args.output, ratio=ratio, policy=args.policy,
+    summary = finetune(args.model, args.input, args.output, spec,
                        config=config, device=args.device, labels_dir=args.labels, resume=args.resume,
                        work_dir=args.work_dir, init=args.init, val_images=args.val, fold=fold,
                        progress=progress)

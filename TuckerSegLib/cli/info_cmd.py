@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, progress) -> int:
-    from TuckerSegLib.compression import compress_network
+    from TuckerSegLib.compression.compress import compress_model
+    from TuckerSegLib.specs import CompressionSpec
     from TuckerSegLib.models import open_model
     from TuckerSegLib.report import format_report
 
@@ -27,8 +28,7 @@ def run(args: argparse.Namespace, progress) -> int:
         report = dict(model.manifest["report"])
         report["source"] = model.manifest["source"]
     else:  # an uncompressed model: report it as ratio 1.0 (every layer dense)
-        report = compress_network(model.network, 1.0, "budget", patch_size=model.patch_size,
-                                  in_channels=model.num_input_channels, inplace=True).report
+        report = compress_model(model, CompressionSpec(ratio=1.0), inplace=True).report
         report["policy"] = "none"
         report.pop("method", None)
     if args.json:

@@ -5,6 +5,8 @@ import argparse
 import sys
 
 from TuckerSegLib.progress import JsonProgress, Progress
+from TuckerSegLib.specs import (ENGINES, LAYER_FORMS, POLICIES, PRECISION_CHOICES, CompressionSpec, RunSpec,
+                                check_mode)
 
 HELP = "segment a CT with compressed TotalSegmentator models"
 
@@ -13,11 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--input", required=True, metavar="CT",
                    help="CT image: a .nii/.nii.gz file or a DICOM folder")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output: a .nii.gz file with --ml, else a folder with one file per class")
+                   help="output: a .nii.gz file (one multilabel file), else a folder with one file per class")
     p.add_argument("--ratio", type=float, default=0.5,
                    help="fraction of the networks' cost to keep, in (0, 1]; 1.0 = stock TotalSegmentator "
                         "(default 0.5)")
-    p.add_argument("--policy", default="budget", choices=["budget", "uniform", "paper", "energy"],
+    p.add_argument("--policy", default="budget", choices=POLICIES,
                    help="how ranks are chosen (default budget: ratio = fraction of MACs kept)")
     p.add_argument("-ta", "--task", default="total", help="TotalSegmentator task (default total)")
     mode = p.add_mutually_exclusive_group()
@@ -25,8 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("-ff", "--fastest", action="store_true", help="6 mm model (dataset 298)")
     p.add_argument("-rs", "--roi_subset", "--roi-subset", dest="roi_subset", nargs="+", metavar="NAME",
                    help="segment only these structures (TotalSegmentator class names)")
-    p.add_argument("-ml", "--ml", action="store_true",
-                   help="one multilabel file instead of one file per class")
+    p.add_argument("-ml", "--ml", action="store_true", default=None,
+                   help="one multilabel file instead of one file per class (the default when OUT is "
+                        "named .nii or .nii.gz)")
     p.add_argument("-d", "--device", default="auto",
                    help="auto (cuda, else mps, else cpu), cpu, gpu, gpu:N or mps (default auto)")
     p.add_argument("-s", "--statistics", action="store_true",
@@ -39,15 +42,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="threads for saving one file per class (default 6)")
     p.add_argument("--cache-dir", default=None,
                    help="where compressed networks are cached (default: TuckerSeg's cache folder)")
-    p.add_argument("--engine", default="auto", choices=["auto", "torch", "openvino"],
+    p.add_argument("--engine", default="auto", choices=ENGINES,
                    help="inference engine: auto (default: the fastest exact engine, timed on this "
                         "machine: OpenVINO or PyTorch on CPU, PyTorch on CUDA/MPS; PyTorch at --ratio 1.0, "
                         "which keeps stock output voxel for voxel), torch, openvino")
-    p.add_argument("--precision", default="auto", choices=["auto", "f32", "bf16", "fp16"],
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="auto (default) = stock TotalSegmentator's precision on the device (f32 on "
                         "CPU, fp16 autocast on CUDA); bf16/fp16 are faster, their argmax agreement "
                         "with f32 is measured and reported")
-    p.add_argument("--layer-forms", default="auto", choices=["auto", "as-is"],
+    p.add_argument("--layer-forms", default="auto", choices=LAYER_FORMS,
                    help="auto (default): time each factorised layer's equivalent forms (factorised, "
                         "padded ranks, fused, dense) on this device once (cached) and run the fastest, "
                         "so that no ratio is slower than stock; as-is: run the factorised layers as they are")
@@ -64,11 +67,12 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
 
     # With JSON events on stdout, TotalSegmentator's own prints go to stderr (quiet mode).
     quiet = bool(args.quiet or isinstance(progress, JsonProgress))
-    result = segment(args.input, args.output, ratio=args.ratio, policy=args.policy, task=args.task,
-                     fast=args.fast, fastest=args.fastest, roi_subset=args.roi_subset, ml=args.ml,
-                     device=args.device, cache_dir=args.cache_dir, engine=args.engine,
-                     precision=args.precision, layer_forms=args.layer_forms,
-                     progress=progress, allow_download=not args.no_download, quiet=quiet,
+    compression = CompressionSpec(ratio=args.ratio, policy=args.policy)
+    run_spec = RunSpec(engine=args.engine, precision=args.precision, layer_forms=args.layer_forms,
+                       device=args.device)
+    result = segment(args.input, args.output, compression, run_spec, task=args.task,
+                     mode=check_mode(args.fast, args.fastest), roi_subset=args.roi_subset, ml=args.ml,
+                     cache_dir=args.cache_dir, progress=progress, allow_download=not args.no_download, quiet=quiet,
                      compressed_models=args.compressed_model,
                      statistics=args.statistics, body_seg=args.body_seg,
                      nr_thr_resamp=args.nr_thr_resamp, nr_thr_saving=args.nr_thr_saving)

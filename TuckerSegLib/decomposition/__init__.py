@@ -1,5 +1,4 @@
-"""Tensor math: Tucker-2 factorisation of convolution kernels and the choice of ranks."""
+"""Tensor math: Tucker-2 factorisation of convolution kernels (no networks, no rank policies)."""
 from TuckerSegLib.decomposition.tucker import ModeSpectra, Tucker2, mode_spectra, tucker2
-from TuckerSegLib.decomposition.ranks import POLICIES, LayerShape, choose_ranks
 
-__all__ = ["ModeSpectra", "Tucker2", "mode_spectra", "tucker2", "POLICIES", "LayerShape", "choose_ranks"]
+__all__ = ["ModeSpectra", "Tucker2", "mode_spectra", "tucker2"]

@@ -16,17 +16,10 @@ from pathlib import Path
 from typing import Optional
 
 from TuckerSegLib.errors import ModelError
+from TuckerSegLib.storage import cache_root
 
 RESOURCE_DIR = Path(__file__).resolve().parents[1] / "resources" / "demo_model"
 WEIGHTS = Path("fold_0") / "model.safetensors"
-
-
-def cache_root() -> Path:
-    """``$TUCKERSEG_CACHE_DIR``, else ``$XDG_CACHE_HOME/tuckerseg``, else ``~/.cache/tuckerseg``."""
-    if os.environ.get("TUCKERSEG_CACHE_DIR"):
-        return Path(os.environ["TUCKERSEG_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "tuckerseg"
 
 
 def _sha256(path: Path) -> str:

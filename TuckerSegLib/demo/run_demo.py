@@ -23,22 +23,13 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from TuckerSegLib.specs import check_ratio
+from TuckerSegLib.specs import CompressionSpec
 from TuckerSegLib.progress import NullProgress, Progress
 
 DEFAULT_RATIOS = (1.0, 0.5, 0.3, 0.15)
 PHANTOM_SEED = 2024  # not among the training (0-39) or validation (10000-10003) phantoms
 COLUMNS = ["ratio", "policy", "params", "macs", "macs_fraction", "seconds", "dice_vs_truth",
            "nsd_vs_truth", "dice_vs_original"]
-
-
-def compressed_network(model_folder: Path, ratio: float, policy: str, cache_dir=None,
-                       progress: Optional[Progress] = None):
-    """The model folder's network compressed at ``ratio`` (cached by the core); 1.0 = original."""
-    from TuckerSegLib.models.cache import get_compressed_network
-
-    return get_compressed_network(model_folder, fold=0, policy=policy, ratio=ratio,
-                                  cache_dir=cache_dir, progress=progress)
 
 
 def format_table(rows: List[dict]) -> str:
@@ -68,18 +59,20 @@ def run_demo(outdir: Path = Path("tuckerseg-demo"), ratios: Sequence[float] = DE
              progress: Optional[Progress] = None, seed: int = PHANTOM_SEED,
              tolerance_mm: float = 3.0) -> dict:
     """Run the demo; returns the summary also written to ``results.json``."""
+    from TuckerSegLib.compression.cache import get_compressed_network
     from TuckerSegLib.demo.demo_model import materialize_demo_model
-    from TuckerSegLib.demo.phantom import make_phantom, save_nifti
+    from TuckerSegLib.compression.phantom import make_phantom, save_nifti
     from TuckerSegLib.network.cost import count_cost
     from TuckerSegLib.evaluation.metrics import mean_score, per_class_scores
     from TuckerSegLib.evaluation.plots import plot_ratio_curves, plot_slices
-    from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume, resolve_device
+    from TuckerSegLib.devices import torch_device
+    from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume
 
     progress = progress or NullProgress()
-    ratios = [check_ratio(r) for r in ratios]
+    ratios = [CompressionSpec(r, policy).ratio for r in ratios]  # checks ratio and policy once
     # The uncompressed model is always run first: it is the reference for "Dice vs 1.0".
     ratios = [1.0] + [r for r in dict.fromkeys(ratios) if r != 1.0]
-    dev = resolve_device(device)
+    dev = torch_device(device)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=outdir, prefix=".tmp-demo-"))
@@ -102,7 +95,8 @@ def run_demo(outdir: Path = Path("tuckerseg-demo"), ratios: Sequence[float] = DE
             progress.stage("segment", f"ratio {ratio:g}: compressing / loading")
             progress.update(i / n, f"ratio {ratio:g}")
             t0 = time.perf_counter()
-            network, _manifest = compressed_network(folder, ratio, policy, cache_dir)
+            network, _manifest = get_compressed_network(folder, CompressionSpec(ratio, policy),
+                                                        cache_dir=cache_dir)
             load_s = time.perf_counter() - t0
             cost = count_cost(network, (1, 1, *patch)).as_dict()
             progress.stage("segment", f"ratio {ratio:g}: segmenting")

@@ -22,11 +22,6 @@ from torch import nn
 
 from TuckerSegLib.errors import EngineError
 
-PRECISIONS = ("f32", "bf16", "fp16")
-# What the user may ask for: a precision, or "auto" = the stock pipeline's own precision on that
-# device (fp16 autocast on CUDA as nnU-Net/TotalSegmentator do, f32 everywhere else).
-PRECISION_CHOICES = ("auto",) + PRECISIONS
-ENGINE_CHOICES = ("auto", "torch", "openvino")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Per-patch benchmark: stock TotalSegmentator networks against TuckerSeg engines, side by side.
 
-Why: fewer MACs are not less time (NOTES 4); only timings on the target hardware, in one run so
+Why: fewer MACs are not less time (PyTorch's slow CPU path for small convs); only timings on the target hardware, in one run so
 that machine load hits every configuration alike, say whether a ratio pays. Networks are the real
 TotalSegmentator architectures (nnU-Net's PlainConvUNet at TotalSegmentator's widths and patch
 sizes) with random weights: timings are representative, outputs are not. Stock = PyTorch eager,
@@ -21,9 +21,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from TuckerSegLib.engines.timing import repeat_seconds
 from TuckerSegLib.progress import NullProgress, Progress
+from TuckerSegLib.specs import CompressionSpec, RunSpec
 
-# TotalSegmentator's networks (NOTES 2): features, output channels, patch (nnU-Net axis order).
+# TotalSegmentator's networks (from their plans.json): features, output channels, patch (nnU-Net axis order).
 ARCHS: Dict[str, dict] = {
     "1.5mm": {"features": (32, 64, 128, 256, 320, 320), "n_out": 25, "patch": (128, 128, 128),
               "dataset_id": 291, "label": "total (1.5 mm, one of 5 parts)"},
@@ -141,25 +143,17 @@ class Row:
     notes: List[str] = field(default_factory=list)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_module(module: Callable, x: torch.Tensor, device: torch.device, reps: int,
                 warmup: int) -> Tuple[List[float], torch.Tensor]:
-    out = None
+    """Seconds of each timed forward and the last output."""
+    out = []
+
+    def forward() -> None:
+        out[:] = [module(x)]
+
     with torch.inference_mode():
-        for _ in range(warmup):
-            out = module(x)
-        _sync(device)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            out = module(x)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-    return times, out
+        times = repeat_seconds(forward, device, reps, warmup)
+    return times, (out[0] if out else None)
 
 
 def default_configs(device: torch.device) -> List[Tuple[str, str]]:
@@ -172,14 +166,14 @@ def run_patch_bench(archs: Sequence[str] = ("1.5mm", "3mm"), ratios: Sequence[fl
                     policies: Sequence[str] = ("paper", "budget"),
                     configs: Optional[Sequence[Tuple[str, str]]] = None, device: str = "cpu",
                     reps: int = 2, warmup: int = 1, cache_dir: Optional[Path] = None,
-                    shapes: str = "as-is", progress: Optional[Progress] = None,
+                    layer_forms: str = "as-is", progress: Optional[Progress] = None,
                     log: Callable[[str], None] = print) -> dict:
     """Time every (arch, policy, ratio, engine, precision); returns the JSON-ready result."""
-    from TuckerSegLib.compression import compress_network
+    from TuckerSegLib.compression.compress import compress_network
     from TuckerSegLib.engines import prepare_network
     from TuckerSegLib.engines.agreement import compare_logits
     from TuckerSegLib.engines.base import example_input
-    from TuckerSegLib.engines.prepare import describe_device
+    from TuckerSegLib.engines.select import describe_device
     from TuckerSegLib.engines.select import resolve_precision, select_engine
     from TuckerSegLib.engines.torch_engine import TorchEngineModule
     from TuckerSegLib.errors import EngineError
@@ -222,7 +216,7 @@ def run_patch_bench(archs: Sequence[str] = ("1.5mm", "3mm"), ratios: Sequence[fl
                 if ratio >= 1.0:
                     continue
                 progress.stage("compress", f"{arch}: {policy} {ratio:g}")
-                res = compress_network(base.cpu(), ratio, policy, patch_size=patch)
+                res = compress_network(base.cpu(), CompressionSpec(ratio, policy), patch_size=patch)
                 networks.append((policy, ratio, res.network, res.report["macs_ratio"]))
                 log(f"[{arch}] compressed {policy} {ratio:g}: MACs kept {res.report['macs_ratio']:.3f}")
         for policy, ratio, net, macs_ratio in networks:
@@ -233,8 +227,8 @@ def run_patch_bench(archs: Sequence[str] = ("1.5mm", "3mm"), ratios: Sequence[fl
                 t0 = time.perf_counter()
                 try:
                     with PeakRSS() as mem:
-                        module, info = prepare_network(net, patch, 1, dev, engine, prec, cache_dir,
-                                                       shapes=shapes, check_agreement=False)
+                        module, info = prepare_network(net, patch, 1, dev, RunSpec(engine, prec, layer_forms),
+                                                       cache_dir, check_agreement=False)
                         prep = time.perf_counter() - t0
                         out = None
                         with torch.inference_mode():
@@ -289,7 +283,7 @@ def run_patch_bench(archs: Sequence[str] = ("1.5mm", "3mm"), ratios: Sequence[fl
     return {
         "kind": "per-patch", "device": describe_device(dev, "openvino" if dev.type == "cpu" else "torch"),
         "machine": platform.platform(), "torch": torch.__version__, "openvino": _ov_version(),
-        "threads": torch.get_num_threads(), "reps": reps, "warmup": warmup, "shapes": shapes,
+        "threads": torch.get_num_threads(), "reps": reps, "warmup": warmup, "layer_forms": layer_forms,
         "auto": {k: {"engine": v[0], "precision": v[1]} for k, v in auto.items()},
         "stock": f"PyTorch eager dense {stock_precision}",
         "rows": [asdict(r) for r in rows],

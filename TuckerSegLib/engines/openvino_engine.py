@@ -1,11 +1,11 @@
 """OpenVINO engine: the network converted to OpenVINO IR once, compiled for the CPU (or Intel GPU/NPU).
 
 Why: PyTorch on CPU runs the thin Tucker convolutions on a slow non-oneDNN path; OpenVINO runs
-the same compressed network 2-3x faster in f32 and faster still in bf16 (NOTES 4). Conversion
+the same compressed network 2-3x faster in f32 and faster still in bf16. Conversion
 costs tens of seconds, so the IR is cached (``<cache>/openvino/<key>/model.xml``, key = hash of
 structure + weights, input shape, OpenVINO version) and the compiled blob too (OpenVINO's own
 ``CACHE_DIR``): a warm start only reads the blob. The precision hint is always explicit: the CPU
-plugin silently defaults to bf16 on CPUs that have it, which changes results (NOTES 4).
+plugin silently defaults to bf16 on CPUs that have it, which changes results.
 """
 from __future__ import annotations
 
@@ -22,9 +22,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from TuckerSegLib.engines.base import (Engine, EngineInfo, EngineModule, available_threads,
-                                       example_input, patch_tuple, state_fingerprint,
-                                       weights_fingerprint)
+from TuckerSegLib.engines.base import (Engine, EngineInfo, EngineModule, available_threads, patch_tuple,
+                                       state_fingerprint, weights_fingerprint)
 from TuckerSegLib.errors import EngineError
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import platform
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
@@ -12,44 +11,27 @@ from torch import nn
 from TuckerSegLib.engines import agreement as agreement_mod
 from TuckerSegLib.engines.base import (EngineInfo, example_input, normalise_device, patch_tuple,
                                        state_fingerprint, weights_fingerprint)
-from TuckerSegLib.engines.select import AUTO_ORDER, ENGINES, resolve_precision, select_engine, why_not
+from TuckerSegLib.engines.select import (AUTO_ORDER, IMPLEMENTATIONS, describe_device, resolve_precision,
+                                         select_engine, why_not)
+from TuckerSegLib.engines.timing import best_seconds
 from TuckerSegLib.errors import EngineError, TuckerSegError
 from TuckerSegLib.progress import NullProgress, Progress
+from TuckerSegLib.specs import RunSpec
+from TuckerSegLib.storage import merge_json, read_json
 
 log = logging.getLogger(__name__)
 
-SHAPES_CHOICES = ("auto", "as-is")
-
-
-def describe_device(device: torch.device, engine: str) -> str:
-    """A human name for the hardware, e.g. 'cpu (AMD EPYC, 2 threads)' or 'cuda:0 (NVIDIA H200)'."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    if device.type == "cpu":
-        from TuckerSegLib.engines.base import available_threads
-        name = platform.processor() or platform.machine()
-        if engine == "openvino":
-            from TuckerSegLib.engines.openvino_engine import core, ov_device_name
-            try:
-                name = str(core().get_property(ov_device_name(), "FULL_DEVICE_NAME"))
-            except Exception:
-                pass
-            if ov_device_name() != "CPU":
-                return f"openvino {ov_device_name()} ({name})"
-        return f"cpu ({name}, {available_threads()} threads)"
-    return str(device)
-
-
 def prepare_network(network: nn.Module, patch_size: Sequence[int], in_channels: int = 1,
-                    device: Union[str, torch.device] = "cpu", engine: str = "auto",
-                    precision: str = "auto", cache_dir: Optional[Union[str, Path]] = None,
-                    shapes: str = "as-is", check_agreement: bool = True, measure_auto: bool = True,
+                    device: Union[str, torch.device] = "cpu", run: RunSpec = RunSpec(layer_forms="as-is"),
+                    cache_dir: Optional[Union[str, Path]] = None, check_agreement: bool = True,
+                    measure_auto: bool = True,
                     progress: Optional[Progress] = None) -> Tuple[nn.Module, EngineInfo]:
     """The module that runs ``network`` for nnU-Net's sliding window, and what was chosen.
 
-    ``engine``: auto|torch|openvino; ``precision``: auto|f32|bf16|fp16 (see ``select``).
+    ``run.engine``: auto|torch|openvino; ``run.precision``: auto|f32|bf16|fp16 (see ``select``);
+    ``run.device`` is not used here: ``device`` is the torch device nnU-Net's predictor holds.
     ``cache_dir``: where compiled forms are kept (beside the compressed model); None = no cache.
-    ``shapes``: "auto" lets measured per-layer timings pick each factorised layer's form
+    ``run.layer_forms``: "auto" lets measured per-layer timings pick each factorised layer's form
     (factorised, first 1x1 fused into the core, or dense) on this device; "as-is" keeps the network.
     Low-precision runs measure their argmax agreement with f32 once (cached) when
     ``check_agreement``. With ``engine="auto"`` and ``measure_auto``, every engine that can run
@@ -57,10 +39,9 @@ def prepare_network(network: nn.Module, patch_size: Sequence[int], in_channels: 
     cached per network, patch, device and precision). ``network`` itself is never modified.
     """
     progress = progress or NullProgress()
+    engine, precision = run.engine, run.precision
     device = normalise_device(device)
     prec = resolve_precision(precision, device)
-    if shapes not in SHAPES_CHOICES:
-        raise EngineError(f"unknown shapes mode {shapes!r}; choose one of {', '.join(SHAPES_CHOICES)}")
     chosen, notes = select_engine(engine, device, prec)
     if precision == "auto" and prec != "f32":
         notes.append(f"precision auto = {prec} autocast, as stock nnU-Net/TotalSegmentator on {device.type}")
@@ -71,10 +52,10 @@ def prepare_network(network: nn.Module, patch_size: Sequence[int], in_channels: 
     def build(eng) -> Tuple[nn.Module, EngineInfo]:
         info = EngineInfo(eng.name, prec, describe_device(device, eng.name), list(notes))
         net = network
-        if shapes == "auto":
-            from TuckerSegLib.engines.layer_shapes import shape_for_device
+        if run.layer_forms == "auto":
+            from TuckerSegLib.engines.layer_form_choice import choose_layer_forms
             progress.stage("engine", f"timing layer forms for {eng.name} ({prec})")
-            net, forms = shape_for_device(network, patch, in_channels, eng, device, prec, cache,
+            net, forms = choose_layer_forms(network, patch, in_channels, eng, device, prec, cache,
                                           progress=progress)
             info.layer_forms = forms
             changed = {k: v for k, v in forms.items() if v != "factorised"}
@@ -123,24 +104,14 @@ def _finish(module, info, network, patch, in_channels, device, prec, cache, chec
 
 def _fastest(build, viable, network, patch, in_channels, device, prec, cache, progress):
     """Build and time each viable engine on one patch; keep the fastest (choice cached)."""
-    import json
-    import os
-    import time
-
     from TuckerSegLib.engines.base import available_threads
-    from TuckerSegLib.engines.torch_engine import _time
 
     store = cache / "engine_choice.json" if cache is not None else None
     key = (f"{prec}|{describe_device(device, 'torch')}|t{available_threads()}|{patch}|{in_channels}|"
            f"{weights_fingerprint(network)[:24]}")
-    choices = {}
-    if store is not None and store.is_file():
-        try:
-            choices = json.loads(store.read_text())
-        except ValueError:
-            choices = {}
+    choices = read_json(store)
     if key in choices and choices[key].get("engine") in viable:
-        module, info = build(ENGINES[choices[key]["engine"]])
+        module, info = build(IMPLEMENTATIONS[choices[key]["engine"]])
         info.notes.append("engine auto: " + choices[key]["why"] + " (cached)")
         return module, info
     x = example_input(patch, in_channels, seed=2).to(device)
@@ -148,16 +119,12 @@ def _fastest(build, viable, network, patch, in_channels, device, prec, cache, pr
     timings = {}
     for name in viable:
         progress.stage("engine", f"timing the {name} engine on one patch")
-        module, info = build(ENGINES[name])
+        module, info = build(IMPLEMENTATIONS[name])
         with torch.inference_mode():
-            module(x)  # warm-up (first inference allocates)
-            t0 = time.perf_counter()
-            module(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            first = time.perf_counter() - t0
+            # warm-up (first inference allocates), then one timed run
+            first = best_seconds(lambda: module(x), device, reps=1)
             # clearly slower after one run: no need for a second
-            seconds = first if best is not None and first > 1.5 * best[0] else min(first, _time(
+            seconds = first if best is not None and first > 1.5 * best[0] else min(first, best_seconds(
                 lambda: module(x), device, reps=1))
         timings[name] = seconds
         if best is None or seconds < best[0]:
@@ -167,18 +134,13 @@ def _fastest(build, viable, network, patch, in_channels, device, prec, cache, pr
     seconds, name, module, info = best
     why = f"{name} fastest here (" + ", ".join(f"{n} {t:.3g} s" for n, t in timings.items()) + " per patch)"
     info.notes.append("engine auto: " + why)
-    if store is not None:
-        store.parent.mkdir(parents=True, exist_ok=True)
-        choices[key] = {"engine": name, "why": why, "seconds": timings}
-        tmp = store.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(choices, indent=1))
-        os.replace(tmp, store)
+    merge_json(store, {key: {"engine": name, "why": why, "seconds": timings}})
     return module, info
 
 
 def _fallback(build, failed: str, why: str):
     log.warning("engine auto: %s failed (%s); using torch", failed, why)
-    module, info = build(ENGINES["torch"])
+    module, info = build(IMPLEMENTATIONS["torch"])
     info.notes.append(f"{failed} failed ({why}); fell back to torch")
     return module, info
 
@@ -190,7 +152,7 @@ def _measure_agreement(module: nn.Module, network: nn.Module, patch, in_channels
     key = f"{info.name}|{info.precision}|{info.device}|{weights_fingerprint(network)[:24]}|{patch}"
     result = agreement_mod.cached(store, key)
     if result is None:
-        reference_engine = ENGINES[info.name]
+        reference_engine = IMPLEMENTATIONS[info.name]
         ref_info = EngineInfo(info.name, "f32", info.device)
         if info.name == "torch":
             from TuckerSegLib.engines.torch_engine import TorchEngineModule

@@ -1,6 +1,6 @@
 """PyTorch engine: eager on CPU/MPS, autocast fp16/bf16 and compiled graphs on CUDA.
 
-Why: PyTorch runs everywhere TotalSegmentator runs. On CUDA the network is memory-bound (NOTES 4):
+Why: PyTorch runs everywhere TotalSegmentator runs. On CUDA the network is memory-bound:
 ``torch.compile`` fuses InstanceNorm/LeakyReLU into few kernels and, with CUDA graphs
 ("reduce-overhead"), removes launch overhead; whether that helps is measured on the patch shape
 and the faster of eager and compiled is kept. Precision is explicit: nnU-Net's sliding window
@@ -12,15 +12,14 @@ import contextlib
 import copy
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from TuckerSegLib.engines.base import (Engine, EngineInfo, EngineModule, example_input, patch_tuple,
-                                       state_fingerprint)
+from TuckerSegLib.engines.base import Engine, EngineInfo, EngineModule, example_input, state_fingerprint
+from TuckerSegLib.engines.timing import best_seconds
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +70,6 @@ def _allow_recompiles(limit: int = 256) -> None:
             setattr(cfg, name, max(getattr(cfg, name), value))
 
 
-def _time(fn: Callable[[], torch.Tensor], device: torch.device, reps: int = 3) -> float:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    fn()
-    sync()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 class TorchEngine(Engine):
     name = "torch"
 
@@ -129,7 +113,7 @@ class TorchEngine(Engine):
                 candidates[label] = compiled
         x = example_input(patch_size, in_channels).to(device)
         with torch.inference_mode():
-            times = {label: _time(lambda m=m: m(x), device) for label, m in candidates.items()}
+            times = {label: best_seconds(lambda m=m: m(x), device) for label, m in candidates.items()}
         best = min(times, key=times.get)
         info.notes.append(f"torch {best} kept: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items())
                           + " per patch")

@@ -26,10 +26,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from TuckerSegLib.errors import InputError
-from TuckerSegLib.specs import check_ratio
 from TuckerSegLib.progress import NullProgress, Progress
-
-POLICIES = ("budget", "uniform", "paper", "energy")
+from TuckerSegLib.specs import CompressionSpec, RunSpec, check_mode
 
 
 @dataclass
@@ -102,13 +100,14 @@ class _Segmenter:
         return self._task(ct, policy, ratio)
 
     def _nnunet(self, ct: Path, policy: str, ratio: float):
-        from TuckerSegLib.demo.run_demo import compressed_network
+        from TuckerSegLib.compression.cache import get_compressed_network
         from TuckerSegLib.network.cost import count_cost
         from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume
 
         if self.predictor is None:
             self.predictor = load_predictor(self.model.folder, device=self.device)
-        network, _ = compressed_network(self.model.folder, ratio, policy, self.cache_dir)
+        network, _ = get_compressed_network(self.model.folder, CompressionSpec(ratio, policy),
+                                            cache_dir=self.cache_dir)
         key = (policy, ratio)
         if key not in self._cost_cache:
             patch = self.predictor.configuration_manager.patch_size
@@ -122,9 +121,9 @@ class _Segmenter:
 
         out = self.workdir / f"seg_{policy}_{ratio:g}.nii.gz"
         t0 = time.perf_counter()
-        result = segment(ct, out, ratio=ratio, policy=policy, task=self.model.task, fast=self.model.fast,
-                         fastest=self.model.fastest, roi_subset=None, ml=True, device=self.device,
-                         cache_dir=self.cache_dir, progress=None, quiet=True)
+        result = segment(ct, out, CompressionSpec(ratio, policy), RunSpec(device=self.device),
+                         task=self.model.task, mode=check_mode(self.model.fast, self.model.fastest),
+                         ml=True, cache_dir=self.cache_dir, quiet=True)
         seconds = float(getattr(result, "seconds", time.perf_counter() - t0))
         if not self.model.labels:
             self.model.labels = {int(k): str(v) for k, v in dict(getattr(result, "labels", {})).items()
@@ -176,11 +175,9 @@ def evaluate(model: str, images: Sequence[Path], references: Optional[Sequence[P
     if references and len(references) != len(images):
         raise InputError(f"got {len(references)} reference segmentations for {len(images)} CTs "
                          f"(give one --ref per -i, in the same order)")
-    ratios = [check_ratio(r) for r in ratios]
-    ratios = [1.0] + [r for r in dict.fromkeys(ratios) if r != 1.0]
-    for p in policies:
-        if p not in POLICIES:
-            raise InputError(f"unknown policy {p!r} (choose from {', '.join(POLICIES)})")
+    specs = [CompressionSpec(r, p) for p in policies for r in ratios]  # checks every option once
+    ratios = [1.0] + [r for r in dict.fromkeys(s.ratio for s in specs) if r != 1.0]
+    RunSpec(device=device)
     for p in images + references:
         if not p.is_file():
             raise InputError(f"file not found: {p}")

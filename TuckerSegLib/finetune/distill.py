@@ -31,7 +31,7 @@ from torch import nn
 
 from TuckerSegLib.errors import InputError
 from TuckerSegLib.finetune.agreement import patch_agreement
-from TuckerSegLib.finetune.preprocess import PatchSampler
+from TuckerSegLib.compression.ct_patches import PatchSampler
 from TuckerSegLib.progress import NullProgress, Progress
 
 CHECKPOINT_PREFIX = "step_"

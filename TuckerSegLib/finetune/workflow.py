@@ -13,15 +13,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
-import torch
 
-from TuckerSegLib.compression import CompressionResult, compress_network, factorise_structure
+from TuckerSegLib.compression.compress import CompressionData, compress_model
+from TuckerSegLib.models.compressed_file import CompressionResult
+from TuckerSegLib.network.surgery import factorise_structure
+from TuckerSegLib.specs import CompressionSpec
 from TuckerSegLib.errors import InputError, ModelError
 from TuckerSegLib.finetune.distill import DistillConfig, distill, list_checkpoints
-from TuckerSegLib.finetune.preprocess import PatchSampler, labelled_dataset, preprocess
+from TuckerSegLib.compression.ct_patches import PatchSampler, labelled_dataset, preprocess
 from TuckerSegLib.models.nnunet_folder import DEFAULT_CHECKPOINT, NnUNetModel, load_model_folder
 from TuckerSegLib.progress import NullProgress, Progress
-from TuckerSegLib.pipeline.nnunet_predict import resolve_device
+from TuckerSegLib.devices import torch_device
 
 PathLike = Union[str, Path]
 
@@ -83,7 +85,7 @@ def default_work_dir(output: Path) -> Path:
 
 
 def finetune(model: PathLike, images: Sequence[PathLike], output: PathLike,
-             ratio: Optional[float] = None, policy: str = "budget", config: Optional[DistillConfig] = None,
+             spec: Optional[CompressionSpec] = None, config: Optional[DistillConfig] = None,
              device: str = "auto", labels_dir: Optional[PathLike] = None, resume: bool = False,
              work_dir: Optional[PathLike] = None, init: str = "calibrated",
              val_images: Sequence[PathLike] = (), val_patches: int = 4,
@@ -95,7 +97,7 @@ def finetune(model: PathLike, images: Sequence[PathLike], output: PathLike,
     from the same CTs) or ``hosvd``. ``labels_dir`` (an nnU-Net raw dataset) adds nnU-Net's Dice+CE
     loss on its labelled cases. Returns the summary that is also stored as the report's ``finetune``.
     """
-    from TuckerSegLib.finetune.calibrate import collect_stats
+    from TuckerSegLib.compression.calibration import collect_stats
     from TuckerSegLib.finetune.plots import save_loss_curve
     from TuckerSegLib.models.compressed_file import save_compressed
 
@@ -108,12 +110,12 @@ def finetune(model: PathLike, images: Sequence[PathLike], output: PathLike,
         if not output.is_dir() or any(output.iterdir()):
             raise InputError(f"output {output} exists and is not a compressed-model folder; not overwriting it")
     work = Path(work_dir) if work_dir else default_work_dir(output)
-    dev = resolve_device(device)
+    dev = torch_device(device)
     t0 = time.perf_counter()
 
     progress.stage("load", f"loading {model}")
     teacher, student_model = load_teacher_and_student(model, fold, checkpoint_name)
-    if student_model is None and ratio is None and not resume:
+    if student_model is None and spec is None and not resume:
         raise InputError("--ratio is needed to compress an nnU-Net model folder")
 
     progress.stage("preprocess", "preprocessing CTs with nnU-Net's preprocessor")
@@ -154,15 +156,9 @@ def finetune(model: PathLike, images: Sequence[PathLike], output: PathLike,
             calibration = collect_stats(teacher.network.to(dev), patches, device=dev,
                                         sources=[Path(p).name for p in images], progress=progress)
             teacher.network.to("cpu")
-        measured = {}
-        if calibration is None and policy == "budget":  # as ``tuckerseg compress`` does
-            from TuckerSegLib.models.probe import budget_inputs
-
-            measured = budget_inputs(teacher)
-        progress.stage("compress", f"compressing ({policy}, ratio {ratio:g})")
-        result = compress_network(teacher.network, ratio, policy, patch_size=teacher.patch_size,
-                                  in_channels=teacher.num_input_channels, calibration=calibration,
-                                  progress=progress, **measured)
+        progress.stage("compress", f"compressing ({spec.policy}, ratio {spec.ratio:g})")
+        data = CompressionData(calibration=calibration) if calibration is not None else None
+        result = compress_model(teacher, spec, data, progress=progress)
         student, layer_ranks, report = result.network, result.layer_ranks, result.report
 
     progress.stage("distill", f"distilling for {config.steps} steps on {dev}")

@@ -1,5 +1,5 @@
-"""Model loading and storage: nnU-Net model folders, TotalSegmentator weights, compressed-model
-files and the compression cache."""
+"""Model loading and storage: nnU-Net model folders, checkpoints, TotalSegmentator weights and
+architectures, compressed-model files (the compression cache is ``compression.cache``)."""
 from __future__ import annotations
 
 from pathlib import Path

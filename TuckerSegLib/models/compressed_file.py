@@ -18,21 +18,31 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, List, Optional, Union
 
 from torch import nn
 
 from TuckerSegLib import __version__
-from TuckerSegLib.compression import CompressionResult, factorise_structure
 from TuckerSegLib.errors import ModelError
 from TuckerSegLib.models.checkpoint import file_sha256
 from TuckerSegLib.models.nnunet_folder import (NnUNetModel, build_network,
-                                               label_names_from_dataset_json, _plans_manager)
+                                               label_names_from_dataset_json, plans_manager)
+from TuckerSegLib.network.surgery import factorise_structure
 
 FORMAT = "tuckerseg-compressed/1"
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class CompressionResult:
+    """The compressed network, the ranks per layer (None = dense) and the report (a JSON dict)."""
+
+    network: nn.Module
+    layer_ranks: Dict[str, Optional[List[int]]]
+    report: dict
 
 
 def is_compressed_folder(folder: Union[str, Path]) -> bool:
@@ -138,7 +148,7 @@ def load_compressed(folder: Union[str, Path], verify_hash: bool = True) -> NnUNe
         raise ModelError(f"compressed model {folder} does not match its manifest: "
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     network.eval()
-    pm = _plans_manager(plans)
+    pm = plans_manager(plans)
     cm = pm.get_configuration(src["configuration"])
     return NnUNetModel(
         network=network, plans=plans, dataset_json=dataset_json, configuration=src["configuration"],

@@ -79,7 +79,8 @@ def label_names_from_dataset_json(dataset_json: dict) -> Dict[int, str]:
     return names
 
 
-def _plans_manager(plans: dict):
+def plans_manager(plans: dict):
+    """nnU-Net's ``PlansManager`` of ``plans`` (old-format plans convert with a warning, silenced)."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     with warnings.catch_warnings():
@@ -103,7 +104,7 @@ def build_network(plans: dict, dataset_json: dict, configuration: str = "3d_full
             return net.to_empty(device="cpu")
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
-    pm = _plans_manager(plans)
+    pm = plans_manager(plans)
     try:
         cm = pm.get_configuration(configuration)
     except (KeyError, RuntimeError) as exc:
@@ -162,10 +163,6 @@ def _clean_state_dict(state: dict) -> dict:
     return out
 
 
-def is_model_folder(folder: Path) -> bool:
-    return (Path(folder) / "plans.json").is_file() and (Path(folder) / "dataset.json").is_file()
-
-
 def load_model_folder(folder: Union[str, Path], fold: Union[int, str] = 0,
                       checkpoint_name: str = DEFAULT_CHECKPOINT) -> NnUNetModel:
     """Load an nnU-Net trained-model folder; every problem is a one-line ``ModelError``."""
@@ -201,7 +198,7 @@ def load_model_folder(folder: Union[str, Path], fold: Union[int, str] = 0,
         raise ModelError(f"weights in {ckpt_path} do not match the architecture in plans.json: "
                          f"{str(exc).splitlines()[0]}") from None
     network.eval()
-    pm = _plans_manager(plans)
+    pm = plans_manager(plans)
     cm = pm.get_configuration(configuration)
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 

@@ -9,16 +9,64 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from TuckerSegLib.decomposition.ranks import LayerShape
 from TuckerSegLib.network.surgery import find_sites
 
 aten = torch.ops.aten
+Ranks = Optional[Tuple[int, int]]  # (r_out, r_in) of a factorised layer; None = dense
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What rank choice needs to know about one convolution layer (channels in conv layout)."""
+
+    name: str
+    c_out: int
+    c_in: int
+    kernel: Tuple[int, ...]
+    in_voxels: int  # spatial size of the layer's input at the model's patch size
+    out_voxels: int
+    transposed: bool = False
+    groups: int = 1
+
+    @property
+    def kernel_volume(self) -> int:
+        return int(np.prod(self.kernel)) if self.kernel else 1
+
+    def dense_macs(self) -> int:
+        per = self.c_out * (self.c_in // self.groups) * self.kernel_volume
+        return per * (self.in_voxels if self.transposed else self.out_voxels)
+
+    def dense_params(self) -> int:
+        return self.c_out * (self.c_in // self.groups) * self.kernel_volume
+
+    def factorised_macs(self, r_out: int, r_in: int) -> int:
+        """MACs of 1x1 (C_in->r_in) -> core (r_in->r_out) -> 1x1 (r_out->C_out)."""
+        core_voxels = self.in_voxels if self.transposed else self.out_voxels
+        return (self.c_in * r_in * self.in_voxels
+                + r_in * r_out * self.kernel_volume * core_voxels
+                + r_out * self.c_out * self.out_voxels)
+
+    def factorised_params(self, r_out: int, r_in: int) -> int:
+        return self.c_in * r_in + r_in * r_out * self.kernel_volume + r_out * self.c_out
+
+    def macs(self, ranks: Ranks) -> int:
+        return self.dense_macs() if ranks is None else self.factorised_macs(*ranks)
+
+    def params(self, ranks: Ranks) -> int:
+        """Weight parameters (bias excluded: it is the same either way)."""
+        return self.dense_params() if ranks is None else self.factorised_params(*ranks)
+
+    def worth_factorising(self) -> bool:
+        """The default selection: a spatial kernel and more than one input channel, not grouped."""
+        return self.groups == 1 and self.kernel_volume > 1 and self.c_in > 1
 
 
 @dataclass(frozen=True)

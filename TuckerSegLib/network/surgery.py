@@ -7,7 +7,7 @@ all its paths, so that it is decomposed once and replaced everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from torch import nn
 
@@ -71,3 +71,20 @@ def factorised_layers(network: nn.Module) -> Dict[str, TuckerConv]:
     """Canonical path -> ``TuckerConv`` for every factorised layer of a network."""
     return {s.name: s.module for s in find_sites(network, include_factorised=True)
             if isinstance(s.module, TuckerConv)}
+
+
+def factorise_structure(network: nn.Module, layer_ranks: Mapping[str, Optional[Sequence[int]]]) -> nn.Module:
+    """Replace the named layers by ``TuckerConv`` shells of the given ranks (weights to be loaded).
+
+    Raises ``KeyError`` when a named layer does not exist: a manifest that does not match the
+    architecture must never produce a model.
+    """
+    sites = {s.name: s for s in find_sites(network)}
+    for name, r in layer_ranks.items():
+        if r is None:
+            continue
+        if name not in sites:
+            raise KeyError(f"layer {name!r} not found in the network")
+        site = sites[name]
+        replace_site(network, site, TuckerConv(site.module, (int(r[0]), int(r[1]))))
+    return network

@@ -18,23 +18,9 @@ from typing import Optional, Union
 
 import numpy as np
 
+from TuckerSegLib.devices import torch_device
 from TuckerSegLib.errors import InputError, ModelError
 from TuckerSegLib.progress import NullProgress, Progress
-
-
-def resolve_device(device: str = "auto"):
-    """``auto`` -> CUDA when available, else CPU; ``gpu`` means ``cuda``; else the named torch device."""
-    import torch
-
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device("cuda" if str(device).lower() == "gpu" else str(device).lower())
-    except RuntimeError:
-        raise InputError(f"unknown device {device!r} (use auto, cpu, gpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("a GPU was requested but PyTorch sees no CUDA device; use --device cpu")
-    return dev
 
 
 def load_predictor(model_folder: Union[str, Path], fold: int = 0,
@@ -48,7 +34,7 @@ def load_predictor(model_folder: Union[str, Path], fold: int = 0,
     for needed in (folder / "plans.json", folder / "dataset.json", checkpoint):
         if not needed.is_file():
             raise ModelError(f"not an nnU-Net model folder: {needed} is missing")
-    dev = resolve_device(device)
+    dev = torch_device(device)
     with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a CPU notice
         predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True,
                                     use_mirroring=False, perform_everything_on_device=dev.type == "cuda",

@@ -14,17 +14,16 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from TuckerSegLib.devices import resolve_device
 from TuckerSegLib.errors import InputError, TuckerSegError
-from TuckerSegLib.specs import check_ratio
-from TuckerSegLib.pipeline.inputs import check_input
-from TuckerSegLib.pipeline.predictor_hook import ENGINES, compressed_predictors
+from TuckerSegLib.inputs import check_input
+from TuckerSegLib.pipeline.predictor_hook import compressed_predictors
 from TuckerSegLib.progress import JsonProgress, NullProgress, Progress
-
-POLICIES = ("budget", "uniform", "paper", "energy")
+from TuckerSegLib.specs import CompressionSpec, RunSpec, check_mode
 
 
 @dataclass
@@ -60,25 +59,6 @@ class SegmentResult:
                 f"params {self.params / 1e6:.2f} M (original {self.params_original / 1e6:.2f} M), "
                 f"MACs {self.macs / 1e9:.1f} G/patch (original {self.macs_original / 1e9:.1f} G), "
                 f"ratio {self.ratio:g} ({self.policy}), {len(self.labels)} labels -> {self.output}")
-
-
-def resolve_device(device: str = "auto") -> str:
-    """TotalSegmentator's device name for ``auto|cpu|gpu|cuda[:N]|gpu:N|mps``."""
-    import torch
-
-    d = (device or "auto").lower()
-    if d == "auto":
-        if torch.cuda.is_available():
-            return "gpu"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps is not None and mps.is_available() else "cpu"
-    if d.startswith("cuda"):
-        d = "gpu" + d[4:]
-    if d == "cpu" or d == "mps" or d == "gpu" or (d.startswith("gpu:") and d[4:].isdigit()):
-        if d.startswith("gpu") and not torch.cuda.is_available():
-            raise InputError(f"device {device!r} asked for, but no CUDA GPU is available")
-        return d
-    raise InputError(f"unknown device {device!r}; use auto, cpu, gpu, gpu:N or mps")
 
 
 def _labels(task: str, roi_subset: Optional[Sequence[str]]) -> Dict[int, str]:
@@ -149,59 +129,49 @@ def _compressed_models_by_source(folders: Sequence[Union[str, Path]]) -> Dict[st
     return out
 
 
-def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.5,
-            policy: str = "budget", task: str = "total", fast: bool = False, fastest: bool = False,
-            roi_subset: Optional[Sequence[str]] = None, ml: bool = True, device: str = "auto",
-            cache_dir: Optional[Union[str, Path]] = None, engine: str = "auto", precision: str = "auto",
-            layer_forms: str = "auto", progress: Optional[Progress] = None, allow_download: bool = True,
-            quiet: bool = False,
+def is_multilabel_path(output: Union[str, Path]) -> bool:
+    """An output named .nii or .nii.gz is one multilabel file; anything else is a folder."""
+    return str(output).lower().endswith((".nii", ".nii.gz"))
+
+
+def segment(input: Union[str, Path], output: Union[str, Path],
+            compression: CompressionSpec = CompressionSpec(), run: RunSpec = RunSpec(), *,
+            task: str = "total", mode: str = "default", roi_subset: Optional[Sequence[str]] = None,
+            ml: Optional[bool] = None, cache_dir: Optional[Union[str, Path]] = None,
+            progress: Optional[Progress] = None, allow_download: bool = True, quiet: bool = False,
             compressed_models: Sequence[Union[str, Path]] = (), **totalseg_kwargs: Any) -> SegmentResult:
     """Segment ``input`` (NIfTI file or DICOM folder) into ``output`` with compressed networks.
 
-    ``ratio`` is the fraction of the networks' cost to keep (1.0 = stock TotalSegmentator);
-    ``policy`` picks the ranks (see ``TuckerSegLib.compression``). Other TotalSegmentator options
+    ``compression`` says which networks run (ratio 1.0 = stock TotalSegmentator; see
+    ``TuckerSegLib.compression``), ``run`` how (engine, precision, layer forms, device; see
+    ``TuckerSegLib.engines``); both were validated where they were built. ``mode`` is
+    TotalSegmentator's resolution (default, fast, fastest). Other TotalSegmentator options
     (``statistics``, ``body_seg``, ``nr_thr_resamp``, ...) pass through ``totalseg_kwargs``.
-    ``output`` is a .nii.gz file with ``ml=True`` (one multilabel file), else a folder with one
-    file per class. Raises ``TuckerSegError`` subclasses with one-line messages.
-    ``layer_forms``: "auto" times each factorised layer's equivalent forms (factorised, ranks
-    padded, first 1x1 fused, dense) with the engine on this device once (cached) and runs the
-    fastest, so that no ratio runs slower than the stock network; "as-is" skips that.
-    ``compressed_models``: compressed-model folders (e.g. from ``tuckerseg finetune``) used for the
-    models they were made from, instead of compressing those at ``ratio``.
+    ``output`` is one multilabel file with ``ml`` (default: when it is named .nii or .nii.gz),
+    else a folder with one file per class. Raises ``TuckerSegError`` subclasses with one-line
+    messages. ``compressed_models``: compressed-model folders (e.g. from ``tuckerseg finetune``)
+    used for the models they were made from, instead of compressing those.
     """
     from TuckerSegLib.models.totalseg import ensure_weights, task_models
 
     progress = progress or NullProgress()
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
-    ratio = check_ratio(ratio)
-    if policy not in POLICIES:
-        raise InputError(f"unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
-    if fast and fastest:
-        raise InputError("use either fast or fastest, not both")
-    from TuckerSegLib.engines import ENGINE_CHOICES, PRECISION_CHOICES
-    from TuckerSegLib.engines.prepare import SHAPES_CHOICES
-
-    engine = engine or "auto"
-    if engine not in ENGINES and engine not in ENGINE_CHOICES:
-        raise InputError(f"unknown engine {engine!r} (choose one of {', '.join(ENGINE_CHOICES)})")
-    if precision not in PRECISION_CHOICES:
-        raise InputError(f"unknown precision {precision!r} (choose one of {', '.join(PRECISION_CHOICES)})")
-    if layer_forms not in SHAPES_CHOICES:
-        raise InputError(f"unknown layer forms {layer_forms!r} (choose one of {', '.join(SHAPES_CHOICES)})")
+    fast, fastest = mode == "fast", mode == "fastest"
+    ml = is_multilabel_path(output) if ml is None else bool(ml)
     roi_subset = list(roi_subset) if roi_subset else None
 
     given = _compressed_models_by_source(compressed_models)
-    if ratio >= 1.0 and engine == "auto" and not given:
+    if compression.is_original and run.engine == "auto" and not given:
         # ratio 1.0 promises stock TotalSegmentator voxel for voxel: PyTorch runs exactly what
         # stock nnU-Net runs, while a compiled engine's float rounding can flip near-tied voxels.
-        engine = "torch"
+        run = replace(run, engine="torch")
     progress.stage("check", "checking input")
     checked = check_input(input)
     output = Path(output).expanduser().absolute()
     models = task_models(task, fast=fast, fastest=fastest)
     labels = _labels(task, roi_subset)
-    ts_device = resolve_device(device)
+    ts_device = resolve_device(run.device)
     tmp = _prepare_output(output, ml)
     timings["check"] = time.perf_counter() - t_start
 
@@ -232,11 +202,8 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
 
     t0 = time.perf_counter()
     try:
-        with compressed_predictors(ratio=ratio, policy=policy,
-                                   cache_dir=Path(cache_dir) if cache_dir else None,
-                                   engine=engine, progress=progress, on_model=on_model,
-                                   compressed_models=given, precision=precision,
-                                   shapes=layer_forms) as hook:
+        with compressed_predictors(compression, run, cache_dir=Path(cache_dir) if cache_dir else None,
+                                   progress=progress, on_model=on_model, compressed_models=given) as hook:
             # quiet: TotalSegmentator's prints go to stderr, JSON event lines stay on stdout.
             if quiet and isinstance(progress, JsonProgress) and progress.stream is None:
                 progress.stream = sys.stdout
@@ -276,9 +243,19 @@ def segment(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.
         params=sum(m.params for m in hook.models), macs=sum(m.macs for m in hook.models),
         params_original=sum(m.params_original for m in hook.models),
         macs_original=sum(m.macs_original for m in hook.models),
-        ratio=ratio, policy=policy, task=task,
-        mode="fast" if fast else ("fastest" if fastest else "default"), device=ts_device,
+        ratio=compression.ratio, policy=compression.policy, task=task, mode=mode, device=ts_device,
         models=used, files=files)
     progress.update(1.0, "done", stage="predict")
     progress.result(result.to_event())
     return result
+
+
+def segment_api(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.5,
+                policy: str = "budget", task: str = "total", fast: bool = False, fastest: bool = False,
+                roi_subset: Optional[Sequence[str]] = None, ml: Optional[bool] = None,
+                device: str = "auto", engine: str = "auto", precision: str = "auto",
+                layer_forms: str = "auto", **kwargs: Any) -> SegmentResult:
+    """``segment`` with plain options, validated into specs here (the Python API's entry point)."""
+    return segment(input, output, CompressionSpec(ratio=ratio, policy=policy),
+                   RunSpec(engine=engine, precision=precision, layer_forms=layer_forms, device=device),
+                   task=task, mode=check_mode(fast, fastest), roi_subset=roi_subset, ml=ml, **kwargs)

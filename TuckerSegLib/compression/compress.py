@@ -1,37 +1,34 @@
 """Compress a network: choose ranks, factorise the chosen layers, report what changed.
 
-``compress_network`` is the whole job on an in-memory ``nn.Module``; ``factorise_structure``
-rebuilds the factorised layout from saved ranks (used when loading a compressed-model file, so
-that nothing is decomposed twice). Model folders and files are handled in ``TuckerSegLib.models``.
+``compress_model(model, spec, data)`` is the one entry point for a loaded nnU-Net model (the
+cache, ``tuckerseg compress``, finetune and the benchmarks call it); ``compress_network`` does the
+same job on a bare ``nn.Module``. ``data`` holds what the ranks are measured on: the probe and
+validation volumes of the ``budget`` policy (``probe_data``) or activation statistics of the
+user's CTs (``calibration``).
 """
 from __future__ import annotations
 
 import copy
 import math
 import time
-from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from TuckerSegLib.decomposition.ranks import (POLICIES, LayerShape, Ranks, budget_alternatives,
-                                              choose_ranks, rank_ladders)
-from TuckerSegLib.decomposition.tucker import METHODS, ModeSpectra, Tucker2, mode_spectra, tucker2
-from TuckerSegLib.errors import InputError
-from TuckerSegLib.specs import check_ratio
-from TuckerSegLib.network.cost import Cost, layer_shapes, trace
-from TuckerSegLib.network.probe_search import ValidationSet
+from TuckerSegLib.compression.probe_data import CompressionData, budget_inputs
+from TuckerSegLib.compression.ranks import budget_alternatives, choose_ranks, rank_ladders
+from TuckerSegLib.compression.search import ValidationSet
+from TuckerSegLib.decomposition.tucker import mode_spectra, tucker2
+from TuckerSegLib.models.compressed_file import CompressionResult
+from TuckerSegLib.models.nnunet_folder import NnUNetModel
+from TuckerSegLib.network.cost import Cost, LayerShape, Ranks, layer_shapes, trace
 from TuckerSegLib.network.surgery import find_sites, replace_site
 from TuckerSegLib.network.tucker_conv import TuckerConv, conv_layout_weight
 from TuckerSegLib.progress import NullProgress, Progress
+from TuckerSegLib.specs import CompressionSpec
 
-# Ranks are rounded to multiples of this for fast kernels (uniform, energy, budget).
-RANK_MULTIPLE = 8
-# Raised whenever the same arguments may give other ranks or factors (rank policies, probe,
-# refinement): cached compressed models of an older version are then rebuilt, not reused.
-ALGORITHM_VERSION = 11
-# Closed-loop refinement of budget allocations on the probe (``network.probe_search``): at most
+# Closed-loop refinement of budget allocations on the probe (``compression.search``): at most
 # this many rounds, started only while their probe forwards fit in this many MACs in all. A
 # budget in MACs, not seconds, gives the same ranks on every machine. Whole-volume validation is
 # paid from it too (in probe forwards). It buys about 280 forwards of the demo model's probe (3 to
@@ -42,32 +39,23 @@ REFINE_ROUNDS = 8
 REFINE_PROBE_MACS = 2e12
 
 
-@dataclass
-class CompressionResult:
-    """The compressed network, the ranks per layer (None = dense) and the report (a JSON dict)."""
-
-    network: nn.Module
-    layer_ranks: Dict[str, Optional[List[int]]]
-    report: dict
+def default_data(model: NnUNetModel, spec: CompressionSpec) -> CompressionData:
+    """The ``budget`` policy's built-in probe and phantom validation volumes; nothing for the others."""
+    if spec.policy != "budget" or spec.is_original:
+        return CompressionData()
+    return budget_inputs(model)
 
 
-class Calibration(Protocol):
-    """Data-aware factorisation (e.g. ``TuckerSegLib.finetune.calibrate.CalibrationStats``).
+def compress_model(model: NnUNetModel, spec: CompressionSpec, data: Optional[CompressionData] = None,
+                   progress: Optional[Progress] = None, inplace: bool = False) -> CompressionResult:
+    """``model``'s network compressed as ``spec`` asks, measured on ``data`` (default: ``default_data``).
 
-    Each method may return None for a layer it has no data for; plain HOSVD is used there.
+    With ``inplace`` the model's own network is factorised (saves a copy of a large network).
     """
-
-    def spectra(self, name: str, conv: nn.Module) -> Optional[ModeSpectra]:
-        """Spectra that drive rank allocation (``budget``, ``energy``) for this layer."""
-
-    def factorise(self, name: str, conv: nn.Module, ranks: Tuple[int, int]) -> Optional[Tucker2]:
-        """Factors of this layer at ``ranks`` (conv layout)."""
-
-    def output_error(self, name: str, conv: nn.Module, factors: Tucker2) -> Optional[float]:
-        """Estimated relative output error of the factors on the calibration data."""
-
-    def describe(self) -> dict:
-        """JSON summary recorded as the report's ``calibration``."""
+    data = default_data(model, spec) if data is None else data
+    return compress_network(model.network, spec, patch_size=model.patch_size,
+                            in_channels=model.num_input_channels, data=data, inplace=inplace,
+                            progress=progress)
 
 
 def _module_params(module: nn.Module) -> int:
@@ -89,30 +77,24 @@ def _candidates(shapes: Mapping[str, LayerShape], policy: str) -> Tuple[List[Lay
     return chosen, reasons
 
 
-def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
-                     patch_size: Sequence[int] = (128, 128, 128), in_channels: int = 1,
-                     method: str = "hosvd", rank_min: Optional[int] = None,
-                     rank_multiple: int = RANK_MULTIPLE, inplace: bool = False,
-                     progress: Optional[Progress] = None,
-                     probe: Optional[torch.Tensor] = None,
-                     calibration: Optional[Calibration] = None,
-                     validation: Optional[ValidationSet] = None) -> CompressionResult:
-    """Factorise ``network`` at ``ratio`` under ``policy`` (see ``decomposition.ranks``).
+def compress_network(network: nn.Module, spec: CompressionSpec, patch_size: Sequence[int] = (128, 128, 128),
+                     in_channels: int = 1, data: Optional[CompressionData] = None, inplace: bool = False,
+                     progress: Optional[Progress] = None) -> CompressionResult:
+    """Factorise ``network`` as ``spec`` asks (ratio and policy: see ``compression.ranks``).
 
     Costs are counted at ``patch_size`` (the model's sliding-window patch). The input network is
-    left untouched unless ``inplace``. ``ratio = 1.0`` returns the network unchanged.
-    ``probe`` (an input batch, e.g. ``models.probe.default_probe``) lets ``budget`` weigh each
-    layer's error by its measured effect on the output (``network.sensitivity``).
-    ``validation`` (whole volumes, e.g. ``models.probe.default_validation``) then decides which
-    of the probe's choices are kept, where the refinement budget affords it (``network.probe_search``).
-    ``calibration`` (activation statistics) replaces ``method`` for the factors and the weight
-    spectra for rank allocation wherever it has data for a layer (``probe`` is then unused).
+    left untouched unless ``inplace``. Ratio 1.0 returns the network unchanged.
+    ``data.probe`` (an input batch, e.g. ``probe_data.default_probe``) lets ``budget`` weigh each
+    layer's error by its measured effect on the output (``compression.sensitivity``).
+    ``data.validation`` (whole volumes, e.g. ``probe_data.default_validation``) then decides which
+    of the probe's choices are kept, where the refinement budget affords it (``compression.search``).
+    ``data.calibration`` (activation statistics) replaces ``spec.method`` for the factors and the
+    weight spectra for rank allocation wherever it has data for a layer (the probe is then unused).
     """
-    ratio = check_ratio(ratio)
-    if policy not in POLICIES:
-        raise InputError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    data = data or CompressionData()
+    probe, validation, calibration = data.probe, data.validation, data.calibration
+    ratio, policy, method = spec.ratio, spec.policy, spec.method
+    rank_min, rank_multiple = spec.rank_min, spec.rank_multiple
     progress = progress or NullProgress()
     t0 = time.perf_counter()
     net = network if inplace else copy.deepcopy(network)
@@ -133,7 +115,7 @@ def compress_network(network: nn.Module, ratio: float, policy: str = "budget",
     # With calibration the data-aware spectra already measure each layer's output error; the
     # probe's sensitivities are calibrated against weight-energy truncation, so they are not mixed.
     if probe is not None and calibration is None and policy == "budget" and ratio < 1.0:
-        from TuckerSegLib.network.sensitivity import layer_sensitivities
+        from TuckerSegLib.compression.sensitivity import layer_sensitivities
 
         sensitivity = layer_sensitivities(net, candidates, spectra, {s.name: s for s in find_sites(net)},
                                           probe, progress)
@@ -219,12 +201,12 @@ def _search_on_probe(net: nn.Module, candidates: Sequence[LayerShape],
                      sensitivity: Mapping[str, Tuple[float, float]], progress: Progress,
                      max_evaluations: int, validation: Optional[ValidationSet] = None,
                      patch_size: Sequence[int] = ()) -> Tuple[Dict[str, Ranks], dict]:
-    """Keep the allocation with the least measured error, then refine it (see ``network.probe_search``).
+    """Keep the allocation with the least measured error, then refine it (see ``compression.search``).
 
     Whole-volume validation is used only when its reference and the alternatives' measurements
     fit in ``max_evaluations`` (probe forwards); otherwise the probe alone decides, as before.
     """
-    from TuckerSegLib.network.probe_search import (ProbeScorer, VolumeScorer, best_on_probe, refine_on_probe,
+    from TuckerSegLib.compression.search import (ProbeScorer, VolumeScorer, best_on_probe, refine_on_probe,
                                                    volume_cost)
 
     scorer = ProbeScorer(net, {s.name: s for s in find_sites(net)}, spectra, probe)
@@ -261,20 +243,3 @@ def _report(before: Cost, after: Cost, layers: list, **settings) -> dict:
         "macs_ratio": after.macs / max(1, before.macs),
         "layers": layers,
     }
-
-
-def factorise_structure(network: nn.Module, layer_ranks: Mapping[str, Optional[Sequence[int]]]) -> nn.Module:
-    """Replace the named layers by ``TuckerConv`` shells of the given ranks (weights to be loaded).
-
-    Raises ``KeyError`` when a named layer does not exist: a manifest that does not match the
-    architecture must never produce a model.
-    """
-    sites = {s.name: s for s in find_sites(network)}
-    for name, r in layer_ranks.items():
-        if r is None:
-            continue
-        if name not in sites:
-            raise KeyError(f"layer {name!r} not found in the network")
-        site = sites[name]
-        replace_site(network, site, TuckerConv(site.module, (int(r[0]), int(r[1]))))
-    return network

@@ -1,10 +1,10 @@
-"""Hardware-aware layer shapes: per factorised layer, run the form that is fastest on this device.
+"""Choosing layer forms: per factorised layer, run the equivalent form that is fastest on this device.
 
 Why: a factorised layer is not always faster than the dense one it replaces (PyTorch's slow
 conv3d path on CPU, tensor-core alignment on GPU, memory passes of thin 1x1 convs), so a
 compression ratio could end up slower than the original network. Each ``TuckerConv`` is timed
 with the engine that will run it, at its real input shape, in four equivalent forms
-(``layer_forms``: factorised, ranks zero-padded to the vector width, first 1x1 fused into the
+(made by ``layer_forms``: factorised, ranks zero-padded to the vector width, first 1x1 fused into the
 core, dense); the fastest is used, the
 factorised form unless another is at least ``MARGIN`` faster. Timings are cached per device,
 engine, precision and layer signature in ``layer_timings.json``, so each shape is timed once;
@@ -15,21 +15,21 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
-import os
-import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from TuckerSegLib.engines.base import Engine, available_threads
 from TuckerSegLib.engines.layer_forms import FORMS, PAD_MULTIPLE, make_form
+from TuckerSegLib.engines.select import describe_device
 from TuckerSegLib.network.cost import trace
 from TuckerSegLib.network.surgery import find_sites, replace_site
 from TuckerSegLib.network.tucker_conv import TuckerConv
+from TuckerSegLib.engines.timing import best_seconds
 from TuckerSegLib.progress import NullProgress, Progress
+from TuckerSegLib.storage import cache_root, merge_json, read_json
 
 MARGIN = 0.05  # another form must be this much faster than the factorised one to replace it
 TIMINGS_FILE = "layer_timings.json"
@@ -37,26 +37,7 @@ CHOICES_FILE = "layer_form_choices.json"
 
 
 def timings_path(cache_dir: Optional[Path]) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir) / TIMINGS_FILE
-    base = Path(os.environ.get("TUCKERSEG_CACHE_DIR") or
-                Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuckerseg")
-    return base / TIMINGS_FILE
-
-
-def _load(path: Path) -> Dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
-        return {}
-
-
-def _save(path: Path, data: Dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    merged = {**_load(path), **data}  # keep what other runs measured meanwhile
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(merged, indent=0, sort_keys=True))
-    os.replace(tmp, path)
+    return (Path(cache_dir) if cache_dir is not None else cache_root()) / TIMINGS_FILE
 
 
 def timing_key(engine: str, precision: str, device: str, module: nn.Module,
@@ -68,12 +49,12 @@ def timing_key(engine: str, precision: str, device: str, module: nn.Module,
 
 def _time_torch(module: nn.Module, x: torch.Tensor, device: torch.device, precision: str,
                 reps: int) -> float:
-    from TuckerSegLib.engines.torch_engine import TorchEngineModule, _time
+    from TuckerSegLib.engines.torch_engine import TorchEngineModule
 
     runner = TorchEngineModule(copy.deepcopy(module).to(device), precision, device)
     x = x.to(device)
     with torch.inference_mode():
-        return _time(lambda: runner(x), device, reps)
+        return best_seconds(lambda: runner(x), device, reps)
 
 
 def _time_openvino(module: nn.Module, x: torch.Tensor, precision: str, reps: int) -> float:
@@ -83,13 +64,7 @@ def _time_openvino(module: nn.Module, x: torch.Tensor, precision: str, reps: int
     compiled = core().compile_model(model, ov_device_name(), OpenVINOEngine().config(precision))
     request = compiled.create_infer_request()
     arr = x.numpy()
-    request.infer({0: arr})
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        request.infer({0: arr})
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_seconds(lambda: request.infer({0: arr}), None, reps)
 
 
 def time_layer(engine: Engine, module: nn.Module, input_shape: Sequence[int], device: torch.device,
@@ -101,7 +76,7 @@ def time_layer(engine: Engine, module: nn.Module, input_shape: Sequence[int], de
     return _time_torch(module, x, device, precision, reps)
 
 
-def shape_for_device(network: nn.Module, patch_size: Sequence[int], in_channels: int, engine: Engine,
+def choose_layer_forms(network: nn.Module, patch_size: Sequence[int], in_channels: int, engine: Engine,
                      device: torch.device, precision: str, cache_dir: Optional[Path],
                      device_name: Optional[str] = None, reps: int = 3,
                      progress: Optional[Progress] = None) -> Tuple[nn.Module, Dict[str, str]]:
@@ -109,8 +84,6 @@ def shape_for_device(network: nn.Module, patch_size: Sequence[int], in_channels:
 
     A network without factorised layers is returned as is (``{}``).
     """
-    from TuckerSegLib.engines.prepare import describe_device
-
     progress = progress or NullProgress()
     sites = [s for s in find_sites(network, include_factorised=True) if isinstance(s.module, TuckerConv)]
     if not sites:
@@ -122,11 +95,11 @@ def shape_for_device(network: nn.Module, patch_size: Sequence[int], in_channels:
     # the forms depend on the structure and shapes only (timings are never overwritten): a
     # network seen before on this device gets the same forms without tracing or timing
     net_key = timing_key(engine.name, precision, device_name, network, (in_channels, *patch_size))
-    forms = _load(choices_path).get(net_key)
+    forms = read_json(choices_path).get(net_key)
     if not (isinstance(forms, dict) and set(forms) == {s.name for s in sites}):
         forms = _measure_forms(network, sites, in_channels, patch_size, engine, device, precision,
                                device_name, multiple, path, reps, progress)
-        _save(choices_path, {net_key: forms})
+        merge_json(choices_path, {net_key: forms}, indent=0)
     net = copy.deepcopy(network)
     for site in find_sites(net, include_factorised=True):
         choice = forms.get(site.name, "factorised")
@@ -140,7 +113,7 @@ def _measure_forms(network: nn.Module, sites, in_channels: int, patch_size: Sequ
                    reps: int, progress: Progress) -> Dict[str, str]:
     """The fastest form of each factorised layer, timing only what ``path`` does not hold yet."""
     shapes = trace(network, (1, in_channels, *patch_size)).shapes
-    known = _load(path)
+    known = read_json(path)
     new: Dict[str, float] = {}
     forms: Dict[str, str] = {}
     for i, site in enumerate(sites):
@@ -160,5 +133,5 @@ def _measure_forms(network: nn.Module, sites, in_channels: int, patch_size: Sequ
         forms[site.name] = best if seconds[best] < (1 - MARGIN) * seconds["factorised"] else "factorised"
         progress.update((i + 1) / len(sites), f"timed {site.name}: {forms[site.name]}")
     if new:
-        _save(path, new)
+        merge_json(path, new, indent=0)
     return forms

@@ -15,7 +15,7 @@
   allocated across layers greedily by predicted error added per MAC saved (along each layer's
   convex hull of error against MACs), then the slack is filled back so that the result lands on
   the target. The predicted error of a layer is the relative energy it discards in each channel
-  mode, each weighted by that mode's measured output sensitivity (``network.sensitivity``; 1
+  mode, each weighted by that mode's measured output sensitivity (``compression.sensitivity``; 1
   when not measured, which makes it the HOSVD error bound). A layer stays dense where
   factorising would not reduce its MACs. Ranks are multiples of ``rank_multiple`` (8) on layers
   of at least 8 x 8 channels, of ``C // 8`` on thinner ones (fine steps where a step of 8 would
@@ -23,7 +23,7 @@
   With a probe input, ``compression.compress_network`` also builds the study's rule at the largest
   rank factor under the target, fills its slack the same way (``budget_alternatives``), measures
   both on the probe and keeps the better: the additive error model cannot see how errors
-  compound through the network, the probe can. ``network.probe_search`` then refines the pick by
+  compound through the network, the probe can. ``compression.search`` then refines the pick by
   measured trades along each layer's ``rank_ladders``, kept only where whole validation volumes
   agree (when the refinement budget affords them).
 
@@ -34,64 +34,17 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from TuckerSegLib.decomposition.tucker import ModeSpectra
+from TuckerSegLib.network.cost import LayerShape, Ranks
+from TuckerSegLib.specs import POLICIES
 
-POLICIES = ("budget", "uniform", "energy", "paper")
 # Rank floors when the caller gives none: the study's published counts use none; ``uniform``
 # keeps the study code's default of 16 so that thin layers are not crushed.
 DEFAULT_RANK_MIN = {"paper": 0, "uniform": 16, "energy": 1, "budget": 1}
-Ranks = Optional[Tuple[int, int]]  # None = keep the layer dense
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """What rank choice needs to know about one convolution layer (channels in conv layout)."""
-
-    name: str
-    c_out: int
-    c_in: int
-    kernel: Tuple[int, ...]
-    in_voxels: int  # spatial size of the layer's input at the model's patch size
-    out_voxels: int
-    transposed: bool = False
-    groups: int = 1
-
-    @property
-    def kernel_volume(self) -> int:
-        return int(np.prod(self.kernel)) if self.kernel else 1
-
-    def dense_macs(self) -> int:
-        per = self.c_out * (self.c_in // self.groups) * self.kernel_volume
-        return per * (self.in_voxels if self.transposed else self.out_voxels)
-
-    def dense_params(self) -> int:
-        return self.c_out * (self.c_in // self.groups) * self.kernel_volume
-
-    def factorised_macs(self, r_out: int, r_in: int) -> int:
-        """MACs of 1x1 (C_in->r_in) -> core (r_in->r_out) -> 1x1 (r_out->C_out)."""
-        core_voxels = self.in_voxels if self.transposed else self.out_voxels
-        return (self.c_in * r_in * self.in_voxels
-                + r_in * r_out * self.kernel_volume * core_voxels
-                + r_out * self.c_out * self.out_voxels)
-
-    def factorised_params(self, r_out: int, r_in: int) -> int:
-        return self.c_in * r_in + r_in * r_out * self.kernel_volume + r_out * self.c_out
-
-    def macs(self, ranks: Ranks) -> int:
-        return self.dense_macs() if ranks is None else self.factorised_macs(*ranks)
-
-    def params(self, ranks: Ranks) -> int:
-        """Weight parameters (bias excluded: it is the same either way)."""
-        return self.dense_params() if ranks is None else self.factorised_params(*ranks)
-
-    def worth_factorising(self) -> bool:
-        """The default selection: a spatial kernel and more than one input channel, not grouped."""
-        return self.groups == 1 and self.kernel_volume > 1 and self.c_in > 1
 
 
 def _round_up(value: int, multiple: int, cap: int) -> int:
@@ -198,7 +151,7 @@ def rank_ladders(layers: Sequence[LayerShape], spectra: Mapping[str, ModeSpectra
     """Per layer, the rank pairs worth stepping through, cheapest first, ending with dense (None).
 
     Each rung costs more MACs and has less predicted error than the one below it (the Pareto
-    front of ``_layer_points``): the moves ``network.probe_search`` measures.
+    front of ``_layer_points``): the moves ``compression.search`` measures.
     """
     ladders: Dict[str, List[Ranks]] = {}
     for layer in layers:

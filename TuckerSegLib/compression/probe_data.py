@@ -1,4 +1,7 @@
-"""A default probe input for a model: what its network sees, without the user's data.
+"""What compression measures on (``CompressionData``), and its defaults without the user's data.
+
+``CompressionData`` holds a probe batch and validation volumes (the ``budget`` policy) or
+activation statistics of the user's CTs (``Calibration``, see ``compression.calibration``).
 
 For CT models (nnU-Net's ``CTNormalization``) the probe is a patch of the built-in synthetic CT
 phantom at the model's spacing, normalised with the model's own intensity statistics, so that
@@ -11,19 +14,51 @@ sliding window sees them), so that choices made on the probe do not fit one cent
 
 ``default_validation`` gives whole phantom CTs, preprocessed by nnU-Net's own preprocessor: what
 the budget policy's refinement must also improve before it keeps a trade (the probe proposes,
-whole volumes through the sliding window decide; see ``network.probe_search``).
+whole volumes through the sliding window decide; see ``compression.search``).
 """
 from __future__ import annotations
 
 import contextlib
 import io
-from typing import List, Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch import nn
 
-from TuckerSegLib.models.nnunet_folder import NnUNetModel, _plans_manager
-from TuckerSegLib.network.probe_search import ValidationSet
+from TuckerSegLib.compression.search import ValidationSet
+from TuckerSegLib.decomposition.tucker import ModeSpectra, Tucker2
+from TuckerSegLib.models.nnunet_folder import NnUNetModel, plans_manager
+
+
+class Calibration(Protocol):
+    """Data-aware factorisation (e.g. ``TuckerSegLib.compression.calibration.CalibrationStats``).
+
+    Each method may return None for a layer it has no data for; plain HOSVD is used there.
+    """
+
+    def spectra(self, name: str, conv: nn.Module) -> Optional[ModeSpectra]:
+        """Spectra that drive rank allocation (``budget``, ``energy``) for this layer."""
+
+    def factorise(self, name: str, conv: nn.Module, ranks: Tuple[int, int]) -> Optional[Tucker2]:
+        """Factors of this layer at ``ranks`` (conv layout)."""
+
+    def output_error(self, name: str, conv: nn.Module, factors: Tucker2) -> Optional[float]:
+        """Estimated relative output error of the factors on the calibration data."""
+
+    def describe(self) -> dict:
+        """JSON summary recorded as the report's ``calibration``."""
+
+
+@dataclass
+class CompressionData:
+    """What ranks and factors are measured on (all optional; see ``compress_network``)."""
+
+    probe: Optional[torch.Tensor] = None
+    validation: Optional[ValidationSet] = None
+    calibration: Optional[Calibration] = None
+
 
 MAX_PROBE_VOXELS = 80 ** 3
 MAX_PROBE_PATCHES = 4
@@ -47,7 +82,7 @@ def _ct_patch(shape: Sequence[int], spacing: Sequence[float], props: dict, seed:
     as the sliding window sees them)."""
     from scipy import ndimage
 
-    from TuckerSegLib.demo.phantom import DEFAULT_SPACING, make_phantom
+    from TuckerSegLib.compression.phantom import DEFAULT_SPACING, make_phantom
 
     ph = make_phantom(seed).image.astype(np.float32)
     zoom = [d / s for d, s in zip(DEFAULT_SPACING, spacing)]
@@ -66,7 +101,7 @@ def _ct_patch(shape: Sequence[int], spacing: Sequence[float], props: dict, seed:
 
 def default_probe(model: NnUNetModel, seed: int = 0) -> torch.Tensor:
     """A (N, C, *probe_shape) input batch for ``model``'s network (N = 1 for large patches)."""
-    pm = _plans_manager(model.plans)
+    pm = plans_manager(model.plans)
     cm = pm.get_configuration(model.configuration)
     strides = np.prod(np.array(cm.pool_op_kernel_sizes, dtype=int), axis=0)
     shape = probe_shape(model.patch_size, [int(s) for s in strides])
@@ -92,9 +127,9 @@ def default_validation(model: NnUNetModel, seeds: Sequence[int] = VALIDATION_SEE
     normalisation with the model's statistics); empty for models that are not 3-D single-channel CT."""
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
-    from TuckerSegLib.demo.phantom import DEFAULT_SHAPE, DEFAULT_SPACING, make_phantom
+    from TuckerSegLib.compression.phantom import DEFAULT_SHAPE, DEFAULT_SPACING, make_phantom
 
-    pm = _plans_manager(model.plans)
+    pm = plans_manager(model.plans)
     cm = pm.get_configuration(model.configuration)
     if model.num_input_channels != 1 or len(cm.patch_size) != 3 or \
             list(cm.normalization_schemes)[:1] != ["CTNormalization"]:
@@ -119,7 +154,6 @@ def default_validation(model: NnUNetModel, seeds: Sequence[int] = VALIDATION_SEE
     return ValidationSet(tuple((1, *shape) for _ in seeds), build)
 
 
-def budget_inputs(model: NnUNetModel) -> dict:
-    """What ``compress_network`` needs for the ``budget`` policy's measurements on ``model``:
-    ``probe`` and ``validation`` keyword arguments."""
-    return {"probe": default_probe(model), "validation": default_validation(model)}
+def budget_inputs(model: NnUNetModel) -> CompressionData:
+    """What the ``budget`` policy measures on for ``model``: the probe and the validation volumes."""
+    return CompressionData(probe=default_probe(model), validation=default_validation(model))

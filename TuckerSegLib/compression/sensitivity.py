@@ -19,7 +19,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from TuckerSegLib.decomposition.ranks import LayerShape
+from TuckerSegLib.network.cost import LayerShape
 from TuckerSegLib.decomposition.tucker import ModeSpectra, tucker2
 from TuckerSegLib.network.surgery import ConvSite, replace_site
 from TuckerSegLib.network.tucker_conv import TuckerConv, conv_layout_weight

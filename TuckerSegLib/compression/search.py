@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from TuckerSegLib.decomposition.ranks import LayerShape, Ranks
+from TuckerSegLib.network.cost import LayerShape, Ranks
 from TuckerSegLib.decomposition.tucker import ModeSpectra, tucker2
 from TuckerSegLib.network.surgery import ConvSite, replace_site
 from TuckerSegLib.network.tucker_conv import TuckerConv, conv_layout_weight
@@ -95,7 +95,7 @@ class ProbeScorer:
             self._modules[key] = TuckerConv.from_factors(conv, factors).eval()
         return self._modules[key]
 
-    def _set(self, allocation: Mapping[str, Ranks]) -> None:
+    def set_ranks(self, allocation: Mapping[str, Ranks]) -> None:
         for name, site in self.sites.items():
             ranks = allocation.get(name)
             ranks = None if ranks is None else tuple(ranks)
@@ -104,7 +104,7 @@ class ProbeScorer:
                 self._current[name] = ranks
 
     def error(self, allocation: Mapping[str, Ranks]) -> float:
-        self._set(allocation)
+        self.set_ranks(allocation)
         with torch.no_grad():
             out = self.network(self.probe)
         self.evaluations += 1
@@ -116,7 +116,7 @@ class ProbeScorer:
         self._modules = {k: v for k, v in self._modules.items() if k in keep}
 
     def restore(self) -> None:
-        self._set({})
+        self.set_ranks({})
         self._modules.clear()
 
 
@@ -145,9 +145,9 @@ class VolumeScorer:
                                          dtype=torch.float32, device=torch.device("cpu"))
         self.cost = volume_cost([v.shape for v in volumes], self.patch, scorer.probe.shape, step)
         saved = dict(scorer._current)
-        scorer._set({})
+        scorer.set_ranks({})
         self.reference = [torch.softmax(self._predict(i), 0) for i in range(len(self.volumes))]
-        scorer._set(saved)
+        scorer.set_ranks(saved)
         scorer.evaluations += self.cost
 
     def _predict(self, index: int) -> torch.Tensor:
@@ -167,7 +167,7 @@ class VolumeScorer:
 
     def error(self, allocation: Mapping[str, Ranks]) -> float:
         """Mean ``output_error`` over the volumes with ``allocation`` in place."""
-        self.scorer._set(allocation)
+        self.scorer.set_ranks(allocation)
         self.scorer.evaluations += self.cost
         errors = [output_error(self._predict(i)[None], ref[None]) for i, ref in enumerate(self.reference)]
         return sum(errors) / len(errors)

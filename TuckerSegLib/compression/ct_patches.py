@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from TuckerSegLib.errors import InputError
-from TuckerSegLib.models.nnunet_folder import NnUNetModel, _plans_manager
+from TuckerSegLib.models.nnunet_folder import NnUNetModel, plans_manager
 from TuckerSegLib.progress import NullProgress, Progress
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -33,7 +33,7 @@ def check_ct(path: Union[str, Path]) -> Path:
     on bad files deep inside, with tracebacks that do not name the problem. DICOM folders are
     refused here because the model's NIfTI reader preprocesses the training data.
     """
-    from TuckerSegLib.pipeline.inputs import check_input
+    from TuckerSegLib.inputs import check_input
 
     checked = check_input(path)
     if checked.kind != "nifti":
@@ -75,7 +75,7 @@ def preprocess(model: NnUNetModel, images: Sequence[Union[str, Path]],
                          f"single-channel (CT) models are supported")
     labels = list(labels) if labels is not None else [None] * len(images)
     paths = [check_ct(p) for p in images]
-    pm = _plans_manager(model.plans)
+    pm = plans_manager(model.plans)
     cm = pm.get_configuration(model.configuration)
     pre = cm.preprocessor_class(verbose=False)  # DefaultPreprocessor unless the plans name another
     cases = []

@@ -222,7 +222,7 @@ def calibrate(model, images: Sequence[Union[str, Path]], patches_per_ct: int = 4
     Every CT is checked and preprocessed like the predictor does; a bad one stops with a one-line
     ``InputError`` naming it.
     """
-    from TuckerSegLib.finetune.preprocess import PatchSampler, preprocess
+    from TuckerSegLib.compression.ct_patches import PatchSampler, preprocess
 
     progress = progress or NullProgress()
     if not images:
