@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from TuckerSegLib.compression.compress import compress_network
+from TuckerSegLib.specs import CompressionSpec
 
 
 def totalseg_15mm() -> nn.Module:

@@ -3,13 +3,10 @@
     nice -n 10 python benchmarks/bench_engines.py --json bench_engines.json
     python benchmarks/bench_engines.py --device cuda --configs torch:fp16 torch:f32 --json gpu.json
 """
-import importlib.util  # noqa: F401  (cli.main uses importlib.util without importing it)
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from TuckerSegLib.cli.main import main  # noqa: E402
+from TuckerSegLib.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

@@ -27,10 +27,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "Testing"))
 
-from TuckerSegLib.cli.bench_cmd import _config  # noqa: E402  (ENGINE:PRECISION, as tuckerseg bench)
+from TuckerSegLib.cli.bench_cmd import _config  # ENGINE:PRECISION, as tuckerseg bench
 
 MODES = {"fast": ([297], {"fast": True}), "fastest": ([298], {"fastest": True}),
          "total": ([291, 292, 293, 294, 295], {})}
@@ -64,8 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--png", type=Path, default=None, help="plot (default: the JSON path with .png)")
     args = p.parse_args(argv)
 
-    import build_test_models
-    from TuckerSegLib.engines.bench import PeakRSS
+    from TuckerSegLib.models import totalseg_layout
+    from TuckerSegLib.evaluation.engine_bench import PeakRSS
     from TuckerSegLib.pipeline.segment import segment
     from totalsegmentator.python_api import totalsegmentator
 
@@ -74,7 +72,7 @@ def main(argv=None) -> int:
     _setup_home(home)
     ids, mode_kwargs = MODES[args.mode]
     t0 = time.perf_counter()
-    build_test_models.build_models(home / "nnunet" / "results", ids, width_scale=args.width_scale)
+    totalseg_layout.build_models(home / "nnunet" / "results", ids, width_scale=args.width_scale)
     print(f"test models ready ({time.perf_counter() - t0:.1f} s) in {home}", file=sys.stderr)
     out = workdir / "out"
     out.mkdir(exist_ok=True)

@@ -21,23 +21,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from TuckerSegLib.demo.demo_model import materialize_demo_model  # noqa: E402
-from TuckerSegLib.compression.phantom import LABEL_NAMES, make_phantom  # noqa: E402
-from TuckerSegLib.compression.compress import compress_network  # noqa: E402
-from TuckerSegLib.demo.run_demo import compressed_network  # noqa: E402
-from TuckerSegLib.models.nnunet_folder import load_model_folder  # noqa: E402
-from TuckerSegLib.network.cost import count_cost  # noqa: E402
-from TuckerSegLib.evaluation.metrics import mean_score, per_class_scores  # noqa: E402
-from TuckerSegLib.evaluation.plots import plot_ratio_curves  # noqa: E402
-from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume  # noqa: E402
+from TuckerSegLib.demo.demo_model import materialize_demo_model
+from TuckerSegLib.compression.phantom import LABEL_NAMES, make_phantom
+from TuckerSegLib.compression.compress import compress_network
+from TuckerSegLib.compression.cache import get_compressed_network
+from TuckerSegLib.specs import CompressionSpec
+from TuckerSegLib.models.nnunet_folder import load_model_folder
+from TuckerSegLib.network.cost import count_cost
+from TuckerSegLib.evaluation.metrics import mean_score, per_class_scores
+from TuckerSegLib.evaluation.plots import plot_ratio_curves
+from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume
 
 
 def main() -> int:
@@ -70,7 +68,7 @@ def main() -> int:
         if policy == "study-code":  # not a TuckerSeg policy: the paper's rule with the code's floor
             net = compress_network(model.network, CompressionSpec(ratio, "paper", rank_min=16), patch_size=patch).network
         else:
-            net, _ = compressed_network(folder, ratio, policy, cache)
+            net, _ = get_compressed_network(folder, CompressionSpec(ratio, policy), cache_dir=cache)
         cost = count_cost(net, (1, 1, *patch)).as_dict()
         segs = [predict_volume(predictor, p.image, p.affine, network=net) for p in phantoms]
         return cost, segs

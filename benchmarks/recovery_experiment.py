@@ -36,16 +36,16 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from TuckerSegLib.compression.compress import compress_network  # noqa: E402
-from TuckerSegLib.evaluation.metrics import mean_score, per_class_scores  # noqa: E402
-from TuckerSegLib.compression.calibration import collect_stats  # noqa: E402
-from TuckerSegLib.finetune.distill import DistillConfig, distill  # noqa: E402
-from TuckerSegLib.compression.ct_patches import PatchSampler, preprocess  # noqa: E402
-from TuckerSegLib.models.nnunet_folder import load_model_folder  # noqa: E402
-from TuckerSegLib.compression.probe_data import budget_inputs  # noqa: E402
-from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume  # noqa: E402
+from TuckerSegLib.compression.compress import CompressionData, compress_network
+from TuckerSegLib.specs import CompressionSpec
+from TuckerSegLib.evaluation.metrics import mean_score, per_class_scores
+from TuckerSegLib.compression.calibration import collect_stats
+from TuckerSegLib.finetune.distill import DistillConfig, distill
+from TuckerSegLib.compression.ct_patches import PatchSampler, preprocess
+from TuckerSegLib.models.nnunet_folder import load_model_folder
+from TuckerSegLib.compression.probe_data import budget_inputs
+from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume
 
 STUDY_RANK_FACTOR = 0.3
 TRAIN_PHANTOMS = (500, 501, 502, 503)

@@ -277,11 +277,11 @@ def test_supervised_mode_reads_an_nnunet_dataset(tiny, data, tmp_path):
 def test_preprocessing_matches_nnunet_predictor_input(tiny, shared_data):
     """The arrays are what nnU-Net's predictor feeds the network (its own preprocessing path)."""
     from nnunetv2.inference.data_iterators import PreprocessAdapter
-    from TuckerSegLib.models.nnunet_folder import _plans_manager
+    from TuckerSegLib.models.nnunet_folder import plans_manager
 
     ct = shared_data / "example_ct_sm.nii.gz"
     (case,) = preprocess(tiny, [ct])
-    pm = _plans_manager(tiny.plans)
+    pm = plans_manager(tiny.plans)
     cm = pm.get_configuration(tiny.configuration)
     adapter = PreprocessAdapter([[str(ct)]], None, cm.preprocessor_class(verbose=False), None, pm,
                                 tiny.dataset_json, cm, 1)
@@ -311,12 +311,12 @@ def test_finetune_argument_errors_are_one_line(tiny, data, tmp_path, capsys):
 def test_distilled_totalseg_model_is_used_by_segment(shared_data, tmp_path, monkeypatch):
     """TotalSegmentator dataset id in, distilled model out, and ``segment`` runs with it."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import build_test_models
+    from TuckerSegLib.models import totalseg_layout as totalseg_layout
     from TuckerSegLib.pipeline.segment import segment
 
     home = tmp_path / "home"
     root = home / "nnunet" / "results"
-    build_test_models.build_models(root, [297], width_scale=0.125)
+    totalseg_layout.build_models(root, [297], width_scale=0.125)
     monkeypatch.setenv("TOTALSEG_HOME_DIR", str(home))
     (home / "config.json").write_text(json.dumps({"totalseg_id": "totalseg_tests", "send_usage_stats": False,
                                                   "prediction_counter": 0, "statistics_disclaimer_shown": True}))

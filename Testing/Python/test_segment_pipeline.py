@@ -17,8 +17,7 @@ import pytest
 
 from TuckerSegLib.progress import parse_event
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import build_test_models  # noqa: E402
+from TuckerSegLib.models import totalseg_layout
 
 REPO = Path(__file__).resolve().parents[2]
 WIDTH = 0.125
@@ -28,7 +27,7 @@ WIDTH = 0.125
 def weights_root(tmp_path_factory) -> Path:
     """TotalSegmentator's default weights folder in the session's test home, with test models."""
     root = tmp_path_factory.getbasetemp() / "totalseg_home" / "nnunet" / "results"
-    build_test_models.build_models(root, [297, 298, 291, 292, 293, 294, 295], width_scale=WIDTH)
+    totalseg_layout.build_models(root, [297, 298, 291, 292, 293, 294, 295], width_scale=WIDTH)
     return root
 
 

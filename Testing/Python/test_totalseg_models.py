@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +11,7 @@ from TuckerSegLib.errors import InputError, WeightsMissingError
 from TuckerSegLib.models import totalseg, totalseg_archs
 from TuckerSegLib.models.nnunet_folder import build_network
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import build_test_models  # noqa: E402
+from TuckerSegLib.models import totalseg_layout
 
 
 def _cost(dataset_id: int):
@@ -92,7 +89,7 @@ def test_weights_dir_follows_totalsegmentator_env(tmp_path, monkeypatch):
 def test_built_models_have_totalsegmentator_layout(tmp_path, monkeypatch):
     monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(tmp_path))
     assert totalseg.installed_tasks() == {}
-    build_test_models.build_models(tmp_path, [297], width_scale=0.125)
+    totalseg_layout.build_models(tmp_path, [297], width_scale=0.125)
     assert totalseg.weights_present(297)
     assert totalseg.installed_tasks().get("total --fast") == [297]
     assert totalseg.ensure_weights([297], allow_download=False) == [totalseg.model_folder(297)]

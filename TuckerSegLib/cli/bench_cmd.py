@@ -63,7 +63,7 @@ def end_to_end_available() -> str:
 def run(args: argparse.Namespace, progress) -> int:
     import tempfile
 
-    from TuckerSegLib.engines.bench import format_table, plot, run_patch_bench, write_json
+    from TuckerSegLib.evaluation.engine_bench import format_table, plot, run_patch_bench, write_json
 
     if args.reps < 1:
         raise InputError("--reps must be at least 1")

@@ -13,7 +13,7 @@ feature f is nearest to its centre c_k (logit_k = 2 c_k f - c_k^2 orders classes
 -(f - c_k)^2): background (centre 0) and several real classes then win in different ranges of f,
 which follows the image content. All other classes get a bias of -100.
 
-Usage: ``python Testing/build_test_models.py ROOT [--ids 297 ...] [--width-scale 0.125]``
+Usage: ``python -m TuckerSegLib.models.totalseg_layout ROOT [--ids 297 ...] [--width-scale 0.125]``
 """
 from __future__ import annotations
 
@@ -25,13 +25,8 @@ from typing import Iterable, List, Optional
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from TuckerSegLib.models.totalseg_archs import (  # noqa: E402
-    DATASET_FOLDERS, TRAINERS, totalseg_plans)
-from TuckerSegLib.models.nnunet_folder import build_network  # noqa: E402
+from TuckerSegLib.models.nnunet_folder import build_network
+from TuckerSegLib.models.totalseg_archs import DATASET_FOLDERS, TRAINERS, totalseg_plans
 
 PLANS = "nnUNetPlans"
 CONFIGURATION = "3d_fullres"
