@@ -23,7 +23,7 @@ import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, Decimals, SingleStep, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
@@ -74,7 +74,9 @@ class TuckerSegParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     task: Annotated[str, Choice(["total"])] = "total"
     quality: Annotated[str, Choice(list(QUALITIES))] = "fast"
-    ratio: Annotated[float, WithinRange(0.05, 1.0), Decimals(2), SingleStep(0.05)] = 0.3
+    # The slider's decimals (2) and step (0.05) are set in the .ui: the wrapper does not consume
+    # Decimals/SingleStep on a parameter (it logs "Unused annotations").
+    ratio: Annotated[float, WithinRange(0.05, 1.0)] = 0.3
     policy: Annotated[str, Choice(list(POLICIES))] = "budget"
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     engine: Annotated[str, Choice(list(ENGINES))] = "auto"
@@ -465,8 +467,10 @@ class TuckerSegTest(ScriptedLoadableModuleTest):
         labelmap = slicer.util.addVolumeFromArray(labels, name="labels",
                                                   nodeClassName="vtkMRMLLabelMapVolumeNode")
         labelmap.SetSpacing(3, 3, 3)
+        from TuckerSegUtils.volume_io import export_volume
+
         path = os.path.join(slicer.app.temporaryPath, "TuckerSegSelfTestLabels.nii.gz")
-        self.assertTrue(slicer.util.saveNode(labelmap, path))
+        export_volume(labelmap, path)
         slicer.mrmlScene.RemoveNode(labelmap)
         return volume, path
 

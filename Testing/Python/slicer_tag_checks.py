@@ -146,7 +146,9 @@ def test_result_import_sets_terminology_with_this_tags_segment_api():
     logic = slicer.vtkSlicerTerminologiesModuleLogic()
     for name, meaning in (("kidney_left", "Kidney"), ("liver", "Liver")):
         segment = seg.GetSegment(name)
-        tag_value = segment.GetTag(segment.GetTerminologyEntryTagName())
+        tag_value = vtk.reference("")
+        assert segment.GetTag(segment.GetTerminologyEntryTagName(), tag_value)
+        tag_value = str(tag_value)
         assert tag_value == table[name].entry
         assert segmentation_import.segment_terminology(segment) == table[name].entry
         entry = slicer.vtkSlicerTerminologyEntry()

@@ -173,3 +173,21 @@ def _labelmap_like(volume, blocks):
     volume.GetIJKToRASMatrix(matrix)
     node.SetIJKToRASMatrix(matrix)
     return node
+
+
+def test_building_a_segmentation_leaks_no_image():
+    """CreateOrientedImageDataFromVolumeNode's image belongs to the caller: once the built
+    segmentation is gone, the image must be freed (it leaked one labelmap per run)."""
+    import gc
+
+    scene = new_scene()
+    ct = synthetic_ct(scene)
+    labelmap = _labelmap_like(ct, {5: (slice(2, 10), slice(3, 13), slice(3, 17))})
+    built = segmentation_import.build_segmentation(labelmap, structures.label_map("total"))
+    binary = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    image = built.GetSegment("liver").GetRepresentation(binary)
+    freed = []
+    image.AddObserver(vtk.vtkCommand.DeleteEvent, lambda caller, event: freed.append(1))
+    del image, built
+    gc.collect()
+    assert freed == [1]
