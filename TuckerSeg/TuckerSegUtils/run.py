@@ -112,6 +112,8 @@ class SegmentationRun:
         self._error_event: Optional[str] = None
         self._temp: Optional[Path] = None
         self._t0 = 0.0
+        self._scene = None
+        self._watched: list = []
 
     @property
     def done(self) -> bool:
@@ -128,6 +130,10 @@ class SegmentationRun:
                 and not self.output_segmentation.IsA("vtkMRMLSegmentationNode")):
             raise InputError("the output must be a segmentation node")
         self.request.check()
+        self._scene = self.input_volume.GetScene()
+        self._watched = [(node, node.GetID(), node.GetName(), what) for node, what in
+                         ((self.input_volume, "input volume"),
+                          (self.output_segmentation, "output segmentation")) if node is not None]
         self._t0 = time.perf_counter()
         self._temp = Path(tempfile.mkdtemp(prefix="tuckerseg-slicer-"))
         try:
@@ -136,7 +142,8 @@ class SegmentationRun:
             argv = build_command(self.request, input_path, self._temp / "output.nii.gz",
                                  self.command_prefix)
             self.callbacks.on_log("Running: " + " ".join(argv))
-            self.worker = WorkerProcess(argv, env=worker_environment(self.env)).start()
+            self.worker = WorkerProcess(argv, env=worker_environment(self.env),
+                                        log_dir=str(self._temp)).start()
         except Exception:
             self._cleanup()
             raise
@@ -204,6 +211,10 @@ class SegmentationRun:
         if returncode != 0 or self._result is None:
             self._fail(self._error_event or self._crash_message(returncode))
             return
+        deleted = self._deleted_node()
+        if deleted:
+            self._fail(deleted)
+            return
         try:
             self.output_node, self.summary = self._import_result(self._result)
         except TuckerSegError as exc:
@@ -216,6 +227,15 @@ class SegmentationRun:
         self._cleanup()
         self.callbacks.on_progress(1.0, "Done")
         self.callbacks.on_finished(self.summary)
+
+    def _deleted_node(self) -> str:
+        """A one-line message when the input or the chosen output left the scene during the run
+        (deleted, or the scene closed): the result is then not written anywhere."""
+        for node, node_id, name, what in self._watched:
+            if self._scene is None or self._scene.GetNodeByID(node_id) is not node:
+                return (f"the {what} '{name}' was deleted during the run: the result was not "
+                        f"imported")
+        return ""
 
     def _crash_message(self, returncode: int) -> str:
         tail = self.worker.last_stderr() if self.worker else ""
