@@ -45,3 +45,60 @@ def test_dependency_check_reports_what_is_not_importable(monkeypatch):
     missing = dependencies.missing_requirements()
     assert "no-such-pkg>=1" in missing
     assert all(r.split(">")[0] != "numpy" for r in missing)  # installed here
+
+
+NO_TORCH = r"""
+import importlib.abc, sys, time
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "nnunetv2", "totalsegmentator", "openvino", "tensorly"):
+            raise ImportError("blocked: the panel must not import " + name)
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, sys.argv[1])
+t0 = time.perf_counter()
+from TuckerSegUtils import cost_readout
+from TuckerSegLib import specs
+n = 0
+for quality in specs.MODES:
+    for policy in specs.POLICIES:
+        for k in range(5, 101):
+            cost = cost_readout.estimate("total", quality, k / 100, policy)
+            assert cost is not None and cost["macs"] > 0, (quality, policy, k)
+            n += 1
+seconds = time.perf_counter() - t0
+heavy = [m for m in ("torch", "nnunetv2", "numpy") if m in sys.modules]
+print(n, seconds, heavy)
+"""
+
+
+def test_readout_imports_no_torch_and_follows_the_slider_instantly():
+    """The panel computes the read-out on the GUI thread on entry and on every slider move."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH, str(MODULE_DIR)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n, seconds, heavy = proc.stdout.split(" ", 2)
+    assert int(n) == 3 * 4 * 96
+    assert float(seconds) < 1.0, f"{n} read-outs took {seconds} s (import included)"
+    assert heavy.strip() == "[]"
+
+
+def test_shipped_readout_table_matches_the_architectures():
+    """The table is estimate_cost's output: regenerate it (python -m TuckerSegLib.estimate) when
+    the architectures or the rank policies change."""
+    import pytest
+
+    from TuckerSegLib.estimate import estimate_cost, readout_cost
+
+    for policy in ("budget", "uniform", "energy", "paper"):
+        for ratio in (0.05, 0.3, 0.77, 1.0):
+            live = estimate_cost("total", "fast", ratio, policy)
+            table = readout_cost("total", "fast", ratio, policy)
+            for key in ("params", "macs", "params_original", "macs_original"):
+                assert table[key] == pytest.approx(live[key], rel=1e-9), (policy, ratio, key)
+    between = readout_cost("total", "fast", 0.305, "uniform")["macs"]
+    ends = sorted(readout_cost("total", "fast", r, "uniform")["macs"] for r in (0.30, 0.31))
+    assert ends[0] <= between <= ends[1]
+    full = readout_cost("total", "default", 1.0, "budget")
+    assert full["macs"] == full["macs_original"] and full["expected_speedup"] == 1.0
