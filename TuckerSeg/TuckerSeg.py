@@ -28,7 +28,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from TuckerSegUtils import cost_readout, dependencies, structures
+from TuckerSegUtils import cost_readout, dependencies, structures, terminology
 from TuckerSegUtils.run import (DEVICES, ENGINES, POLICIES, QUALITIES, QUALITY_SPACING_MM,
                                 RunCallbacks, SegmentationRequest, SegmentationRun)
 
@@ -336,6 +336,12 @@ class TuckerSegLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._timers = {}
+        # Segment entries point at our terminology context (65 of the 117 structures are not in
+        # Slicer's DICOM master list): load it into the Terminologies module once.
+        try:
+            terminology.register_context()
+        except Exception:  # never block the module on it: segments then show codes only
+            logging.exception("TuckerSeg: could not load the terminology context")
 
     def getParameterNode(self):
         return TuckerSegParameterNode(super().getParameterNode())
