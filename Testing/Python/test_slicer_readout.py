@@ -102,3 +102,55 @@ def test_shipped_readout_table_matches_the_architectures():
     assert ends[0] <= between <= ends[1]
     full = readout_cost("total", "default", 1.0, "budget")
     assert full["macs"] == full["macs_original"] and full["expected_speedup"] == 1.0
+
+
+def test_totalsegmentator_requirements_for_slicer_keep_simpleitk_torch_and_extras_out():
+    import importlib.metadata
+
+    import pytest
+
+    try:
+        requires = importlib.metadata.requires("TotalSegmentator")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("TotalSegmentator is not installed")
+    kept = dependencies.filter_requirements(requires, python_version="3.9")
+    names = {dependencies._canonical(dependencies._name(r)) for r in kept}
+    assert "nnunetv2" in names and "nibabel" in names
+    assert not names & {"simpleitk", "torch", "requests", "mcp", "uvicorn", "xgboost"}
+    assert all(";" not in r for r in kept)
+    marker = dependencies.filter_requirements(["a>=1; python_version<'3.10'", "b; python_version>='3.10'"],
+                                              python_version="3.9")
+    assert marker == ["a>=1"]
+
+
+def test_install_puts_totalsegmentator_and_nnunet_in_without_deps_and_never_simpleitk():
+    """The install plan, with the real installed metadata; ``pip`` records instead of installing
+    (Slicer's pip_install is what runs inside Slicer)."""
+    import importlib.metadata
+
+    import pytest
+
+    if importlib.util.find_spec("totalsegmentator") is None:
+        pytest.skip("TotalSegmentator is not installed")
+    calls = []
+    dependencies.install(["TotalSegmentator>=2.4", "tensorly>=0.8", "openvino>=2024.0"],
+                         log=lambda m: None, pip=calls.append, requires=importlib.metadata.requires)
+    assert calls[0] == ["TotalSegmentator>=2.4", "--no-deps"]
+    assert calls[1][0].startswith("nnunetv2") and calls[1][1:] == ["--no-deps"]
+    plain = calls[2]
+    assert len(calls) == 3 and "tensorly>=0.8" in plain and "openvino>=2024.0" in plain
+    everything = [dependencies._canonical(dependencies._name(a)) for call in calls for a in call]
+    assert "simpleitk" not in everything and "torch" not in everything
+    assert "batchgenerators" in everything  # nnunetv2's own requirements, from its metadata
+
+
+def test_engine_needs_are_offered_when_the_engine_changes_and_asked_once(monkeypatch):
+    monkeypatch.setitem(dependencies.ENGINE_REQUIREMENTS, "openvino",
+                        {"tuckerseg_no_such_openvino": "openvino>=2024.0"})
+    assert "openvino>=2024.0" in dependencies.missing_requirements("openvino")
+    assert "openvino>=2024.0" not in dependencies.missing_requirements("torch")
+    gate = dependencies.DependencyGate()
+    assert gate.to_offer("torch") == []  # everything else is installed here
+    assert gate.to_offer("openvino") == ["openvino>=2024.0"]
+    gate.answered(["openvino>=2024.0"])  # declined: not asked again on the next change
+    assert gate.to_offer("openvino") == [] and gate.missing("openvino") == ["openvino>=2024.0"]

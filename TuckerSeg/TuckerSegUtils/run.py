@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from TuckerSegLib.errors import Cancelled, InputError, TuckerSegError
-from TuckerSegLib.specs import check_ratio
+from TuckerSegLib.specs import DEVICES, ENGINES, MODES, POLICIES, check_ratio
 
 from . import segmentation_import, structures, terminology, volume_io
 from .worker import WorkerProcess, python_executable, worker_environment
 
-QUALITIES = {"default": None, "fast": "--fast", "fastest": "--fastest"}
-QUALITY_SPACING_MM = {"default": 1.5, "fast": 3.0, "fastest": 6.0}
-POLICIES = ("budget", "uniform", "paper", "energy")
-DEVICES = ("auto", "cpu", "gpu", "mps")
-ENGINES = ("auto", "torch", "openvino")
+# The choice lists are the core's (TuckerSegLib.specs); only the flag per mode is ours.
+QUALITIES = dict(zip(MODES, (None, "--fast", "--fastest")))
+QUALITY_SPACING_MM = dict(zip(MODES, (1.5, 3.0, 6.0)))
+__all__ = ["DEVICES", "ENGINES", "POLICIES", "QUALITIES", "QUALITY_SPACING_MM", "RunCallbacks",
+           "SegmentationRequest", "SegmentationRun", "build_command"]
 
 
 @dataclass
