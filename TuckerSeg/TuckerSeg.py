@@ -23,12 +23,12 @@ import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, Decimals, SingleStep, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from TuckerSegUtils import cost_readout, dependencies, structures
+from TuckerSegUtils import cost_readout, dependencies, structures, terminology
 from TuckerSegUtils.run import (DEVICES, ENGINES, POLICIES, QUALITIES, QUALITY_SPACING_MM,
                                 RunCallbacks, SegmentationRequest, SegmentationRun)
 
@@ -74,7 +74,9 @@ class TuckerSegParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     task: Annotated[str, Choice(["total"])] = "total"
     quality: Annotated[str, Choice(list(QUALITIES))] = "fast"
-    ratio: Annotated[float, WithinRange(0.05, 1.0), Decimals(2), SingleStep(0.05)] = 0.3
+    # The slider's decimals (2) and step (0.05) are set in the .ui: the wrapper does not consume
+    # Decimals/SingleStep on a parameter (it logs "Unused annotations").
+    ratio: Annotated[float, WithinRange(0.05, 1.0)] = 0.3
     policy: Annotated[str, Choice(list(POLICIES))] = "budget"
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     engine: Annotated[str, Choice(list(ENGINES))] = "auto"
@@ -99,7 +101,8 @@ class TuckerSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode: Optional[TuckerSegParameterNode] = None
         self._parameterNodeGuiTag = None
         self._run: Optional[SegmentationRun] = None
-        self._dependenciesChecked = False
+        self._dependencyGate = dependencies.DependencyGate()
+        self._lastEngine = None
         self._updatingStructures = False
 
     def setup(self) -> None:
@@ -186,6 +189,11 @@ class TuckerSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.outputSegmentationSelector.baseName = node.inputVolume.GetName() + " segmentation"
         self.ui.parametersCollapsibleButton.enabled = not running
         self.ui.structuresCollapsibleButton.enabled = not running
+        if self._lastEngine is not None and node.engine != self._lastEngine and not running:
+            # What the chosen engine needs is offered now, not at the next run (after this update).
+            engine = node.engine
+            qt.QTimer.singleShot(0, lambda: self._ensureDependencies(engine))
+        self._lastEngine = node.engine
         self.ui.qualityInfoLabel.text = _("{mm:g} mm resampling").format(mm=QUALITY_SPACING_MM[node.quality])
         self.ui.costLabel.text = cost_readout.format_readout(
             cost_readout.estimate(node.task, node.quality, node.ratio, node.policy))
@@ -267,24 +275,27 @@ class TuckerSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._onParameterNodeModified()
 
     def _ensureDependencies(self, engine: str) -> bool:
-        """Ask once, install what the worker needs; False when the user declined or it failed."""
-        if self._dependenciesChecked:
-            return True
-        missing = dependencies.missing_requirements(engine)
-        if missing:
-            if not slicer.util.confirmOkCancelDisplay(
+        """Offer once what ``engine`` needs and install it as the TotalSegmentator extension does;
+        False while something is still missing (declined or failed)."""
+        offer = self._dependencyGate.to_offer(engine)
+        if offer:
+            self._dependencyGate.answered(offer)
+            if slicer.util.confirmOkCancelDisplay(
                     _("TuckerSeg needs these Python packages in Slicer's Python:\n{pkgs}\n\n"
-                      "Install them now? This downloads a few GB and may take several minutes.")
-                    .format(pkgs="\n".join(missing)), windowTitle=_("Install dependencies")):
-                self._setStatus(_("Dependencies were not installed: nothing was run."), error=True)
-                return False
-            try:
-                with slicer.util.WaitCursor():
-                    dependencies.install(missing, log=self._onLog)
-            except Exception as exc:
-                self._onError(_("Installing dependencies failed: {err}").format(err=exc))
-                return False
-        self._dependenciesChecked = True
+                      "Install them now? This downloads up to a few GB and may take several "
+                      "minutes. Slicer's own SimpleITK is kept.").format(pkgs="\n".join(offer)),
+                    windowTitle=_("Install dependencies")):
+                try:
+                    with slicer.util.WaitCursor():
+                        dependencies.install(offer, log=self._onLog)
+                except Exception as exc:
+                    self._onError(_("Installing dependencies failed: {err}").format(err=exc))
+                    return False
+        missing = self._dependencyGate.missing(engine)
+        if missing:
+            self._setStatus(_("Missing Python packages ({pkgs}): nothing was run.").format(
+                pkgs=", ".join(missing)), error=True)
+            return False
         return True
 
     def _onProgress(self, fraction: float, message: str) -> None:
@@ -334,6 +345,12 @@ class TuckerSegLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._timers = {}
+        # Segment entries point at our terminology context (65 of the 117 structures are not in
+        # Slicer's DICOM master list): load it into the Terminologies module once.
+        try:
+            terminology.register_context()
+        except Exception:  # never block the module on it: segments then show codes only
+            logging.exception("TuckerSeg: could not load the terminology context")
 
     def getParameterNode(self):
         return TuckerSegParameterNode(super().getParameterNode())
@@ -465,8 +482,10 @@ class TuckerSegTest(ScriptedLoadableModuleTest):
         labelmap = slicer.util.addVolumeFromArray(labels, name="labels",
                                                   nodeClassName="vtkMRMLLabelMapVolumeNode")
         labelmap.SetSpacing(3, 3, 3)
+        from TuckerSegUtils.volume_io import export_volume
+
         path = os.path.join(slicer.app.temporaryPath, "TuckerSegSelfTestLabels.nii.gz")
-        self.assertTrue(slicer.util.saveNode(labelmap, path))
+        export_volume(labelmap, path)
         slicer.mrmlScene.RemoveNode(labelmap)
         return volume, path
 

@@ -3,6 +3,10 @@
 Real data lives outside the repo. ``TUCKERSEG_TEST_DATA`` points at it; by default it is the
 ``shared/data`` folder beside the checkout (``<repo>/../shared/data``). Tests that need it skip
 with the reason when it is absent.
+
+Slicer's own Python, CMake macros and Extensions Index checks (for the Slicer module's tests) are
+found the same way: ``TUCKERSEG_SLICER_DIR``, default ``<repo>/../shared/slicer``
+(``slicer_app.SLICER_DIR``).
 """
 from __future__ import annotations
 

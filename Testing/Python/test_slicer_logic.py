@@ -173,3 +173,72 @@ def _labelmap_like(volume, blocks):
     volume.GetIJKToRASMatrix(matrix)
     node.SetIJKToRASMatrix(matrix)
     return node
+
+
+def test_building_a_segmentation_leaks_no_image():
+    """CreateOrientedImageDataFromVolumeNode's image belongs to the caller: once the built
+    segmentation is gone, the image must be freed (it leaked one labelmap per run)."""
+    import gc
+
+    scene = new_scene()
+    ct = synthetic_ct(scene)
+    labelmap = _labelmap_like(ct, {5: (slice(2, 10), slice(3, 13), slice(3, 17))})
+    built = segmentation_import.build_segmentation(labelmap, structures.label_map("total"))
+    binary = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    image = built.GetSegment("liver").GetRepresentation(binary)
+    freed = []
+    image.AddObserver(vtk.vtkCommand.DeleteEvent, lambda caller, event: freed.append(1))
+    del image, built
+    gc.collect()
+    assert freed == [1]
+
+
+def _type_codes(context_json):
+    """(category value, type value, modifier value or '') -> 3dSlicerLabel, from a context file."""
+    import json
+
+    data = json.loads(context_json.read_text(encoding="utf-8"))
+    found = {}
+    for category in data["SegmentationCodes"]["Category"]:
+        for type_ in category.get("Type", []):
+            found[(category["CodeValue"], type_["CodeValue"], "")] = type_.get("3dSlicerLabel")
+            for modifier in type_.get("Modifier", []):
+                found[(category["CodeValue"], type_["CodeValue"], modifier["CodeValue"])] = \
+                    modifier.get("3dSlicerLabel")
+    return found
+
+
+def test_shipped_terminology_context_covers_all_117_structures(term, tmp_path):
+    """65 structures have no type in Slicer's DICOM master list: the module ships a context built
+    from the SNOMED mapping, and Slicer's own terminology logic finds every entry in it."""
+    import json
+    import os
+    from pathlib import Path
+
+    shipped = terminology.CONTEXT_FILE
+    assert shipped.exists(), "regenerate with python TuckerSeg/TuckerSegUtils/terminology.py"
+    assert json.loads(shipped.read_text(encoding="utf-8")) == terminology.build_context()
+
+    logic = slicer.vtkSlicerTerminologiesModuleLogic()
+    assert terminology.register_context(logic)
+    assert terminology.CATEGORY_CONTEXT in terminology.loaded_contexts(logic)
+    assert terminology.register_context(logic)  # a second call loads nothing again
+
+    ours = _type_codes(shipped)
+    slicer_dir = Path(os.environ.get("TUCKERSEG_SLICER_DIR", Path(__file__).resolve().parents[3] / "shared" / "slicer"))
+    master = slicer_dir / "terminology" / "SegmentationCategoryTypeModifier-DICOM-Master.json"
+    master_codes = _type_codes(master) if master.exists() else None
+    missing_from_master = 0
+    for name in structures.structure_names("total"):
+        entry = slicer.vtkSlicerTerminologyEntry()
+        assert logic.DeserializeTerminologyEntry(term[name].entry, entry), name
+        assert entry.GetTerminologyContextName() == terminology.CATEGORY_CONTEXT
+        key = (entry.GetCategoryObject().GetCodeValue(), entry.GetTypeObject().GetCodeValue(),
+               entry.GetTypeModifierObject().GetCodeValue() or "")
+        assert key in ours, name  # category, type and modifier are in our context
+        if ours[key] != name:  # same type codes (e.g. kidney cysts): the region tells them apart
+            assert entry.GetRegionObject().GetCodeValue() or entry.GetRegionModifierObject().GetCodeValue(), name
+        if master_codes is not None and key not in master_codes:
+            missing_from_master += 1
+    if master_codes is not None:
+        assert missing_from_master == 65

@@ -217,3 +217,46 @@ def test_real_segment_command_result_or_one_line_error(shared_data):
     # the test models have random weights: they may find neither structure, never another one
     assert names <= {"liver", "spleen"}
     assert summary["ratio"] == 0.3 and summary["macs"] < summary["macs_original"]
+
+
+@pytest.mark.parametrize("delete", ["output", "input"])
+def test_node_deleted_during_the_run_is_reported_not_written(delete):
+    scene, ct, out, _before = scene_with_previous_result("mine", "kept")
+    rec = Recorder()
+    run = SegmentationRun(ct, out, SegmentationRequest(), rec.callbacks(), command_prefix=PREFIX,
+                          env=worker_env("ok")).start()
+    scene.RemoveNode(out if delete == "output" else ct)
+    after_delete = scene_snapshot(scene)
+    with pytest.raises(TuckerSegError):
+        run.run_to_end()
+    name, what = ("mine", "output segmentation") if delete == "output" else ("CT", "input volume")
+    assert rec.errors == [f"the {what} '{name}' was deleted during the run: the result was not imported"]
+    assert not rec.finished and run.state == "failed"
+    assert scene_snapshot(scene) == after_delete  # no new node, nothing written
+    if delete == "output":
+        assert out.GetSegmentation().GetNumberOfSegments() == 1  # the removed node kept its segment
+
+
+def test_worker_reads_its_output_without_python_threads(tmp_path):
+    """Inside Slicer, PythonQt runs Python threads only while Python code runs: progress read by a
+    thread stalls while Slicer idles. The worker must be driven by poll() alone."""
+    import threading
+
+    scene = new_scene()
+    ct = synthetic_ct(scene)
+    from TuckerSegUtils import volume_io
+    src = volume_io.export_volume(ct, tmp_path / "in.nii.gz")
+    argv = build_command(SegmentationRequest(), src, tmp_path / "out.nii.gz", PREFIX)
+    threads_before = threading.active_count()
+    worker = WorkerProcess(argv, env=worker_env("ok")).start()
+    assert threading.active_count() == threads_before
+    events = []
+    time.sleep(1.0)  # the child writes while nobody reads ("Slicer idles")
+    deadline = time.monotonic() + 60
+    while worker.running and time.monotonic() < deadline:
+        events += worker.poll()
+        assert threading.active_count() == threads_before
+        time.sleep(0.05)
+    kinds = [e["type"] for e in events]
+    assert kinds[-1] == "exit" and "result" in kinds and kinds.count("exit") == 1
+    assert worker.poll() == []

@@ -1,8 +1,10 @@
 """The live read-out under the ratio slider: params, MACs and expected speed-up.
 
-Computed from the architecture only (``TuckerSegLib.estimate.estimate_cost``, no weights), so it
-can follow the slider. The estimate may be unavailable (core not installed yet, or an older core):
-then the read-out says "n/a" instead of failing.
+Computed from the architecture only, no weights: ``TuckerSegLib.estimate.readout_cost`` looks the
+numbers up in a table shipped with the core (``estimate_cost`` at every ratio on the slider's
+0.01 grid), so it neither imports torch nor traces networks on Slicer's GUI thread and can follow
+the slider (microseconds per move). When the table is unavailable (an older core) the read-out
+says "n/a" instead of failing.
 """
 from __future__ import annotations
 
@@ -21,13 +23,13 @@ def human(count: Optional[float], unit: str = "") -> str:
 
 
 def estimate(task: str, quality: str, ratio: float, policy: str) -> Optional[dict]:
-    """``estimate_cost``'s dict, or None when it is not available or fails."""
+    """``readout_cost``'s dict, or None when it is not available or fails (never imports torch)."""
     try:
-        from TuckerSegLib.estimate import estimate_cost
+        from TuckerSegLib.estimate import readout_cost
     except Exception:
         return None
     try:
-        return dict(estimate_cost(task=task, quality=quality, ratio=float(ratio), policy=policy))
+        return dict(readout_cost(task=task, quality=quality, ratio=float(ratio), policy=policy))
     except Exception:
         return None
 

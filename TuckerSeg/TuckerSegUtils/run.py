@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from TuckerSegLib.errors import Cancelled, InputError, TuckerSegError
-from TuckerSegLib.specs import check_ratio
+from TuckerSegLib.specs import DEVICES, ENGINES, MODES, POLICIES, CompressionSpec, RunSpec
 
 from . import segmentation_import, structures, terminology, volume_io
 from .worker import WorkerProcess, python_executable, worker_environment
 
-QUALITIES = {"default": None, "fast": "--fast", "fastest": "--fastest"}
-QUALITY_SPACING_MM = {"default": 1.5, "fast": 3.0, "fastest": 6.0}
-POLICIES = ("budget", "uniform", "paper", "energy")
-DEVICES = ("auto", "cpu", "gpu", "mps")
-ENGINES = ("auto", "torch", "openvino")
+# The choice lists are the core's (TuckerSegLib.specs); only the flag per mode is ours.
+QUALITIES = dict(zip(MODES, (None, "--fast", "--fastest")))
+QUALITY_SPACING_MM = dict(zip(MODES, (1.5, 3.0, 6.0)))
+__all__ = ["DEVICES", "ENGINES", "POLICIES", "QUALITIES", "QUALITY_SPACING_MM", "RunCallbacks",
+           "SegmentationRequest", "SegmentationRun", "build_command"]
 
 
 @dataclass
@@ -43,15 +43,12 @@ class SegmentationRequest:
     subset: Optional[List[str]] = None
 
     def check(self) -> "SegmentationRequest":
-        self.ratio = check_ratio(self.ratio)
+        """Validate with the core's own specs (the same checks and messages as the command line)."""
+        compression = CompressionSpec(ratio=self.ratio, policy=self.policy)
+        run = RunSpec(engine=self.engine, device=self.device)
+        self.ratio, self.engine, self.device = compression.ratio, run.engine, run.device
         if self.quality not in QUALITIES:
             raise InputError(f"quality must be one of {', '.join(QUALITIES)}, got {self.quality!r}")
-        if self.policy not in POLICIES:
-            raise InputError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        if self.device not in DEVICES and not self.device.startswith(("cuda", "gpu:")):
-            raise InputError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.engine not in ENGINES:
-            raise InputError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.subset:
             known = set(structures.structure_names(self.task))
             unknown = [s for s in self.subset if s not in known]
@@ -112,6 +109,8 @@ class SegmentationRun:
         self._error_event: Optional[str] = None
         self._temp: Optional[Path] = None
         self._t0 = 0.0
+        self._scene = None
+        self._watched: list = []
 
     @property
     def done(self) -> bool:
@@ -128,6 +127,10 @@ class SegmentationRun:
                 and not self.output_segmentation.IsA("vtkMRMLSegmentationNode")):
             raise InputError("the output must be a segmentation node")
         self.request.check()
+        self._scene = self.input_volume.GetScene()
+        self._watched = [(node, node.GetID(), node.GetName(), what) for node, what in
+                         ((self.input_volume, "input volume"),
+                          (self.output_segmentation, "output segmentation")) if node is not None]
         self._t0 = time.perf_counter()
         self._temp = Path(tempfile.mkdtemp(prefix="tuckerseg-slicer-"))
         try:
@@ -136,7 +139,8 @@ class SegmentationRun:
             argv = build_command(self.request, input_path, self._temp / "output.nii.gz",
                                  self.command_prefix)
             self.callbacks.on_log("Running: " + " ".join(argv))
-            self.worker = WorkerProcess(argv, env=worker_environment(self.env)).start()
+            self.worker = WorkerProcess(argv, env=worker_environment(self.env),
+                                        log_dir=str(self._temp)).start()
         except Exception:
             self._cleanup()
             raise
@@ -204,6 +208,10 @@ class SegmentationRun:
         if returncode != 0 or self._result is None:
             self._fail(self._error_event or self._crash_message(returncode))
             return
+        deleted = self._deleted_node()
+        if deleted:
+            self._fail(deleted)
+            return
         try:
             self.output_node, self.summary = self._import_result(self._result)
         except TuckerSegError as exc:
@@ -216,6 +224,15 @@ class SegmentationRun:
         self._cleanup()
         self.callbacks.on_progress(1.0, "Done")
         self.callbacks.on_finished(self.summary)
+
+    def _deleted_node(self) -> str:
+        """A one-line message when the input or the chosen output left the scene during the run
+        (deleted, or the scene closed): the result is then not written anywhere."""
+        for node, node_id, name, what in self._watched:
+            if self._scene is None or self._scene.GetNodeByID(node_id) is not node:
+                return (f"the {what} '{name}' was deleted during the run: the result was not "
+                        f"imported")
+        return ""
 
     def _crash_message(self, returncode: int) -> str:
         tail = self.worker.last_stderr() if self.worker else ""

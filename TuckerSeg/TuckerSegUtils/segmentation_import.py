@@ -39,6 +39,26 @@ def ensure_converter_rules() -> None:
         factory.RegisterConverterRule(rule())
 
 
+def set_segment_terminology(segment, entry: str) -> None:
+    """Set a segment's ``TerminologyEntry``: ``SetTerminology`` from Slicer 5.10 on, the tag
+    (``SetTag(GetTerminologyEntryTagName(), entry)``) in 5.6 and 5.8, which have no setter."""
+    if hasattr(segment, "SetTerminology"):
+        segment.SetTerminology(entry)
+    else:
+        segment.SetTag(segment.GetTerminologyEntryTagName(), entry)
+
+
+def segment_terminology(segment) -> str:
+    """A segment's ``TerminologyEntry`` string on any Slicer from 5.6 on ('' when unset)."""
+    if hasattr(segment, "GetTerminology"):
+        return segment.GetTerminology() or ""
+    import vtk
+
+    value = vtk.reference("")
+    segment.GetTag(segment.GetTerminologyEntryTagName(), value)
+    return str(value)
+
+
 def label_values_present(labelmap_node) -> list:
     """Sorted non-zero label values that occur in the labelmap."""
     import numpy as np
@@ -63,6 +83,9 @@ def build_segmentation(labelmap_node, labels: Mapping[int, str],
     image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(labelmap_node)
     if image is None:
         raise InputError("could not convert the segmentation result to a labelmap")
+    # The caller owns the returned image (one reference more than Python's): hand it back to
+    # Python now, else every run leaks one labelmap-sized image (Slicer's own callers do this).
+    image.UnRegister(None)
     binary = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
     segmentation = slicer.vtkSegmentation()
     segmentation.SetSourceRepresentationName(binary)
@@ -77,7 +100,7 @@ def build_segmentation(labelmap_node, labels: Mapping[int, str],
         term = terminology.get(name)
         segment.SetColor(*(term.color if term else DEFAULT_COLOR))
         if term:
-            segment.SetTerminology(term.entry)  # the TerminologyEntry tag
+            set_segment_terminology(segment, term.entry)
         segment.AddRepresentation(binary, image)  # shared layer: every segment, one image
         segmentation.AddSegment(segment, name)
     return segmentation

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-CATEGORY_CONTEXT = "Segmentation category and type - DICOM master list"
+# 65 of the 117 ``total`` structures have no type in Slicer's DICOM master list, so the entries
+# point at a context of our own, built from the same SNOMED mapping (as the TotalSegmentator
+# extension does) and loaded into Slicer's terminology logic before results are imported.
+CATEGORY_CONTEXT = "Segmentation category and type - TuckerSeg"
+CONTEXT_FILE = Path(__file__).resolve().parent.parent / "Resources" / "TuckerSeg-Terminology.json"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 MAPPING_NAME = "totalsegmentator_snomed_mapping.csv"
 
@@ -106,3 +111,90 @@ def load_terminology(path: Optional[Path] = None) -> Dict[str, StructureTerminol
                 type_meaning=type_code[2],
             )
     return result
+
+
+# -- the terminology context shipped with the module ------------------------------------------
+def _code_dict(code: Tuple[str, str, str]) -> Dict[str, str]:
+    scheme, value, meaning = code
+    return {"CodingSchemeDesignator": scheme, "CodeValue": value, "CodeMeaning": meaning}
+
+
+def build_context(path: Optional[Path] = None) -> dict:
+    """Slicer's segmentation terminology context (dcmqi segment-context JSON) for every structure
+    of TotalSegmentator's SNOMED mapping: category -> type -> laterality modifier, each leaf with
+    the structure name as ``3dSlicerLabel`` and its DICOM colour."""
+    path = Path(path) if path else find_mapping_file()
+    if path is None or not path.exists():
+        raise FileNotFoundError("totalsegmentator's SNOMED mapping is not installed")
+    categories: Dict[tuple, dict] = {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            name = (row.get("Structure") or "").strip()
+            if not name:
+                continue
+            category_code = _code(row, "SegmentedPropertyCategoryCodeSequence")
+            type_code = _code(row, "SegmentedPropertyTypeCodeSequence")
+            modifier_code = _code(row, "SegmentedPropertyTypeModifierCodeSequence")
+            try:
+                rgb = [int(round(255 * c)) for c in _parse_color(row.get("DicomRGBColor") or "")]
+            except ValueError:
+                rgb = [128, 128, 128]
+            category = categories.setdefault(category_code[:2], dict(
+                _code_dict(category_code), showAnatomy="true", Type={}))
+            type_ = category["Type"].setdefault(type_code[:2], _code_dict(type_code))
+            leaf = {"3dSlicerLabel": name, "recommendedDisplayRGBValue": rgb}
+            if modifier_code[1]:
+                modifiers = type_.setdefault("Modifier", {})
+                modifiers.setdefault(modifier_code[:2], dict(_code_dict(modifier_code), **leaf))
+            else:
+                type_.setdefault("3dSlicerLabel", name)
+                type_.setdefault("recommendedDisplayRGBValue", rgb)
+    codes = []
+    for category in categories.values():
+        types = []
+        for type_ in category["Type"].values():
+            if "Modifier" in type_:
+                type_["Modifier"] = list(type_["Modifier"].values())
+            types.append(type_)
+        category["Type"] = types
+        codes.append(category)
+    return {"SegmentationCategoryTypeContextName": CATEGORY_CONTEXT,
+            "@schema": "https://raw.githubusercontent.com/qiicr/dcmqi/master/doc/segment-context-schema.json#",
+            "SegmentationCodes": {"Category": codes}}
+
+
+def write_context_file(path: Path = CONTEXT_FILE) -> Path:
+    """Regenerate the shipped context from the installed ``totalsegmentator`` (developers)."""
+    Path(path).write_text(json.dumps(build_context(), indent=1) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def register_context(logic=None, path: Path = CONTEXT_FILE) -> bool:
+    """Load the shipped context into Slicer's terminology logic once; True when it is loaded.
+
+    ``logic`` defaults to the Terminologies module's logic (inside Slicer).
+    """
+    if logic is None:
+        import slicer
+
+        try:
+            logic = slicer.modules.terminologies.logic()
+        except AttributeError:
+            return False
+    if CATEGORY_CONTEXT in loaded_contexts(logic):
+        return True
+    # Returns True in Slicer 5.6/5.8, the context's name from 5.10 on.
+    return bool(logic.LoadTerminologyFromFile(str(path)))
+
+
+def loaded_contexts(logic) -> list:
+    """Names of the category/type contexts loaded into a terminology logic (5.6 to current)."""
+    import vtk
+
+    names = vtk.vtkStringArray()
+    logic.GetLoadedTerminologyNames(names)
+    return [names.GetValue(i) for i in range(names.GetNumberOfValues())]
+
+
+if __name__ == "__main__":
+    print(write_context_file())

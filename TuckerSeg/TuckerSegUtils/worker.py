@@ -1,34 +1,73 @@
 """The child process that does the segmentation, so that Slicer never blocks.
 
 ``WorkerProcess`` starts a command in its own process group (POSIX session / Windows process
-group), reads stdout and stderr on two daemon threads and queues what it reads. ``poll()`` drains
-the queue on the caller's thread (Slicer's main thread through a QTimer, or a plain loop) and
-returns protocol events: the ``TUCKERSEG_EVENT`` lines of ``TuckerSegLib.progress`` as they are,
-other output as ``log`` events, and finally one ``exit`` event ``{"type": "exit", "returncode"}``.
-``cancel()`` ends the whole group, children included.
+group, console window hidden as ``slicer.util.launchConsoleProcess`` hides it). The child writes
+stdout and stderr to two files in a log folder; ``poll()`` reads what was added since the last
+call, without blocking and without any Python thread: inside Slicer, PythonQt runs Python threads
+only while Python code runs, so a reader thread would stall while Slicer idles, and the panel's
+QTimer is what calls ``poll()``. It returns protocol events: the ``TUCKERSEG_EVENT`` lines of
+``TuckerSegLib.progress`` as they are, other output as ``log`` events, and finally one ``exit``
+event ``{"type": "exit", "returncode"}``. ``cancel()`` ends the whole group, children included.
 """
 from __future__ import annotations
 
 import collections
 import os
-import queue
+import shutil
 import signal
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from typing import Deque, Dict, List, Optional, Sequence
 
 from TuckerSegLib.progress import parse_event
 
 STDERR_TAIL_LINES = 20
+STREAMS = ("stdout", "stderr")
+
+
+class _Tail:
+    """New complete lines of a file another process appends to (read in binary, no blocking)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+
+    def read_lines(self, final: bool = False) -> List[str]:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except OSError:
+            data = b""
+        self.offset += len(data)
+        data = self.partial + data
+        lines = data.split(b"\n")
+        self.partial = lines.pop()
+        if final and self.partial:
+            lines.append(self.partial)
+            self.partial = b""
+        return [line.decode("utf-8", "replace").rstrip("\r") for line in lines]
+
+
+def _hidden_console_kwargs() -> dict:
+    """Popen arguments for a child in its own process group, with no console window on Windows."""
+    if os.name == "nt":
+        info = subprocess.STARTUPINFO()  # type: ignore[attr-defined]
+        info.dwFlags |= subprocess.STARTF_USESHOWWINDOW  # type: ignore[attr-defined]
+        info.wShowWindow = 0  # SW_HIDE
+        flags = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW  # type: ignore[attr-defined]
+        return {"startupinfo": info, "creationflags": flags}
+    return {"start_new_session": True}  # own session and process group: kill them all
 
 
 class WorkerProcess:
     """One running command with machine-readable progress on stdout."""
 
     def __init__(self, argv: Sequence[str], env: Optional[Dict[str, str]] = None,
-                 cwd: Optional[str] = None):
+                 cwd: Optional[str] = None, log_dir: Optional[str] = None):
         self.argv = [str(a) for a in argv]
         self.env = env
         self.cwd = cwd
@@ -36,8 +75,9 @@ class WorkerProcess:
         self.cancelled = False
         self.returncode: Optional[int] = None
         self.stderr_tail: Deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
-        self._queue: "queue.Queue[tuple]" = queue.Queue()
-        self._threads: List[threading.Thread] = []
+        self._log_dir = log_dir
+        self._own_log_dir = log_dir is None
+        self._tails: Dict[str, _Tail] = {}
         self._exit_reported = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -45,57 +85,46 @@ class WorkerProcess:
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.setdefault("PYTHONIOENCODING", "utf-8")
-        kwargs = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-        else:
-            kwargs["start_new_session"] = True  # own session and process group: kill them all
-        self.process = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=env, cwd=self.cwd, text=True, encoding="utf-8", errors="replace", bufsize=1,
-            **kwargs)
-        for stream, name in ((self.process.stdout, "stdout"), (self.process.stderr, "stderr")):
-            thread = threading.Thread(target=self._read, args=(stream, name), daemon=True,
-                                      name=f"tuckerseg-{name}")
-            thread.start()
-            self._threads.append(thread)
-        return self
-
-    def _read(self, stream, name: str) -> None:
+        if self._log_dir is None:
+            self._log_dir = tempfile.mkdtemp(prefix="tuckerseg-worker-")
+        os.makedirs(self._log_dir, exist_ok=True)
+        paths = {name: os.path.join(self._log_dir, f"worker-{name}.txt") for name in STREAMS}
+        handles = {name: open(path, "wb") for name, path in paths.items()}
         try:
-            for line in iter(stream.readline, ""):
-                self._queue.put((name, line.rstrip("\r\n")))
-        except (OSError, ValueError):
-            pass
+            self.process = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=handles["stdout"],
+                stderr=handles["stderr"], env=env, cwd=self.cwd, **_hidden_console_kwargs())
+        except Exception:
+            self._remove_logs()
+            raise
         finally:
-            self._queue.put((name, None))
+            for handle in handles.values():  # the child holds its own copies
+                handle.close()
+        self._tails = {name: _Tail(path) for name, path in paths.items()}
+        return self
 
     @property
     def running(self) -> bool:
         return self.process is not None and not self._exit_reported
 
     def poll(self) -> List[dict]:
-        """Events read since the last call; the last one of the run is ``exit``."""
+        """Events written since the last call (returns at once); the last of the run is ``exit``."""
+        if self.process is None or self._exit_reported:
+            return []
+        ended = self.process.poll() is not None  # before reading: then nothing is written later
         events: List[dict] = []
-        while True:
-            try:
-                name, line = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if line is None:
-                continue
-            if name == "stdout":
-                event = parse_event(line)
-                events.append(event if event is not None else {"type": "log", "message": line})
-            else:
-                if line.strip():
+        for name in STREAMS:
+            for line in self._tails[name].read_lines(final=ended):
+                if name == "stdout":
+                    event = parse_event(line)
+                    events.append(event if event is not None else {"type": "log", "message": line})
+                elif line.strip():
                     self.stderr_tail.append(line)
                     events.append({"type": "log", "message": line, "stream": "stderr"})
-        if (not self._exit_reported and self.process is not None
-                and self.process.poll() is not None
-                and not any(t.is_alive() for t in self._threads) and self._queue.empty()):
+        if ended:
             self.returncode = self.process.returncode
             self._exit_reported = True
+            self._remove_logs()
             events.append({"type": "exit", "returncode": self.returncode,
                            "cancelled": self.cancelled})
         return events
@@ -109,6 +138,10 @@ class WorkerProcess:
                 return events
             time.sleep(0.02)
 
+    def _remove_logs(self) -> None:
+        if self._own_log_dir and self._log_dir:
+            shutil.rmtree(self._log_dir, ignore_errors=True)
+
     # -- cancel ----------------------------------------------------------------------------
     def cancel(self, grace_seconds: float = 3.0) -> None:
         """End the process and all its children: polite signal first, then kill."""
@@ -117,8 +150,8 @@ class WorkerProcess:
         self.cancelled = True
         pid = self.process.pid
         if os.name == "nt":
-            subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, check=False, **_hidden_console_kwargs())
         else:
             _signal_group(pid, signal.SIGTERM)
             try:
@@ -131,6 +164,7 @@ class WorkerProcess:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        self._remove_logs()
 
     def last_stderr(self, lines: int = 5) -> str:
         """The last non-empty stderr lines, joined, for an error message."""
