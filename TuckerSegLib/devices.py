@@ -21,7 +21,7 @@ def resolve_device(device: str = "auto") -> str:
     if d == "auto":
         return "gpu" if torch.cuda.is_available() else ("mps" if has_mps else "cpu")
     if d.startswith("gpu") and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+        raise InputError(f"device {device!r} asked for, but PyTorch sees no CUDA device; use --device cpu")
     if d.startswith("gpu:") and int(d[4:]) >= torch.cuda.device_count():
         raise InputError(f"device {device!r} asked for, but there are {torch.cuda.device_count()} CUDA GPU(s)")
     if d == "mps" and not has_mps:

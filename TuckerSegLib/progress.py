@@ -69,17 +69,13 @@ class NullProgress(Progress):
     """Reports nothing."""
 
 
-@dataclass
-class JsonProgress(Progress):
-    """Writes protocol lines (see module docstring) to ``stream`` (stdout by default)."""
+class EventProgress(Progress):
+    """Turns each call into a protocol event dict and hands it to ``_emit``."""
 
-    stream: Optional[TextIO] = None
     _stage: str = ""
 
     def _emit(self, event: dict) -> None:
-        stream = self.stream or sys.stdout
-        stream.write(format_event(event) + "\n")
-        stream.flush()
+        raise NotImplementedError
 
     def stage(self, stage: str, message: str = "") -> None:
         self._stage = stage
@@ -97,6 +93,28 @@ class JsonProgress(Progress):
 
     def error(self, message: str) -> None:
         self._emit({"type": "error", "message": message})
+
+
+@dataclass
+class CallbackProgress(EventProgress):
+    """Forwards every event, as a protocol dict, to a Python callable (used by the APIs)."""
+
+    callback: Callable[[dict], None] = lambda event: None
+
+    def _emit(self, event: dict) -> None:
+        self.callback(event)
+
+
+@dataclass
+class JsonProgress(EventProgress):
+    """Writes protocol lines (see module docstring) to ``stream`` (stdout by default)."""
+
+    stream: Optional[TextIO] = None
+
+    def _emit(self, event: dict) -> None:
+        stream = self.stream or sys.stdout
+        stream.write(format_event(event) + "\n")
+        stream.flush()
 
 
 @dataclass
@@ -140,31 +158,6 @@ class BarProgress(Progress):
 
     def error(self, message: str) -> None:
         self.close()
-
-
-@dataclass
-class CallbackProgress(Progress):
-    """Forwards every event, as a protocol dict, to a Python callable (used by the APIs)."""
-
-    callback: Callable[[dict], None] = lambda event: None
-    _stage: str = ""
-
-    def stage(self, stage: str, message: str = "") -> None:
-        self._stage = stage
-        self.callback({"type": "stage", "stage": stage, "message": message})
-
-    def update(self, fraction: float, message: str = "", stage: str = "") -> None:
-        self.callback({"type": "progress", "stage": stage or self._stage,
-                       "fraction": max(0.0, min(1.0, float(fraction))), "message": message})
-
-    def log(self, message: str) -> None:
-        self.callback({"type": "log", "message": message})
-
-    def result(self, result: dict) -> None:
-        self.callback({"type": "result", "result": result})
-
-    def error(self, message: str) -> None:
-        self.callback({"type": "error", "message": message})
 
 
 def make_progress(kind: str) -> Progress:

@@ -310,8 +310,7 @@ def test_finetune_argument_errors_are_one_line(tiny, data, tmp_path, capsys):
 @pytest.mark.slow
 def test_distilled_totalseg_model_is_used_by_segment(shared_data, tmp_path, monkeypatch):
     """TotalSegmentator dataset id in, distilled model out, and ``segment`` runs with it."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from TuckerSegLib.models import totalseg_layout as totalseg_layout
+    from TuckerSegLib.models import totalseg_layout
     from TuckerSegLib.pipeline.segment import segment
 
     home = tmp_path / "home"

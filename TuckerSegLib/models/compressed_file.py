@@ -14,7 +14,6 @@ again, and a damaged or mismatched folder is refused with a ``ModelError``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -30,6 +29,7 @@ from TuckerSegLib.models.checkpoint import file_sha256
 from TuckerSegLib.models.nnunet_folder import (NnUNetModel, build_network,
                                                label_names_from_dataset_json, plans_manager)
 from TuckerSegLib.network.surgery import factorise_structure
+from TuckerSegLib.storage import replace_dir
 
 FORMAT = "tuckerseg-compressed/1"
 MANIFEST = "manifest.json"
@@ -47,17 +47,6 @@ class CompressionResult:
 
 def is_compressed_folder(folder: Union[str, Path]) -> bool:
     return (Path(folder) / MANIFEST).is_file()
-
-
-def _atomic_replace_dir(tmp: Path, dest: Path) -> None:
-    """Move a finished folder into place; an existing one is swapped out, then removed."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{int(time.time() * 1e6)}")
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_compressed(dest: Union[str, Path], model: NnUNetModel, result: CompressionResult,
@@ -99,7 +88,7 @@ def save_compressed(dest: Union[str, Path], model: NnUNetModel, result: Compress
             "report": report,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _atomic_replace_dir(tmp, dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
