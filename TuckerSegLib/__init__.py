@@ -18,13 +18,15 @@ Layers, from the bottom up (a module imports only from its own layer or those be
 __version__ = "0.1.0"
 
 
-def segment(input, output, ratio: float = 0.5, **kwargs):
+def segment(input, output, ratio=None, min_agreement=None, **kwargs):
     """Segment a CT with compressed TotalSegmentator models; see ``TuckerSegLib.pipeline.segment``.
 
-    Options are ``segment``'s and TotalSegmentator's (``policy``, ``task``, ``fast``, ``fastest``,
+    Each network is the cheapest whose validated agreement with the original is at least
+    ``min_agreement`` (default 0.95), or, with ``ratio``, compressed at that ratio.
+    Other options are ``segment``'s and TotalSegmentator's (``policy``, ``task``, ``fast``, ``fastest``,
     ``roi_subset``, ``ml``, ``device``, ``engine``, ``precision``, ``layer_forms``, ``cache_dir``,
     ``statistics``, ...); they are checked here and raise ``TuckerSegError`` with one line.
     """
     from TuckerSegLib.pipeline.segment import segment_api
 
-    return segment_api(input, output, ratio=ratio, **kwargs)
+    return segment_api(input, output, ratio=ratio, min_agreement=min_agreement, **kwargs)

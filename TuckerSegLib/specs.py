@@ -9,6 +9,7 @@ reads it on the GUI thread.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, replace
 from typing import Optional, Tuple
 
@@ -33,6 +34,9 @@ MODES: Tuple[str, ...] = ("default", "fast", "fastest")
 
 # Ranks are rounded to multiples of this for fast kernels (uniform, energy, budget).
 RANK_MULTIPLE = 8
+# The quality target users get unless they ask otherwise: mean Dice of the compressed network's
+# argmax against the original's, on the validation data (``pipeline.quality_target``).
+DEFAULT_MIN_AGREEMENT = 0.95
 
 
 def check_ratio(ratio: float) -> float:
@@ -44,6 +48,17 @@ def check_ratio(ratio: float) -> float:
     if not (0.0 < value <= 1.0):
         raise InputError(f"ratio must be in (0, 1] (1.0 = original network), got {value:g}")
     return value
+
+
+def check_agreement(value: float) -> float:
+    """A quality target: a mean Dice agreement in (0, 1]."""
+    try:
+        a = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"minimum agreement must be a number in (0, 1], got {value!r}") from None
+    if not (0.0 < a <= 1.0):
+        raise InputError(f"minimum agreement must be in (0, 1] (mean Dice with the original network), got {a:g}")
+    return a
 
 
 def _check_choice(what: str, value: str, choices: Tuple[str, ...]) -> str:
@@ -64,10 +79,13 @@ def check_device(device: Optional[str]) -> str:
 
 @dataclass(frozen=True)
 class CompressionSpec:
-    """Which network to run: ``ratio`` of the original's cost under ``policy``.
+    """Which network to run: ``ratio`` of the original's cost under ``policy``, or, with
+    ``min_agreement``, the cheapest network whose validated agreement with the original is at
+    least that (``ratio`` is then not used).
 
     ``ratio`` 1.0 is the original network, untouched. ``rank_min`` is the ``uniform`` and
-    ``paper`` policies' rank floor (None: the policy's own).
+    ``paper`` policies' rank floor (None: the policy's own). ``validate_on``: the user's CTs that
+    the agreement is measured on, besides the built-in phantoms.
     """
 
     ratio: float = 0.5
@@ -75,9 +93,17 @@ class CompressionSpec:
     method: str = "hosvd"
     rank_multiple: int = RANK_MULTIPLE
     rank_min: Optional[int] = None
+    min_agreement: Optional[float] = None
+    validate_on: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", check_ratio(self.ratio))
+        if self.min_agreement is not None:
+            object.__setattr__(self, "min_agreement", check_agreement(self.min_agreement))
+        object.__setattr__(self, "validate_on", tuple(str(p) for p in self.validate_on))
+        for path in self.validate_on:
+            if not os.path.exists(path):
+                raise InputError(f"validation CT not found: {path}")
         _check_choice("policy", self.policy, POLICIES)
         _check_choice("method", self.method, METHODS)
         if int(self.rank_multiple) < 1:
@@ -90,8 +116,13 @@ class CompressionSpec:
 
     @property
     def is_original(self) -> bool:
-        """True when no layer is compressed (ratio 1.0)."""
-        return self.ratio >= 1.0
+        """True when no layer is compressed (ratio 1.0, no quality target)."""
+        return self.ratio >= 1.0 and self.min_agreement is None
+
+    @property
+    def is_target(self) -> bool:
+        """True when the network is chosen by ``min_agreement``."""
+        return self.min_agreement is not None
 
     def with_ratio(self, ratio: float) -> "CompressionSpec":
         return replace(self, ratio=ratio)

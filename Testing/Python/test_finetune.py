@@ -311,7 +311,7 @@ def test_finetune_argument_errors_are_one_line(tiny, data, tmp_path, capsys):
 def test_distilled_totalseg_model_is_used_by_segment(shared_data, tmp_path, monkeypatch):
     """TotalSegmentator dataset id in, distilled model out, and ``segment`` runs with it."""
     from TuckerSegLib.models import totalseg_layout
-    from TuckerSegLib.pipeline.segment import segment
+    from TuckerSegLib import segment
 
     home = tmp_path / "home"
     root = home / "nnunet" / "results"

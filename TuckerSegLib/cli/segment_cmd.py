@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from TuckerSegLib.progress import JsonProgress, Progress
-from TuckerSegLib.specs import (ENGINES, LAYER_FORMS, POLICIES, PRECISION_CHOICES, CompressionSpec, RunSpec,
+from TuckerSegLib.specs import (DEFAULT_MIN_AGREEMENT, ENGINES, LAYER_FORMS, POLICIES, PRECISION_CHOICES, RunSpec,
                                 check_mode)
 
 HELP = "segment a CT with compressed TotalSegmentator models"
@@ -16,9 +16,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CT image: a .nii/.nii.gz file or a DICOM folder")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output: a .nii.gz file (one multilabel file), else a folder with one file per class")
-    p.add_argument("--ratio", type=float, default=0.5,
-                   help="fraction of the networks' cost to keep, in (0, 1]; 1.0 = stock TotalSegmentator "
-                        "(default 0.5)")
+    p.add_argument("--min-agreement", type=float, default=None, metavar="A",
+                   help=f"quality target (the default, A = {DEFAULT_MIN_AGREEMENT:g}): each network is the cheapest "
+                        "whose mean Dice agreement with the original, measured once per model on validation "
+                        "patches (built-in phantom CTs, plus --validate-on), is at least A; the original runs "
+                        "where nothing below 90 %% of the MACs does")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="experts: compress at this ratio instead of a quality target, in (0, 1]; 1.0 = stock "
+                        "TotalSegmentator's networks; its meaning depends on --policy")
+    p.add_argument("--validate-on", nargs="+", default=[], metavar="CT",
+                   help="your CTs (NIfTI) that the quality target is also measured on (never the CT you evaluate)")
     p.add_argument("--policy", default="budget", choices=POLICIES,
                    help="how ranks are chosen (default budget: ratio = fraction of MACs kept)")
     p.add_argument("-ta", "--task", default="total", help="TotalSegmentator task (default total)")
@@ -63,11 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, progress: Progress) -> int:
-    from TuckerSegLib.pipeline.segment import segment
+    from TuckerSegLib.pipeline.segment import compression_spec, segment
 
     # With JSON events on stdout, TotalSegmentator's own prints go to stderr (quiet mode).
     quiet = bool(args.quiet or isinstance(progress, JsonProgress))
-    compression = CompressionSpec(ratio=args.ratio, policy=args.policy)
+    compression = compression_spec(args.ratio, args.min_agreement, args.policy, args.validate_on)
     run_spec = RunSpec(engine=args.engine, precision=args.precision, layer_forms=args.layer_forms,
                        device=args.device)
     result = segment(args.input, args.output, compression, run_spec, task=args.task,

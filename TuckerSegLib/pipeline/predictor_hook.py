@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -33,7 +33,7 @@ from TuckerSegLib.storage import model_cache_dir
 
 # Prepared models kept per process, most recently used last (TotalSegmentator's total task uses 5).
 WARM_MODELS = 6
-_warm: "OrderedDict[tuple, Tuple[LoadedModel, nn.Module, Optional[EngineInfo]]]" = OrderedDict()
+_warm: "OrderedDict[tuple, Tuple[LoadedModel, nn.Module, Optional[EngineInfo], Tuple[Optional[float], str]]]" = OrderedDict()
 
 
 @dataclass
@@ -52,6 +52,9 @@ class ModelUse:
     manifest: dict = field(default_factory=dict)
     engine: dict = field(default_factory=dict)  # EngineInfo.as_dict() of the engine that ran it
     warm: bool = False  # prepared by an earlier run in this process
+    num_classes: int = 0  # output classes, background included
+    predicted_agreement: Optional[float] = None  # with the original network; None: not measured
+    agreement_source: str = ""  # where predicted_agreement comes from
 
 
 def _dataset_id(folder: Path) -> Optional[int]:
@@ -59,6 +62,34 @@ def _dataset_id(folder: Path) -> Optional[int]:
     if name.startswith("Dataset") and name[7:10].isdigit():
         return int(name[7:10])
     return None
+
+
+def _known_quality(folder: Path, spec: CompressionSpec, given: Optional[Path]) -> Tuple[Optional[float], str]:
+    """Predicted agreement known before loading: the original's, or a given folder's own validation."""
+    if given is not None:
+        from TuckerSegLib.models.compressed_file import read_manifest
+
+        after = read_manifest(given).get("report", {}).get("finetune", {}).get("validation", {}).get("after") or {}
+        if "mean_dice" in after:
+            return float(after["mean_dice"]), f"distillation's own validation ({given.name})"
+        return None, "not measured"
+    if spec.is_original:
+        return 1.0, "original network"
+    return None, "not measured"
+
+
+def _curve_quality(folder: Path, loaded: LoadedModel, cache_dir: Optional[Path]) -> Tuple[Optional[float], str]:
+    """An explicit ratio's agreement read off the model's quality curve, where one was measured."""
+    from TuckerSegLib.compression.quality_curve import curves
+
+    found = curves(folder, cache_dir)
+    if not found:
+        return None, "not measured (a quality target measures it: --min-agreement)"
+    curve = max(found.values(), key=lambda c: len(c.points))
+    value = curve.predicted(loaded.macs / max(1, loaded.macs_original))
+    if value is None:
+        return None, "not measured at this ratio (--min-agreement measures it)"
+    return round(value, 4), "interpolated on the model's quality curve"
 
 
 def _weights_stamp(folder: Path, folds, checkpoint_name: str) -> tuple:
@@ -94,8 +125,9 @@ class CompressedPredictorHook:
         self._t_last: Optional[float] = None
 
     def _prepared(self, predictor, folder: Path, folds: list, checkpoint_name: str
-                  ) -> Tuple[LoadedModel, nn.Module, Optional[EngineInfo], bool]:
-        """The loaded model and the module that runs it, from this process's warm models if there."""
+                  ) -> Tuple[LoadedModel, nn.Module, Optional[EngineInfo], Tuple[Optional[float], str], bool]:
+        """The loaded model, the module that runs it and its predicted agreement (with its
+        source), from this process's warm models if there."""
         given = self.compressed_models.get(str(folder.resolve()))
         key = (str(folder.resolve()), tuple(folds), checkpoint_name, self.spec, self.run,
                str(predictor.device), str(self.cache_dir), str(given),
@@ -103,25 +135,37 @@ class CompressedPredictorHook:
         if key in _warm:
             _warm.move_to_end(key)
             return (*_warm[key], True)
-        loaded = load_model(folder, folds, checkpoint_name, self.spec, self.cache_dir, given, self.progress)
+        spec, run, quality = self.spec, self.run, _known_quality(folder, self.spec, given)
+        if spec.is_target and given is None:
+            from TuckerSegLib.pipeline.quality_target import choose_for_target
+
+            choice = choose_for_target(folder, spec, folds[0], checkpoint_name, predictor.device,
+                                       self.cache_dir, self.progress)
+            self.progress.log(f"{folder.parent.name}: {choice.summary(spec.min_agreement)}")
+            spec, given, quality = choice.spec, choice.compressed_folder, (choice.agreement, choice.source)
+            if choice.fallback and run.engine == "auto":
+                run = replace(run, engine="torch")  # the original, exactly as stock runs it
+        loaded = load_model(folder, folds, checkpoint_name, spec, self.cache_dir, given, self.progress)
         module, info = loaded.network, None
         if len(loaded.parameters) > 1:
             # several folds: nnU-Net loads each fold's weights into the network in turn, which
             # engines with compiled-in weights cannot do; PyTorch eager runs them
-            if self.run.engine not in ("auto", "torch"):
-                raise EngineError(f"engine {self.run.engine} runs one fold; {folder} asks for "
+            if run.engine not in ("auto", "torch"):
+                raise EngineError(f"engine {run.engine} runs one fold; {folder} asks for "
                                   f"{len(loaded.parameters)}")
         else:
             from TuckerSegLib.engines import prepare_network
 
             module, info = prepare_network(loaded.network, loaded.patch_size, loaded.in_channels,
-                                           predictor.device, self.run, model_cache_dir(folder, self.cache_dir),
+                                           predictor.device, run, model_cache_dir(folder, self.cache_dir),
                                            progress=self.progress)
             loaded.parameters = [module.state_dict()]  # {}: the weights are compiled into the engine
-        _warm[key] = (loaded, module, info)
+        if quality[0] is None and not spec.is_original:
+            quality = _curve_quality(folder, loaded, self.cache_dir)
+        _warm[key] = (loaded, module, info, quality)
         while len(_warm) > WARM_MODELS:
             _warm.popitem(last=False)
-        return loaded, module, info, False
+        return loaded, module, info, quality, False
 
     # -- the replacement of nnUNetPredictor.initialize_from_trained_model_folder ----------------
     def _initialize(self, predictor, model_training_output_dir: str,
@@ -137,7 +181,7 @@ class CompressedPredictorHook:
         if isinstance(use_folds, str):
             use_folds = [use_folds]
         folds = [int(f) if f != "all" else f for f in use_folds]
-        loaded, module, info, warm = self._prepared(predictor, folder, folds, checkpoint_name)
+        loaded, module, info, quality, warm = self._prepared(predictor, folder, folds, checkpoint_name)
         if info is not None:
             self.engine_infos.append(info)
             self.progress.log(info.summary())
@@ -151,7 +195,9 @@ class CompressedPredictorHook:
                                     macs=loaded.macs, params_original=loaded.params_original,
                                     macs_original=loaded.macs_original, patch_size=loaded.patch_size,
                                     load_seconds=now - t0, manifest=loaded.manifest,
-                                    engine=info.as_dict() if info is not None else {}, warm=warm))
+                                    engine=info.as_dict() if info is not None else {}, warm=warm,
+                                    num_classes=len(loaded.dataset_json.get("labels", {})),
+                                    predicted_agreement=quality[0], agreement_source=quality[1]))
         self._t_last = now
         if self.on_model is not None:  # prediction with this model starts now
             self.on_model(len(self.models) - 1, folder)

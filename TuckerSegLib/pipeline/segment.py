@@ -16,14 +16,14 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from TuckerSegLib.devices import resolve_device
 from TuckerSegLib.errors import InputError, TuckerSegError
 from TuckerSegLib.inputs import check_input
 from TuckerSegLib.pipeline.predictor_hook import compressed_predictors
 from TuckerSegLib.progress import JsonProgress, NullProgress, Progress
-from TuckerSegLib.specs import CompressionSpec, RunSpec, check_mode
+from TuckerSegLib.specs import DEFAULT_MIN_AGREEMENT, CompressionSpec, RunSpec, check_mode
 
 
 @dataclass
@@ -38,13 +38,16 @@ class SegmentResult:
     macs: int
     params_original: int
     macs_original: int
-    ratio: float
+    ratio: float  # the ratio asked for; with a quality target, the fraction of the MACs it kept
     policy: str
     task: str
     mode: str
     device: str
     models: List[Dict[str, Any]] = field(default_factory=list)
     files: List[str] = field(default_factory=list)  # every file written (segmentation, statistics)
+    min_agreement: Optional[float] = None  # the quality target asked for, if any
+    predicted_agreement: Optional[float] = None  # with stock TotalSegmentator; None: not measured
+    agreement_source: str = ""
 
     def to_event(self) -> dict:
         """The JSON-serialisable ``result`` event payload (the Slicer module reads these keys)."""
@@ -55,10 +58,29 @@ class SegmentResult:
 
     def summary(self) -> str:
         """One line for the terminal."""
+        chosen = (f"quality target {self.min_agreement:g}" if self.min_agreement is not None
+                  else f"ratio {self.ratio:g} ({self.policy})")
+        agreement = ("predicted agreement not measured" if self.predicted_agreement is None
+                     else f"predicted agreement {self.predicted_agreement:.3f}")
         return (f"segmented in {self.seconds:.1f} s: {len(self.models)} network(s), "
                 f"params {self.params / 1e6:.2f} M (original {self.params_original / 1e6:.2f} M), "
-                f"MACs {self.macs / 1e9:.1f} G/patch (original {self.macs_original / 1e9:.1f} G), "
-                f"ratio {self.ratio:g} ({self.policy}), {len(self.labels)} labels -> {self.output}")
+                f"MACs {self.macs / 1e9:.1f} G/patch (original {self.macs_original / 1e9:.1f} G, "
+                f"{100 * self.macs / max(1, self.macs_original):.0f} % kept), {chosen}, {agreement} "
+                f"({self.agreement_source}), {len(self.labels)} labels -> {self.output}")
+
+
+def overall_agreement(models: Sequence[Dict[str, Any]]) -> Tuple[Optional[float], str]:
+    """The run's predicted agreement: the models' own, weighted by their number of classes (the
+    mean Dice over all structures when each model's classes count alike); None if any is unknown."""
+    if not models:
+        return None, "no network ran"
+    if any(m.get("predicted_agreement") is None for m in models):
+        unknown = [m for m in models if m.get("predicted_agreement") is None]
+        return None, unknown[0].get("agreement_source") or "not measured"
+    weights = [max(1, int(m.get("num_classes") or 1) - 1) for m in models]
+    value = sum(w * float(m["predicted_agreement"]) for w, m in zip(weights, models)) / sum(weights)
+    sources = list(dict.fromkeys(m.get("agreement_source", "") for m in models))
+    return round(value, 4), "; ".join(s for s in sources if s)
 
 
 def _labels(task: str, roi_subset: Optional[Sequence[str]]) -> Dict[int, str]:
@@ -235,6 +257,8 @@ def segment(input: Union[str, Path], output: Union[str, Path],
              "params_original": m.params_original, "macs_original": m.macs_original,
              "patch_size": list(m.patch_size), "load_seconds": round(m.load_seconds, 3),
              "predict_seconds": round(m.predict_seconds, 3), "engine": m.engine,
+             "num_classes": m.num_classes, "predicted_agreement": m.predicted_agreement,
+             "agreement_source": m.agreement_source,
              "compressed_model": str(given[str(Path(m.folder).resolve())])
              if str(Path(m.folder).resolve()) in given else None} for m in hook.models]
     seconds = time.perf_counter() - t_start
@@ -243,19 +267,34 @@ def segment(input: Union[str, Path], output: Union[str, Path],
         params=sum(m.params for m in hook.models), macs=sum(m.macs for m in hook.models),
         params_original=sum(m.params_original for m in hook.models),
         macs_original=sum(m.macs_original for m in hook.models),
-        ratio=compression.ratio, policy=compression.policy, task=task, mode=mode, device=ts_device,
-        models=used, files=files)
+        ratio=compression.ratio if not compression.is_target else
+        round(sum(m.macs for m in hook.models) / max(1, sum(m.macs_original for m in hook.models)), 4),
+        policy=compression.policy, task=task, mode=mode, device=ts_device,
+        models=used, files=files, min_agreement=compression.min_agreement)
+    result.predicted_agreement, result.agreement_source = overall_agreement(used)
     progress.update(1.0, "done", stage="predict")
     progress.result(result.to_event())
     return result
 
 
-def segment_api(input: Union[str, Path], output: Union[str, Path], ratio: float = 0.5,
-                policy: str = "budget", task: str = "total", fast: bool = False, fastest: bool = False,
-                roi_subset: Optional[Sequence[str]] = None, ml: Optional[bool] = None,
-                device: str = "auto", engine: str = "auto", precision: str = "auto",
-                layer_forms: str = "auto", **kwargs: Any) -> SegmentResult:
+def compression_spec(ratio: Optional[float] = None, min_agreement: Optional[float] = None,
+                     policy: str = "budget", validate_on: Sequence[Union[str, Path]] = ()) -> CompressionSpec:
+    """The spec of ``--ratio`` or ``--min-agreement`` (one of them; neither: the default target)."""
+    if ratio is not None and min_agreement is not None:
+        raise InputError("give either a ratio or a minimum agreement, not both")
+    if ratio is None and min_agreement is None:
+        min_agreement = DEFAULT_MIN_AGREEMENT
+    return CompressionSpec(ratio=1.0 if ratio is None else ratio, policy=policy, min_agreement=min_agreement,
+                           validate_on=tuple(str(p) for p in validate_on))
+
+
+def segment_api(input: Union[str, Path], output: Union[str, Path], ratio: Optional[float] = None,
+                min_agreement: Optional[float] = None, policy: str = "budget", task: str = "total",
+                fast: bool = False, fastest: bool = False, roi_subset: Optional[Sequence[str]] = None,
+                ml: Optional[bool] = None, device: str = "auto", engine: str = "auto", precision: str = "auto",
+                layer_forms: str = "auto", validate_on: Sequence[Union[str, Path]] = (),
+                **kwargs: Any) -> SegmentResult:
     """``segment`` with plain options, validated into specs here (the Python API's entry point)."""
-    return segment(input, output, CompressionSpec(ratio=ratio, policy=policy),
+    return segment(input, output, compression_spec(ratio, min_agreement, policy, validate_on),
                    RunSpec(engine=engine, precision=precision, layer_forms=layer_forms, device=device),
                    task=task, mode=check_mode(fast, fastest), roi_subset=roi_subset, ml=ml, **kwargs)

@@ -1,0 +1,147 @@
+"""The quality curve of one model: MAC fraction kept -> validated agreement with the original.
+
+Why: a user asks for quality ("at least 0.95 agreement"), not for a ratio; and the Slicer panel
+must say, under its slider, what a ratio keeps. Each point is measured once per model and
+validation set (``pipeline.quality_target`` measures them) and kept in ``quality_curve.json`` in
+the model's cache folder, with the time per patch measured on this machine where known. Points
+come from zero-shot compression and from distilled models (``tuckerseg finetune`` adds its
+output's validated agreement).
+
+This module imports neither torch nor nnU-Net: the Slicer panel reads curves on its GUI thread.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+from TuckerSegLib.storage import merge_json, model_cache_dir, read_json
+
+CURVE_FILE = "quality_curve.json"
+# Agreements are compared at this many decimals, so that float noise between engines and machines
+# (argmax ties flip a few voxels) cannot change which ratio a target chooses.
+AGREEMENT_DECIMALS = 3
+# Above this fraction of the MACs compression saves too little to be worth its risk: the
+# original network runs instead (issue: "below about 90 % of the MACs").
+MAX_FRACTION = 0.90
+# The fractions a target search tries, from the top down (it stops at the first that misses).
+SEARCH_FRACTIONS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+WARN_BELOW = 0.90  # the panel warns when the predicted agreement is below this
+
+
+@dataclass
+class QualityPoint:
+    """One measured configuration of a model."""
+
+    macs_fraction: float  # MACs kept / original MACs, per patch
+    agreement: float  # mean Dice of the argmax against the original's, pooled over the validation patches
+    source: str = "zero-shot"  # zero-shot | distilled
+    policy: str = "budget"
+    ratio: float = 1.0  # the CompressionSpec ratio that builds it (zero-shot)
+    folder: Optional[str] = None  # a compressed-model folder that holds it (distilled)
+    seconds_per_patch: Optional[float] = None  # measured here, with ``engine``
+    engine: Optional[str] = None
+
+    def meets(self, min_agreement: float) -> bool:
+        return round(self.agreement, AGREEMENT_DECIMALS) >= round(min_agreement, AGREEMENT_DECIMALS)
+
+
+@dataclass
+class QualityCurve:
+    """The points measured for one model on one validation set."""
+
+    validation: dict  # what the agreement was measured on (``describe`` of the validation data)
+    reference_seconds_per_patch: Optional[float] = None
+    points: List[QualityPoint] = field(default_factory=list)
+
+    def point_at(self, macs_fraction: float, source: str = "zero-shot", tolerance: float = 0.02
+                 ) -> Optional[QualityPoint]:
+        near = [p for p in self.points if p.source == source and abs(p.macs_fraction - macs_fraction) <= tolerance]
+        return min(near, key=lambda p: abs(p.macs_fraction - macs_fraction)) if near else None
+
+    def best_for(self, min_agreement: float, max_fraction: float = MAX_FRACTION) -> Optional[QualityPoint]:
+        """The cheapest point (fewest MACs; the faster measured one on ties) that meets the target."""
+        ok = [p for p in self.points if p.meets(min_agreement) and p.macs_fraction <= max_fraction + 1e-9]
+        if not ok:
+            return None
+        return min(ok, key=lambda p: (round(p.macs_fraction, 3), p.seconds_per_patch or float("inf")))
+
+    def predicted(self, macs_fraction: float) -> Optional[float]:
+        """Agreement at ``macs_fraction`` interpolated between the zero-shot points around it
+        (1.0 at the original); None where no point lies at or below it."""
+        pts = sorted({round(p.macs_fraction, 6): p.agreement for p in self.points
+                      if p.source == "zero-shot"}.items())
+        pts.append((1.0, 1.0))
+        if macs_fraction >= 1.0:
+            return 1.0
+        for (f0, a0), (f1, a1) in zip(pts, pts[1:]):
+            if f0 <= macs_fraction <= f1:
+                return a0 if f1 == f0 else a0 + (a1 - a0) * (macs_fraction - f0) / (f1 - f0)
+        return None
+
+    def as_dict(self) -> dict:
+        return {"validation": self.validation, "reference_seconds_per_patch": self.reference_seconds_per_patch,
+                "points": [asdict(p) for p in self.points]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QualityCurve":
+        return cls(d.get("validation", {}), d.get("reference_seconds_per_patch"),
+                   [QualityPoint(**p) for p in d.get("points", [])])
+
+
+def validation_id(description: dict) -> str:
+    """A short key for a validation set (its description names the data and how it was sampled)."""
+    return hashlib.sha1(json.dumps(description, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def curve_key(weights_stamp: str, description: dict) -> str:
+    return f"{weights_stamp}|{validation_id(description)}"
+
+
+def curve_path(model_folder: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> Path:
+    return model_cache_dir(model_folder, cache_dir) / CURVE_FILE
+
+
+def load_curve(model_folder: Union[str, Path], key: str, description: dict,
+               cache_dir: Optional[Union[str, Path]] = None) -> QualityCurve:
+    entry = read_json(curve_path(model_folder, cache_dir)).get(key)
+    return QualityCurve.from_dict(entry) if entry else QualityCurve(description)
+
+
+def save_curve(model_folder: Union[str, Path], key: str, curve: QualityCurve,
+               cache_dir: Optional[Union[str, Path]] = None) -> None:
+    merge_json(curve_path(model_folder, cache_dir), {key: curve.as_dict()})
+
+
+def curves(model_folder: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> Dict[str, QualityCurve]:
+    """Every curve stored for a model (one per weights and validation set)."""
+    return {k: QualityCurve.from_dict(v) for k, v in read_json(curve_path(model_folder, cache_dir)).items()}
+
+
+def latest_curve(model_folders: Sequence[Union[str, Path]]) -> Dict[str, QualityCurve]:
+    """For the panel: ``{model folder: the curve with most points}`` of each folder that has one."""
+    out = {}
+    for folder in model_folders:
+        found = curves(folder)
+        if found:
+            out[str(folder)] = max(found.values(), key=lambda c: len(c.points))
+    return out
+
+
+DISTILLED_FILE = "distilled_models.json"
+
+
+def register_distilled(model_folder: Union[str, Path], compressed_folder: Union[str, Path],
+                       cache_dir: Optional[Union[str, Path]] = None) -> None:
+    """Offer a distilled model of ``model_folder`` to quality targets (they validate it themselves,
+    on their own validation set, before they choose it)."""
+    path = model_cache_dir(model_folder, cache_dir) / DISTILLED_FILE
+    merge_json(path, {str(Path(compressed_folder).resolve()): {"registered": True}})
+
+
+def distilled_models(model_folder: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> List[str]:
+    """The distilled models registered for ``model_folder`` that still exist."""
+    path = model_cache_dir(model_folder, cache_dir) / DISTILLED_FILE
+    return [f for f in read_json(path) if Path(f).is_dir()]

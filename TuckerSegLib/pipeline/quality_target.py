@@ -1,0 +1,236 @@
+"""Choose a model's network by the quality it keeps: the cheapest one whose validated agreement
+with the original meets a target.
+
+Why: zero-shot compression of a trained network keeps its quality only near the top of the ratio
+range, and where that range ends differs per model. So each model's quality curve (MAC fraction
+-> mean Dice of the argmax against the original, ``compression.quality_curve``) is measured on
+validation patches, once per model and validation set, and the target picks from it.
+
+Cost: the original's labels on the validation patches are computed once and cached; each point
+compresses the network (cached too) and runs it on the patches with the fastest engine that
+matches f32 (OpenVINO on a CPU, PyTorch on a GPU). The search walks the fractions from the top
+down and stops at the first that misses, so a target that only the original meets costs one point.
+Validation data: the built-in phantom CTs (the same on every machine, so the same inputs give the
+same choice everywhere) plus the user's CTs given with ``validate_on``; the result says which.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from TuckerSegLib.compression.quality_curve import (MAX_FRACTION, SEARCH_FRACTIONS, QualityCurve, QualityPoint,
+                                                   curve_key, load_curve, save_curve)
+from TuckerSegLib.models.nnunet_folder import NnUNetModel
+from TuckerSegLib.progress import NullProgress, Progress
+from TuckerSegLib.specs import CompressionSpec, RunSpec
+from TuckerSegLib.storage import model_cache_dir
+
+PATCHES_PER_PHANTOM = 1
+PATCHES_PER_CT = 2
+PATCH_SEED = 4242
+
+
+@dataclass
+class TargetChoice:
+    """What a quality target chose for one model, and on what evidence."""
+
+    spec: CompressionSpec  # concrete: a ratio (or 1.0, the original)
+    agreement: float  # predicted agreement with the original (1.0 for the original)
+    validation: dict  # what it was measured on
+    compressed_folder: Optional[Path] = None  # a distilled model chosen instead of zero-shot
+    fallback: bool = False  # nothing below MAX_FRACTION met the target: the original runs
+    point: Optional[QualityPoint] = None
+    curve: Optional[QualityCurve] = field(default=None, repr=False)
+
+    @property
+    def source(self) -> str:
+        """Where ``agreement`` comes from, in words."""
+        v = self.validation
+        data = f"{len(v.get('phantoms', []))} phantom CT(s)"
+        if v.get("cts"):
+            data += f" and {len(v['cts'])} CT(s) of yours ({', '.join(v['cts'])})"
+        if self.point is None:
+            return f"original network (no compressed network met the target on {data})"
+        return f"{self.point.source} compression, validated on {data}, {v.get('patches')} patches"
+
+    def summary(self, min_agreement: float) -> str:
+        if self.fallback:
+            return (f"no compressed network keeps agreement >= {min_agreement:g} below "
+                    f"{100 * MAX_FRACTION:.0f} % of the MACs: running the original network")
+        return (f"{100 * self.point.macs_fraction:.0f} % of the MACs, predicted agreement "
+                f"{self.agreement:.3f} >= {min_agreement:g} ({self.source})")
+
+
+class ValidationPatches:
+    """The patches a quality curve is measured on, nnU-Net-preprocessed for one model."""
+
+    def __init__(self, model: NnUNetModel, cts: Tuple[str, ...] = ()):
+        from TuckerSegLib.compression.probe_data import VALIDATION_SEEDS
+
+        self.model = model
+        self.cts = tuple(cts)
+        self.seeds = tuple(VALIDATION_SEEDS)
+        self.description = {
+            "phantoms": list(self.seeds), "patches_per_phantom": PATCHES_PER_PHANTOM,
+            "cts": [Path(p).name for p in self.cts], "ct_sha1": [_file_sha1(p) for p in self.cts],
+            "patches_per_ct": PATCHES_PER_CT if self.cts else 0, "patch_size": list(model.patch_size),
+            "patches": len(self.seeds) * PATCHES_PER_PHANTOM + len(self.cts) * PATCHES_PER_CT,
+        }
+        self._patches: Optional[torch.Tensor] = None
+
+    @property
+    def patches(self) -> torch.Tensor:
+        """``(N, C, *patch)``: a centred patch of each phantom, seeded patches of each CT."""
+        if self._patches is None:
+            from TuckerSegLib.compression.ct_patches import Case, PatchSampler, preprocess
+            from TuckerSegLib.compression.probe_data import default_validation
+
+            volumes = default_validation(self.model, self.seeds).build()
+            cases = [Case(f"phantom{s}", v.numpy()) for s, v in zip(self.seeds, volumes)]
+            sampler = PatchSampler(cases, self.model.patch_size)
+            out = [torch.from_numpy(sampler.crop(i, _centre(c.shape, self.model.patch_size))[0])
+                   for i, c in enumerate(cases)]
+            if self.cts:
+                user = PatchSampler(preprocess(self.model, list(self.cts)), self.model.patch_size)
+                for i, case in enumerate(user.cases):
+                    out.append(torch.from_numpy(user.crop(i, _centre(case.shape, self.model.patch_size))[0]))
+                    out.extend(PatchSampler([case], self.model.patch_size).fixed_patches(
+                        PATCHES_PER_CT - 1, seed=PATCH_SEED + i))
+            self._patches = torch.stack([p.float() for p in out])
+        return self._patches
+
+
+def _centre(shape, patch) -> Tuple[int, ...]:
+    return tuple((s - p) // 2 for s, p in zip(shape, patch))
+
+
+def _file_sha1(path: Union[str, Path]) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def pooled_mean_dice(reference: torch.Tensor, test: torch.Tensor, num_classes: int) -> float:
+    """Mean Dice over the foreground classes present in either label map, voxels pooled over all
+    patches (as if they were one volume); 1.0 when neither has foreground."""
+    ref, tst = reference.reshape(-1).long(), test.reshape(-1).long()
+    both = torch.bincount(ref[ref == tst], minlength=num_classes)[:num_classes].double()
+    n_ref = torch.bincount(ref, minlength=num_classes)[:num_classes].double()
+    n_tst = torch.bincount(tst, minlength=num_classes)[:num_classes].double()
+    present = (n_ref + n_tst)[1:] > 0
+    if not bool(present.any()):
+        return 1.0
+    dice = (2 * both[1:] / (n_ref + n_tst)[1:].clamp(min=1))[present]
+    return float(dice.mean())
+
+
+def _run(network: nn.Module, model: NnUNetModel, patches: torch.Tensor, device: torch.device
+         ) -> Tuple[torch.Tensor, float, str]:
+    """Argmax labels of ``network`` on ``patches``, median seconds per patch, engine name (the
+    fastest engine that matches f32 here, weights as they are)."""
+    from TuckerSegLib.engines import prepare_network
+
+    module, info = prepare_network(network, model.patch_size, model.num_input_channels, device,
+                                   RunSpec(engine="auto", precision="f32", layer_forms="as-is"),
+                                   cache_dir=None, check_agreement=False, measure_auto=False)
+    labels, seconds = [], []
+    with torch.inference_mode():
+        for x in patches:
+            t0 = time.perf_counter()
+            logits = module(x[None].to(device))
+            labels.append(logits.argmax(1).to(torch.uint8 if logits.shape[1] <= 256 else torch.int16).cpu())
+            seconds.append(time.perf_counter() - t0)
+    return torch.cat(labels), float(np.median(seconds)), info.name
+
+
+def _reference(model: NnUNetModel, data: ValidationPatches, key: str, cache: Path, device: torch.device,
+               progress: Progress) -> Tuple[torch.Tensor, Optional[float]]:
+    """The original network's labels on the validation patches (computed once, cached)."""
+    path = cache / f"quality_reference-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as f:
+                return torch.from_numpy(f["labels"]), float(f["seconds"])
+        except (OSError, ValueError, KeyError):
+            pass  # damaged: computed again
+    progress.log(f"quality target: the original network on {len(data.patches)} validation patches (once)")
+    labels, seconds, _ = _run(model.network, model, data.patches, device)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez_compressed(tmp, labels=labels.numpy(), seconds=seconds)
+    tmp.replace(path)
+    return labels, seconds
+
+
+def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fold: Union[int, str] = 0,
+                      checkpoint_name: str = "checkpoint_final.pth", device: Union[str, torch.device] = "cpu",
+                      cache_dir: Optional[Union[str, Path]] = None,
+                      progress: Optional[Progress] = None) -> TargetChoice:
+    """The cheapest network of ``model_folder`` whose validated agreement is at least
+    ``spec.min_agreement`` (zero-shot at ``spec.policy``, or a registered distilled model); the
+    original when none is, below ``MAX_FRACTION`` of the MACs."""
+    from TuckerSegLib.compression.cache import get_compressed_model
+    from TuckerSegLib.compression.quality_curve import distilled_models
+    from TuckerSegLib.models.compressed_file import load_compressed
+    from TuckerSegLib.models.nnunet_folder import load_model_folder
+
+    progress = progress or NullProgress()
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    folder = Path(model_folder)
+    target = float(spec.min_agreement)
+    model = load_model_folder(folder, fold, checkpoint_name)
+    data = ValidationPatches(model, spec.validate_on)
+    stamp = f"{model.source_fingerprint}|{spec.policy}|{spec.method}|{spec.rank_multiple}|{spec.rank_min}"
+    key = curve_key(stamp, data.description)
+    curve = load_curve(folder, key, data.description, cache_dir)
+    cache = model_cache_dir(folder, cache_dir)
+    reference: List[torch.Tensor] = []  # computed on first need
+
+    def measure(network: nn.Module) -> Tuple[float, float, str]:
+        if not reference:
+            labels, seconds = _reference(model, data, key, cache, device, progress)
+            reference.append(labels)
+            curve.reference_seconds_per_patch = seconds
+        labels, seconds, engine = _run(network, model, data.patches, device)
+        k = max(int(model.num_classes), int(reference[0].max()) + 1, int(labels.max()) + 1)
+        return round(pooled_mean_dice(reference[0], labels, k), 4), seconds, engine
+
+    for f in SEARCH_FRACTIONS:
+        point = curve.point_at(f)
+        if point is None:
+            concrete = replace(spec, ratio=f, min_agreement=None, validate_on=())
+            progress.stage("quality", f"quality target {target:g}: measuring {100 * f:.0f} % of the MACs")
+            compressed = get_compressed_model(folder, concrete, fold, cache_dir, checkpoint_name, progress)
+            agreement, seconds, engine = measure(compressed.network)
+            point = QualityPoint(float(compressed.manifest["report"]["macs_ratio"]), agreement, "zero-shot",
+                                 spec.policy, f, None, round(seconds, 4), engine)
+            curve.points.append(point)
+            save_curve(folder, key, curve, cache_dir)
+            progress.log(f"quality curve {folder.parent.name}: {100 * point.macs_fraction:.1f} % MACs -> "
+                         f"agreement {agreement:.3f} ({seconds:.2f} s/patch, {engine})")
+        if not point.meets(target):
+            break
+    for distilled in distilled_models(folder, cache_dir):
+        if any(p.folder == distilled for p in curve.points) or not Path(distilled).is_dir():
+            continue
+        student = load_compressed(distilled)
+        agreement, seconds, engine = measure(student.network)
+        curve.points.append(QualityPoint(float(student.manifest["report"]["macs_ratio"]), agreement,
+                                         "distilled", spec.policy, 1.0, str(distilled), round(seconds, 4), engine))
+        save_curve(folder, key, curve, cache_dir)
+
+    best = curve.best_for(target)
+    if best is None:
+        return TargetChoice(replace(spec, ratio=1.0, min_agreement=None, validate_on=()), 1.0,
+                            data.description, fallback=True, curve=curve)
+    return TargetChoice(replace(spec, ratio=best.ratio, min_agreement=None, validate_on=()), best.agreement,
+                        data.description, Path(best.folder) if best.folder else None, False, best, curve)
