@@ -18,3 +18,10 @@ def segment(input, output, ratio: float = 0.5, **kwargs):
     from TuckerSegLib.pipeline.segment import segment as _segment
 
     return _segment(input, output, ratio=ratio, **kwargs)
+
+
+def batch(inputs, outdir, ratio: float = 0.5, **kwargs):
+    """Segment many CTs on Ray, resumably; returns the results table. See ``TuckerSegLib.cohort.batch``."""
+    from TuckerSegLib.cohort import batch as _batch
+
+    return _batch(inputs, outdir, ratio=ratio, **kwargs)
