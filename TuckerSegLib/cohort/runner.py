@@ -193,6 +193,7 @@ def run_batch(cases: List[Case], outdir: Path, options: SegmentOptions, cluster:
                 interrupted = True
             except _Interrupted as stop:
                 interrupted, processed = True, stop.processed
+            _clean_stale(outdir)  # every worker is stopped now
         rows = manifest.rows(cases)
         df = build_table(rows)
         files = write_table(df, outdir)
@@ -328,6 +329,8 @@ def _schedule(ray, todo: List[Case], outdir: Path, options: SegmentOptions, clus
                     bar.log(f"batch: worker {info.get(actor, {}).get('pid')} died during case "
                             f"{case.case_id} (attempt {attempts[case.case_id]})")
                     retire(actor, why)
+                    for stale in (outdir / CASES_DIR).glob(f".tmp-{case.case_id}-*"):
+                        shutil.rmtree(stale, ignore_errors=True)  # the dead attempt's partial output
                     if attempts[case.case_id] <= cluster.max_retries:
                         pending.appendleft(case)  # the next idle worker (a live one) takes it
                         continue
