@@ -30,3 +30,10 @@ def segment(input, output, ratio=None, min_agreement=None, **kwargs):
     from TuckerSegLib.pipeline.segment import segment_api
 
     return segment_api(input, output, ratio=ratio, min_agreement=min_agreement, **kwargs)
+
+
+def batch(inputs, outdir, ratio=None, min_agreement=None, **kwargs):
+    """Segment many CTs on Ray, resumably; returns the results table. See ``TuckerSegLib.cohort.batch``."""
+    from TuckerSegLib.cohort import batch as _batch
+
+    return _batch(inputs, outdir, ratio=ratio, min_agreement=min_agreement, **kwargs)

@@ -18,7 +18,7 @@ LAYERS = [
     {"compression"},
     {"engines"},
     {"pipeline"},
-    {"evaluation", "finetune", "demo"},
+    {"evaluation", "finetune", "demo", "cohort"},
     {"cli", "estimate", "__main__", "__init__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

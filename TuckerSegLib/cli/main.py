@@ -24,6 +24,7 @@ COMMANDS = {
     "compress": ("compress_cmd", "compress an nnU-Net model folder at a ratio into a compressed-model folder"),
     "info": ("info_cmd", "report params, MACs and ranks of an nnU-Net or compressed-model folder"),
     "segment": ("segment_cmd", "segment a CT with compressed TotalSegmentator models"),
+    "batch": ("batch_cmd", "segment many CTs on Ray (local or a cluster), resumable, with a results table"),
     "eval": ("eval_cmd", "compare compressed models against references and the uncompressed model"),
     "bench": ("bench_cmd", "time stock vs compressed networks per patch and end to end"),
     "finetune": ("finetune_cmd", "recover quality by distilling a compressed model from its original"),

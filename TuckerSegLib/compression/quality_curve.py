@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -56,14 +56,26 @@ class QualityCurve:
     reference_seconds_per_patch: Optional[float] = None
     points: List[QualityPoint] = field(default_factory=list)
 
-    def point_at(self, macs_fraction: float, source: str = "zero-shot", tolerance: float = 0.02
-                 ) -> Optional[QualityPoint]:
-        near = [p for p in self.points if p.source == source and abs(p.macs_fraction - macs_fraction) <= tolerance]
-        return min(near, key=lambda p: abs(p.macs_fraction - macs_fraction)) if near else None
+    def point_at(self, ratio: float) -> Optional[QualityPoint]:
+        """The zero-shot point built at ``ratio`` (the spec's ratio), if measured."""
+        return next((p for p in self.points if p.source == "zero-shot" and round(p.ratio, 4) == round(ratio, 4)),
+                    None)
+
+    def envelope(self) -> List[QualityPoint]:
+        """The zero-shot points from the most MACs down, each agreement capped by those above it:
+        fewer MACs never promise more agreement (a point measured above a miss is not trusted)."""
+        out: List[QualityPoint] = []
+        best = 1.0
+        for p in sorted((p for p in self.points if p.source == "zero-shot"), key=lambda p: -p.macs_fraction):
+            best = min(best, p.agreement)
+            out.append(replace(p, agreement=best))
+        return out
 
     def best_for(self, min_agreement: float, max_fraction: float = MAX_FRACTION) -> Optional[QualityPoint]:
-        """The cheapest point (fewest MACs; the faster measured one on ties) that meets the target."""
-        ok = [p for p in self.points if p.meets(min_agreement) and p.macs_fraction <= max_fraction + 1e-9]
+        """The cheapest point (fewest MACs; the faster measured one on ties) that meets the target,
+        zero-shot points judged by their envelope."""
+        candidates = self.envelope() + [p for p in self.points if p.source != "zero-shot"]
+        ok = [p for p in candidates if p.meets(min_agreement) and p.macs_fraction <= max_fraction + 1e-9]
         if not ok:
             return None
         return min(ok, key=lambda p: (round(p.macs_fraction, 3), p.seconds_per_patch or float("inf")))
@@ -71,8 +83,7 @@ class QualityCurve:
     def predicted(self, macs_fraction: float) -> Optional[float]:
         """Agreement at ``macs_fraction`` interpolated between the zero-shot points around it
         (1.0 at the original); None where no point lies at or below it."""
-        pts = sorted({round(p.macs_fraction, 6): p.agreement for p in self.points
-                      if p.source == "zero-shot"}.items())
+        pts = sorted({round(p.macs_fraction, 6): p.agreement for p in self.envelope()}.items())
         pts.append((1.0, 1.0))
         if macs_fraction >= 1.0:
             return 1.0

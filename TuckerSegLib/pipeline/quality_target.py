@@ -19,7 +19,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -173,11 +173,12 @@ def _reference(model: NnUNetModel, data: ValidationPatches, key: str, cache: Pat
 
 def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fold: Union[int, str] = 0,
                       checkpoint_name: str = "checkpoint_final.pth", device: Union[str, torch.device] = "cpu",
-                      cache_dir: Optional[Union[str, Path]] = None,
-                      progress: Optional[Progress] = None) -> TargetChoice:
+                      cache_dir: Optional[Union[str, Path]] = None, progress: Optional[Progress] = None,
+                      fractions: Sequence[float] = SEARCH_FRACTIONS) -> TargetChoice:
     """The cheapest network of ``model_folder`` whose validated agreement is at least
     ``spec.min_agreement`` (zero-shot at ``spec.policy``, or a registered distilled model); the
-    original when none is, below ``MAX_FRACTION`` of the MACs."""
+    original when none is, below ``MAX_FRACTION`` of the MACs. ``fractions``: the ratios tried,
+    from the top down, until one misses."""
     from TuckerSegLib.compression.cache import get_compressed_model
     from TuckerSegLib.compression.quality_curve import distilled_models
     from TuckerSegLib.models.compressed_file import load_compressed
@@ -204,7 +205,7 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
         k = max(int(model.num_classes), int(reference[0].max()) + 1, int(labels.max()) + 1)
         return round(pooled_mean_dice(reference[0], labels, k), 4), seconds, engine
 
-    for f in SEARCH_FRACTIONS:
+    for f in sorted(fractions, reverse=True):
         point = curve.point_at(f)
         if point is None:
             concrete = replace(spec, ratio=f, min_agreement=None, validate_on=())

@@ -151,6 +151,23 @@ def _compressed_models_by_source(folders: Sequence[Union[str, Path]]) -> Dict[st
     return out
 
 
+def models_needed(task: str, mode: str = "default", roi_subset: Optional[Sequence[str]] = None,
+                  robust_crop: bool = False, body_seg: bool = False) -> Dict[int, str]:
+    """``{dataset id: trainer}`` of every model a run uses, in order: TotalSegmentator's cropping
+    or body model first (as its pipeline runs them), then the task's."""
+    from TuckerSegLib.models.totalseg import task_models
+
+    models = task_models(task, fast=mode == "fast", fastest=mode == "fastest")
+    needed: Dict[int, str] = {}
+    if roi_subset and task.startswith("total") and not task.endswith("_mr"):
+        needed[297 if robust_crop else 298] = "nnUNetTrainer_4000epochs_NoMirroring"
+    elif body_seg:
+        needed[300] = "nnUNetTrainer"
+    for i in models.dataset_ids:
+        needed.setdefault(i, models.trainer)
+    return needed
+
+
 def is_multilabel_path(output: Union[str, Path]) -> bool:
     """An output named .nii or .nii.gz is one multilabel file; anything else is a folder."""
     return str(output).lower().endswith((".nii", ".nii.gz"))
@@ -174,7 +191,7 @@ def segment(input: Union[str, Path], output: Union[str, Path],
     messages. ``compressed_models``: compressed-model folders (e.g. from ``tuckerseg finetune``)
     used for the models they were made from, instead of compressing those.
     """
-    from TuckerSegLib.models.totalseg import ensure_weights, task_models
+    from TuckerSegLib.models.totalseg import ensure_weights
 
     progress = progress or NullProgress()
     t_start = time.perf_counter()
@@ -191,22 +208,14 @@ def segment(input: Union[str, Path], output: Union[str, Path],
     progress.stage("check", "checking input")
     checked = check_input(input)
     output = Path(output).expanduser().absolute()
-    models = task_models(task, fast=fast, fastest=fastest)
+    trainers = models_needed(task, mode, roi_subset, bool(totalseg_kwargs.get("robust_crop")),
+                             bool(totalseg_kwargs.get("body_seg")))  # refuses an unknown task
     labels = _labels(task, roi_subset)
     ts_device = resolve_device(run.device)
     tmp = _prepare_output(output, ml)
     timings["check"] = time.perf_counter() - t_start
 
-    # Models this run will use: the task's, plus TotalSegmentator's cropping / body models.
-    needed = list(models.dataset_ids)
-    trainers = {i: models.trainer for i in models.dataset_ids}
-    if roi_subset and task.startswith("total") and not task.endswith("_mr"):
-        crop_id = 297 if totalseg_kwargs.get("robust_crop") else 298
-        needed.insert(0, crop_id)
-        trainers.setdefault(crop_id, "nnUNetTrainer_4000epochs_NoMirroring")
-    elif totalseg_kwargs.get("body_seg"):
-        needed.insert(0, 300)
-        trainers.setdefault(300, "nnUNetTrainer")
+    needed = list(trainers)
     progress.stage("weights", "checking TotalSegmentator weights")
     t0 = time.perf_counter()
     ensure_weights(dict.fromkeys(needed), allow_download=allow_download, trainers=trainers)

@@ -1,0 +1,126 @@
+"""Quality targets: the curve a model's choice is read from, and the choice itself.
+
+The search runs on a TotalSegmentator-layout test model (random weights, width 4..40) with the
+``paper`` policy (fast to compress, every layer factorised) at two ratios; the pipeline test in ``test_segment_pipeline.py`` runs it
+inside TotalSegmentator's pipeline.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from TuckerSegLib.compression.quality_curve import (MAX_FRACTION, QualityCurve, QualityPoint, curves,
+                                                   register_distilled)
+from TuckerSegLib.errors import InputError
+from TuckerSegLib.pipeline.quality_target import choose_for_target, pooled_mean_dice
+from TuckerSegLib.specs import CompressionSpec
+
+FRACTIONS = (0.7, 0.4)
+
+
+def _curve(*points) -> QualityCurve:
+    return QualityCurve({"phantoms": [1]}, None, [QualityPoint(f, a, ratio=f) for f, a in points])
+
+
+def test_envelope_is_monotone_and_target_picks_the_cheapest_point_that_meets_it():
+    curve = _curve((0.9, 0.97), (0.8, 0.93), (0.7, 0.95), (0.6, 0.80))
+    env = curve.envelope()
+    assert [p.macs_fraction for p in env] == [0.9, 0.8, 0.7, 0.6]
+    assert all(a.agreement >= b.agreement for a, b in zip(env, env[1:]))  # fewer MACs never promise more
+    assert [p.agreement for p in env] == [0.97, 0.93, 0.93, 0.80]
+    assert curve.best_for(0.95).macs_fraction == 0.9  # 0.7's 0.95 lies below a miss: not trusted
+    assert curve.best_for(0.90).macs_fraction == 0.7
+    assert curve.best_for(0.99) is None
+    assert curve.best_for(0.5, max_fraction=0.65).macs_fraction == 0.6
+    # agreements compare at 3 decimals: float noise between engines does not flip a choice
+    assert _curve((0.5, 0.94996)).best_for(0.95) is not None
+    # interpolation between measured points, 1.0 at the original, unknown below the last point
+    assert curve.predicted(1.0) == 1.0
+    assert curve.predicted(0.95) == pytest.approx(0.985)
+    assert curve.predicted(0.75) == pytest.approx(0.93)
+    assert curve.predicted(0.5) is None
+    back = QualityCurve.from_dict(json.loads(json.dumps(curve.as_dict())))
+    assert back.best_for(0.90).macs_fraction == 0.7
+
+
+def test_distilled_points_compete_with_zero_shot():
+    curve = _curve((0.9, 0.97), (0.8, 0.85))
+    curve.points.append(QualityPoint(0.3, 0.96, source="distilled", folder="/x"))
+    assert curve.best_for(0.95).folder == "/x"
+
+
+def test_pooled_mean_dice():
+    ref = torch.tensor([[0, 1, 1, 2], [0, 0, 2, 2]])
+    assert pooled_mean_dice(ref, ref.clone(), 3) == 1.0
+    test = torch.tensor([[0, 1, 0, 2], [0, 0, 2, 2]])  # class 1: 2*1/(2+1); class 2: 1.0
+    assert pooled_mean_dice(ref, test, 3) == pytest.approx((2 / 3 + 1.0) / 2)
+    assert pooled_mean_dice(torch.zeros(5), torch.zeros(5), 3) == 1.0  # no foreground anywhere
+    with_missing = torch.tensor([0, 0, 3, 3])  # a class only one map has counts as Dice 0
+    assert pooled_mean_dice(torch.tensor([0, 0, 1, 1]), with_missing, 4) == 0.0
+
+
+def test_spec_refuses_bad_targets(tmp_path):
+    for bad in (0, 1.5, "x"):
+        with pytest.raises(InputError, match="minimum agreement"):
+            CompressionSpec(min_agreement=bad)
+    with pytest.raises(InputError, match="not found"):
+        CompressionSpec(min_agreement=0.9, validate_on=(str(tmp_path / "missing.nii.gz"),))
+    assert not CompressionSpec(ratio=1.0, min_agreement=0.9).is_original
+
+
+@pytest.fixture(scope="module")
+def model_297(tmp_path_factory):
+    from TuckerSegLib.models import totalseg_layout
+
+    root = tmp_path_factory.mktemp("weights")
+    totalseg_layout.build_models(root, [297], width_scale=0.125)
+    return totalseg_layout.model_dir(root, 297)
+
+
+def test_choice_is_measured_once_cached_and_falls_back_to_the_original(model_297, tmp_path):
+    cache = tmp_path / "cache"
+    spec = CompressionSpec(min_agreement=0.5, policy="paper")
+    choice = choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS)
+    (curve,) = curves(model_297, cache).values()
+    measured = sorted(p.macs_fraction for p in curve.points)
+    assert measured and curve.reference_seconds_per_patch > 0
+    assert curve.validation["phantoms"] and curve.validation["patches"] == 4
+    # the search walks down until the first miss: every point but the lowest meets the target
+    env = curve.envelope()
+    assert all(p.meets(0.5) for p in env[:-1]) and len(env) <= len(FRACTIONS)
+    if choice.fallback:
+        assert not any(p.meets(0.5) for p in env if p.macs_fraction <= MAX_FRACTION)
+    else:
+        assert choice.point.macs_fraction <= MAX_FRACTION and choice.agreement >= 0.5
+        assert choice.spec.ratio == choice.point.ratio and choice.spec.min_agreement is None
+        assert "phantom" in choice.source
+    # a second call reads the curve: nothing is measured again
+    before = (cache / "quality_curve.json").stat().st_mtime_ns
+    again = choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS)
+    assert again.spec == choice.spec and (cache / "quality_curve.json").stat().st_mtime_ns == before
+    # a target nothing compressed meets: the original, said in one line
+    strict = choose_for_target(model_297, CompressionSpec(min_agreement=1.0, policy="paper"), cache_dir=cache,
+                               fractions=FRACTIONS)
+    assert strict.fallback and strict.spec.is_original and strict.agreement == 1.0
+    assert "running the original network" in strict.summary(1.0)
+
+
+def test_registered_distilled_model_is_validated_and_chosen_when_it_meets_the_target(model_297, tmp_path):
+    """A model that reproduces the original (here: the original itself, saved as a compressed
+    folder at full rank) is measured on the same patches and wins at fewer MACs than offered."""
+    from TuckerSegLib.compression.compress import compress_model
+    from TuckerSegLib.models.compressed_file import save_compressed
+    from TuckerSegLib.models.nnunet_folder import load_model_folder
+
+    cache = tmp_path / "cache"
+    model = load_model_folder(model_297)
+    full = compress_model(model, CompressionSpec(ratio=0.9999, policy="paper", rank_min=10_000))
+    full.report["macs_ratio"] = 0.05  # claims few MACs: the choice must still validate it
+    save_compressed(tmp_path / "student", model, full)
+    register_distilled(model_297, tmp_path / "student", cache)
+    choice = choose_for_target(model_297, CompressionSpec(min_agreement=0.99, policy="paper"), cache_dir=cache,
+                               fractions=(0.5,))
+    assert choice.compressed_folder == (tmp_path / "student").resolve()
+    assert choice.agreement >= 0.99 and choice.point.source == "distilled"

@@ -1,0 +1,144 @@
+"""Cohort throughput: ``tuckerseg batch`` vs shell loops over stock TotalSegmentator and ``tuckerseg segment``.
+
+Why: researchers run thousands of CTs. A shell loop pays the imports, the model load and the
+engine start for every case; ``tuckerseg batch`` pays them once per Ray worker. This times all
+three as a user runs them (a new process per case for the loops, one command for the batch) on N
+small CTs derived from ``example_ct`` (the CT, flips and crops), with test models in
+TotalSegmentator's layout (random weights: times are representative, segmentations are not), and
+prints cases/hour side by side.
+
+    nice -n 10 python benchmarks/bench_batch.py --cases 6 --ratios 1.0 --json benchmarks/results/bench_batch.json
+
+Ratio 1.0 is the same network as stock (the same quality settings: ``--fast --ml``), so its
+speed-up is the pipeline's alone; lower ratios add compression's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "Testing"))
+
+
+def make_cases(ct: Path, folder: Path, n: int) -> list:
+    """``n`` CTs from one: the CT itself, flips along each axis, crops of 2/3 and 3/4."""
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.load(str(ct))
+    a = np.asarray(img.dataobj)
+    variants = [lambda x: x, lambda x: x[::-1], lambda x: x[:, ::-1], lambda x: x[:, :, ::-1],
+                lambda x: x[:, :, : x.shape[2] * 2 // 3], lambda x: x[: x.shape[0] * 3 // 4],
+                lambda x: x[:, : x.shape[1] * 3 // 4, ::-1], lambda x: x[::-1, ::-1]]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        data = variants[i % len(variants)](a)
+        p = folder / f"case{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(data), img.affine, img.header), str(p))
+        paths.append(p)
+    return paths
+
+
+def timed(cmds: list, env: dict) -> float:
+    t0 = time.perf_counter()
+    for cmd in cmds:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ct", type=Path, default=REPO.parent / "shared" / "data" / "example_ct.nii.gz")
+    p.add_argument("--cases", type=int, default=6)
+    p.add_argument("--ratios", type=float, nargs="+", default=[1.0])
+    p.add_argument("--policy", default="budget")
+    p.add_argument("--width-scale", type=float, default=1.0, help="1.0 = TotalSegmentator's widths")
+    p.add_argument("--workers", type=int, default=None, help="tuckerseg batch --workers (default: auto)")
+    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--skip-stock", action="store_true")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    import build_test_models
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tuckerseg-bench-batch-"))
+    home = workdir / "totalseg_home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.json").write_text(json.dumps({"totalseg_id": "bench", "send_usage_stats": False,
+                                                  "prediction_counter": 0,
+                                                  "statistics_disclaimer_shown": True}))
+    build_test_models.build_models(home / "nnunet" / "results", [297], width_scale=args.width_scale)
+    env = dict(os.environ, TOTALSEG_HOME_DIR=str(home), PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
+    env.pop("TOTALSEG_WEIGHTS_PATH", None)
+    cases = make_cases(args.ct, workdir / "cases", args.cases)
+    bindir = Path(sys.executable).parent
+    results = []
+
+    def report(name: str, seconds: float) -> None:
+        per_hour = len(cases) / seconds * 3600
+        results.append({"method": name, "seconds": round(seconds, 1),
+                        "seconds_per_case": round(seconds / len(cases), 2),
+                        "cases_per_hour": round(per_hour, 1)})
+        print(f"  {name}: {seconds:.1f} s, {per_hour:.0f} cases/hour", file=sys.stderr, flush=True)
+
+    print(f"{len(cases)} cases in {workdir}", file=sys.stderr)
+    if not args.skip_stock:
+        out = workdir / "stock"
+        out.mkdir(exist_ok=True)
+        report("stock TotalSegmentator loop",
+               timed([[str(bindir / "TotalSegmentator"), "-i", str(c), "-o", str(out / c.name), "--fast",
+                       "--ml", "-d", "cpu", "-q"] for c in cases], env))
+    for ratio in args.ratios:
+        common = ["--fast", "--ml", "--device", "cpu", "--ratio", str(ratio), "--policy", args.policy]
+        # cold run at this ratio first (fills the compression and engine caches), not timed
+        warm = workdir / f"warm-{ratio}"
+        warm.mkdir(exist_ok=True)
+        timed([[sys.executable, "-m", "TuckerSegLib", "segment", "-i", str(cases[0]), "-o",
+                str(warm / "seg.nii.gz"), *common, "--progress", "none"]], env)
+        out = workdir / f"segment-{ratio}"
+        out.mkdir(exist_ok=True)
+        report(f"tuckerseg segment loop, ratio {ratio:g}",
+               timed([[sys.executable, "-m", "TuckerSegLib", "segment", "-i", str(c), "-o",
+                       str(out / c.name), *common, "--progress", "none"] for c in cases], env))
+        out = workdir / f"batch-{ratio}"
+        shutil.rmtree(out, ignore_errors=True)
+        extra = ["--workers", str(args.workers)] if args.workers else []
+        report(f"tuckerseg batch, ratio {ratio:g}",
+               timed([[sys.executable, "-m", "TuckerSegLib", "batch", str(workdir / "cases"), "-o", str(out),
+                       *common, "--progress", "none", *extra]], env))
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["done"] == len(cases), summary
+
+    stock = next((r["seconds"] for r in results if r["method"].startswith("stock")), None)
+    print(f"\n{'method':42s} {'total s':>8s} {'s/case':>7s} {'cases/h':>8s} {'vs stock':>8s}")
+    for r in results:
+        r["speedup_vs_stock"] = round(stock / r["seconds"], 2) if stock else None
+        sp = f"{r['speedup_vs_stock']:.2f}x" if stock else "-"
+        print(f"{r['method']:42s} {r['seconds']:8.1f} {r['seconds_per_case']:7.2f} "
+              f"{r['cases_per_hour']:8.0f} {sp:>8s}")
+    if args.json:
+        import torch
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                        "python": platform.python_version(), "torch": torch.__version__},
+            "ct": str(args.ct.name), "cases": len(cases), "width_scale": args.width_scale,
+            "mode": "--fast --ml, cpu", "policy": args.policy, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
