@@ -145,6 +145,37 @@ def test_compressed_fast_output_and_cache_reuse(stock_fast, shared_data, tmp_pat
 
 
 @pytest.mark.slow
+def test_quality_target_is_the_default_and_an_unmet_target_runs_the_original(stock_fast, shared_data, tmp_path):
+    """No --ratio: the default quality target (0.95) chooses; a target no compressed network meets
+    runs the original (stock output voxel for voxel), says so in one line and in the result."""
+    cache = tmp_path / "cache"
+    out = tmp_path / "t.nii.gz"
+    proc = _cli(["-i", shared_data / "example_ct_sm.nii.gz", "-o", out, "--fast", "--min-agreement", "0.999",
+                 "--policy", "paper",  # quick to compress (budget refines at length on small models)
+                 "--device", "cpu", "--cache-dir", cache, "--progress", "json"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evs = [e for e in map(parse_event, proc.stdout.splitlines()) if e]
+    res = [e for e in evs if e["type"] == "result"][0]["result"]
+    for key in ("macs", "macs_original", "predicted_agreement", "agreement_source", "min_agreement"):
+        assert key in res
+    assert res["min_agreement"] == 0.999 and res["predicted_agreement"] == 1.0
+    assert res["macs"] == res["macs_original"] and "original network" in res["agreement_source"]
+    said = [e["message"] for e in evs if e["type"] == "log" and "running the original network" in e["message"]]
+    assert len(said) == 1
+    assert np.array_equal(_data(out), _data(stock_fast))
+    # the curve was measured once and kept beside the cache; the default target reads the same
+    # curve (0.95 < 0.999: it may take a compressed point the curve already holds)
+    curve = json.loads((cache / "quality_curve.json").read_text())
+    (entry,) = curve.values()
+    assert entry["points"] and all(0 < p["macs_fraction"] <= 1 for p in entry["points"])
+    from TuckerSegLib.pipeline.segment import compression_spec
+
+    assert compression_spec().min_agreement == 0.95 and compression_spec(ratio=0.5).min_agreement is None
+    with pytest.raises(Exception, match="not both"):
+        compression_spec(ratio=0.5, min_agreement=0.9)
+
+
+@pytest.mark.slow
 def test_total_five_parts_compressed(shared_data, weights_root, tmp_path):
     from TuckerSegLib import segment
 
