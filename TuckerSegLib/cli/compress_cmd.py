@@ -17,7 +17,7 @@ POLICY_HELP = ("budget (default): ratio = fraction of the network's MACs kept, r
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ratio", type=float, required=True,
+    parser.add_argument("--ratio", type=float, default=None,
                         help="compression ratio in (0, 1]; 1.0 = the original network; its meaning "
                              "depends on --policy")
     parser.add_argument("--policy", choices=POLICIES, default="budget", help=POLICY_HELP)
@@ -31,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", type=Path,
                         help="nnU-Net trained-model folder (plans.json, dataset.json, fold_N/checkpoint_final.pth)")
     add_policy_arguments(parser)
+    parser.add_argument("--min-agreement", type=float, default=None, metavar="A",
+                        help="instead of --ratio: the cheapest network whose agreement with the original, "
+                             "measured on validation patches (phantom CTs plus --validate-on), is at least A; "
+                             "prints the model's quality curve")
+    parser.add_argument("--validate-on", nargs="+", default=[], metavar="CT",
+                        help="your CTs (NIfTI) the quality target is also measured on")
+    parser.add_argument("--device", default="auto", help="device for the target's measurements (auto, cpu, gpu)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="compressed-model folder to write")
     parser.add_argument("--fold", default="0", help="fold to compress (default 0)")
     parser.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name")
@@ -50,9 +57,31 @@ def run(args: argparse.Namespace, progress) -> int:
     from TuckerSegLib.models.nnunet_folder import load_model_folder
     from TuckerSegLib.report import format_report
 
-    spec = CompressionSpec(ratio=args.ratio, policy=args.policy, method=args.method,
-                           rank_multiple=args.rank_multiple, rank_min=args.rank_min)
+    if (args.ratio is None) == (args.min_agreement is None):
+        raise InputError("give one of --ratio or --min-agreement")
+    spec = CompressionSpec(ratio=1.0 if args.ratio is None else args.ratio, policy=args.policy,
+                           method=args.method, rank_multiple=args.rank_multiple, rank_min=args.rank_min,
+                           min_agreement=args.min_agreement, validate_on=tuple(args.validate_on))
     fold = int(args.fold) if str(args.fold).isdigit() else args.fold
+    if spec.is_target:
+        if args.calibrate:
+            raise InputError("--calibrate chooses factors for one ratio; use it with --ratio")
+        from TuckerSegLib.devices import torch_device
+        from TuckerSegLib.pipeline.quality_target import choose_for_target
+
+        progress.stage("quality", f"quality target {spec.min_agreement:g}")
+        choice = choose_for_target(args.model_dir, spec, fold, args.checkpoint, torch_device(args.device),
+                                   progress=progress)
+        for point in choice.curve.envelope():
+            print(f"{100 * point.macs_fraction:5.1f} % MACs: agreement {point.agreement:.3f}"
+                  + (f", {point.seconds_per_patch:.2f} s/patch ({point.engine})" if point.seconds_per_patch else ""))
+        print(choice.summary(spec.min_agreement))
+        if choice.fallback:
+            progress.result({"output": None, "fallback": True, "predicted_agreement": 1.0})
+            return 0
+        if choice.compressed_folder is not None:
+            raise InputError(f"the target is met by the distilled model {choice.compressed_folder}; use that folder")
+        spec = choice.spec
     out = Path(args.output)
     if out.exists() and not (out / "manifest.json").is_file():
         if not out.is_dir() or any(out.iterdir()):
