@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 
@@ -66,22 +66,34 @@ def build_model(root: Path, dataset_id: int, width_scale: float = 0.125, seed: i
     if ckpt.exists() and not overwrite:
         return folder
     plans, dataset_json = totalseg_plans(dataset_id, width_scale)
-    trainer = TRAINERS[dataset_id]
     torch.manual_seed(seed * 1000 + dataset_id)
-    network = build_network(plans, dataset_json, "3d_fullres", trainer)
+    network = build_network(plans, dataset_json, CONFIGURATION, TRAINERS[dataset_id])
     gen = torch.Generator().manual_seed(seed * 1000 + dataset_id + 1)
     if n_winning > 0:
         _shape_head(network, gen, n_winning)
+    return write_model_folder(root, dataset_id, plans, dataset_json, network.state_dict())
+
+
+def write_model_folder(root: Path, dataset_id: int, plans: dict, dataset_json: dict,
+                       network_weights: Dict[str, torch.Tensor], current_epoch: int = 0) -> Path:
+    """Write plans.json, dataset.json and fold_0/checkpoint_final.pth (the keys nnU-Net's predictor
+    and TuckerSeg read) under ``model_dir(root, dataset_id)``; the checkpoint is replaced atomically.
+
+    Why one writer: random test models and trained ones must be indistinguishable in form.
+    """
+    folder = model_dir(root, dataset_id)
+    ckpt = folder / "fold_0" / "checkpoint_final.pth"
+    trainer = TRAINERS[dataset_id]
     (folder / "fold_0").mkdir(parents=True, exist_ok=True)
     (folder / "plans.json").write_text(json.dumps(plans, indent=2))
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     checkpoint = {
-        "network_weights": network.state_dict(),
+        "network_weights": network_weights,
         "trainer_name": trainer,
         "init_args": {"plans": plans, "configuration": CONFIGURATION, "fold": 0,
                       "dataset_json": dataset_json},
         "inference_allowed_mirroring_axes": None,  # the NoMirroring trainers store None
-        "current_epoch": 0,
+        "current_epoch": int(current_epoch),
     }
     tmp = ckpt.with_suffix(".tmp")
     torch.save(checkpoint, tmp)
