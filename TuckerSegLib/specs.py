@@ -85,7 +85,8 @@ class CompressionSpec:
 
     ``ratio`` 1.0 is the original network, untouched. ``rank_min`` is the ``uniform`` and
     ``paper`` policies' rank floor (None: the policy's own). ``validate_on``: the user's CTs that
-    the agreement is measured on, besides the built-in phantoms.
+    the agreement is measured on, besides the built-in phantoms. ``refine`` False skips the
+    ``budget`` policy's refinement rounds (quality targets validate each candidate themselves).
     """
 
     ratio: float = 0.5
@@ -95,6 +96,7 @@ class CompressionSpec:
     rank_min: Optional[int] = None
     min_agreement: Optional[float] = None
     validate_on: Tuple[str, ...] = ()
+    refine: bool = True  # budget: closed-loop refinement on probe and phantom volumes (small models)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", check_ratio(self.ratio))

@@ -5,7 +5,8 @@ import argparse
 import sys
 
 from TuckerSegLib.progress import JsonProgress, Progress
-from TuckerSegLib.specs import ENGINES, LAYER_FORMS, POLICIES, PRECISION_CHOICES
+from TuckerSegLib.cli.segment_cmd import add_quality_arguments
+from TuckerSegLib.specs import ENGINES, LAYER_FORMS, PRECISION_CHOICES
 
 HELP = "segment many CTs on Ray (local or a cluster), resumable, with a results table"
 
@@ -18,15 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output folder: cases/<case_id>/, logs/, manifest.jsonl, results.csv/.parquet; "
                         "rerunning into it continues the batch")
     seg = p.add_argument_group("segmentation (as tuckerseg segment)")
-    seg.add_argument("--min-agreement", type=float, default=None, metavar="A",
-                     help="quality target (the default, 0.95): each network is the cheapest whose validated "
-                          "agreement with the original is at least A (as tuckerseg segment)")
-    seg.add_argument("--ratio", type=float, default=None,
-                     help="experts: compress at this ratio instead, in (0, 1]; 1.0 = stock networks")
-    seg.add_argument("--validate-on", nargs="+", default=[], metavar="CT",
-                     help="your CTs the quality target is also measured on")
-    seg.add_argument("--policy", default="budget", choices=list(POLICIES),
-                     help="how ranks are chosen (default budget)")
+    add_quality_arguments(seg)
     seg.add_argument("-ta", "--task", default="total", help="TotalSegmentator task (default total)")
     mode = seg.add_mutually_exclusive_group()
     mode.add_argument("-f", "--fast", action="store_true", help="3 mm model (dataset 297)")

@@ -11,11 +11,8 @@ from TuckerSegLib.specs import (DEFAULT_MIN_AGREEMENT, ENGINES, LAYER_FORMS, POL
 HELP = "segment a CT with compressed TotalSegmentator models"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-i", "--input", required=True, metavar="CT",
-                   help="CT image: a .nii/.nii.gz file or a DICOM folder")
-    p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output: a .nii.gz file (one multilabel file), else a folder with one file per class")
+def add_quality_arguments(p) -> None:
+    """``--min-agreement``, ``--ratio``, ``--validate-on``, ``--policy`` (segment and batch alike)."""
     p.add_argument("--min-agreement", type=float, default=None, metavar="A",
                    help=f"quality target (the default, A = {DEFAULT_MIN_AGREEMENT:g}): each network is the cheapest "
                         "whose mean Dice agreement with the original, measured once per model on validation "
@@ -28,6 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="your CTs (NIfTI) that the quality target is also measured on (never the CT you evaluate)")
     p.add_argument("--policy", default="budget", choices=POLICIES,
                    help="how ranks are chosen (default budget: ratio = fraction of MACs kept)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-i", "--input", required=True, metavar="CT",
+                   help="CT image: a .nii/.nii.gz file or a DICOM folder")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output: a .nii.gz file (one multilabel file), else a folder with one file per class")
+    add_quality_arguments(p)
     p.add_argument("-ta", "--task", default="total", help="TotalSegmentator task (default total)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("-f", "--fast", action="store_true", help="3 mm model (dataset 297)")

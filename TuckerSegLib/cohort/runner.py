@@ -39,10 +39,14 @@ def import_ray():
 
 def connect(cluster: ClusterOptions) -> bool:
     """Start a local Ray instance (loopback only) or join ``cluster.address``; True if started here."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray would otherwise report usage online
+    if not cluster.address:
+        # Ray's own switch for single-machine instances: every Ray process it starts takes the
+        # loopback address as the node address (set before Ray's processes import it).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray = import_ray()
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray would otherwise report usage online
     try:
         if cluster.address:
             ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")

@@ -32,8 +32,9 @@ def entry_name(fold, checkpoint_name: str, spec: CompressionSpec) -> str:
     """The entry's folder name: everything that changes the compressed network."""
     stem = Path(checkpoint_name).stem
     floor = "" if spec.rank_min is None else f"-min{spec.rank_min}"
+    refine = "" if spec.refine or spec.policy != "budget" else "-norefine"
     return (f"fold{fold}-{stem}-{spec.policy}-r{spec.ratio:.4f}-{spec.method}-m{spec.rank_multiple}"
-            f"{floor}-v{ALGORITHM_VERSION}")
+            f"{floor}{refine}-v{ALGORITHM_VERSION}")
 
 
 def original_report(model: NnUNetModel) -> dict:

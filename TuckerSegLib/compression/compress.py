@@ -138,7 +138,7 @@ def compress_network(network: nn.Module, spec: CompressionSpec, patch_size: Sequ
         ranks, allocation = _search_on_probe(net, candidates, alternatives, spectra, probe, rank_multiple,
                                              ratio * before.cost.macs,
                                              before.cost.macs - dense_candidates, sensitivity, progress,
-                                             max_evaluations=int(REFINE_PROBE_MACS // max(1.0, probe_macs)),
+                                             max_evaluations=int(REFINE_PROBE_MACS // max(1.0, probe_macs)) if spec.refine else 0,
                                              validation=validation, patch_size=patch_size)
     else:
         ranks = choose_ranks(candidates, ratio, policy, spectra=rank_spectra, rank_min=rank_min,

@@ -7,7 +7,6 @@ trained-model folder with ``fold_0/checkpoint_final.pth``; ``materialize_demo_mo
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,19 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from TuckerSegLib.models.checkpoint import file_sha256
 from TuckerSegLib.errors import ModelError
 from TuckerSegLib.storage import cache_root
 
 RESOURCE_DIR = Path(__file__).resolve().parents[1] / "resources" / "demo_model"
 WEIGHTS = Path("fold_0") / "model.safetensors"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_folder(source: Path, target: Path) -> None:
@@ -71,7 +63,7 @@ def materialize_demo_model(dest: Optional[Path] = None, source: Path = RESOURCE_
     meta = json.loads((source / "trainer.json").read_text())
     dataset = json.loads((source / "dataset.json").read_text()).get("name", "Dataset900_TuckerSegPhantom")
     if dest is None:
-        dest = cache_root() / "demo_model" / _sha256(source / WEIGHTS)[:16]
+        dest = cache_root() / "demo_model" / file_sha256(source / WEIGHTS)[:16]
     target = Path(dest) / dataset / f"{meta['trainer_name']}__nnUNetPlans__{meta['configuration']}"
     if (target / "fold_0" / "checkpoint_final.pth").is_file():
         return target

@@ -33,7 +33,6 @@ Usage: ``nice -n 10 python -m TuckerSegLib.models.train_totalseg_layout --out RO
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -49,6 +48,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from TuckerSegLib.models.checkpoint import file_sha256
 from TuckerSegLib.errors import InputError, ModelError
 from TuckerSegLib.models.totalseg_archs import DATASET_FOLDERS, class_map, totalseg_plans
 from TuckerSegLib.models.totalseg_layout import CONFIGURATION, model_dir, write_model_folder
@@ -631,14 +631,6 @@ def _dedupe(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Di
     return kept, aliases
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export_safetensors(folder: Path, out_dir: Path, max_file_mb: float = 15.0,
                        dtype: str = "fp32") -> List[Path]:
     """Write a model folder's weights as safetensors shards of at most ``max_file_mb`` MB (10^6
@@ -685,7 +677,7 @@ def export_safetensors(folder: Path, out_dir: Path, max_file_mb: float = 15.0,
         save_file(shard, str(path))
         if path.stat().st_size > limit:
             raise ModelError(f"{path.name} is {path.stat().st_size} bytes, over the {limit} limit")
-        entries.append({"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path),
+        entries.append({"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path),
                         "tensors": len(shard)})
         written.append(path)
     training = folder / "fold_0" / "training.json"
@@ -724,7 +716,7 @@ def import_safetensors(src: Path, root: Path) -> Path:
     loaded: Dict[str, torch.Tensor] = {}
     for entry in manifest["shards"]:
         path = src / entry["file"]
-        if not path.is_file() or _sha256(path) != entry["sha256"]:
+        if not path.is_file() or file_sha256(path) != entry["sha256"]:
             raise InputError(f"{path} missing or corrupt (sha256 differs from {EXPORT_MANIFEST})")
         loaded.update(load_file(str(path)))
     loaded = {k: (v.float() if v.is_floating_point() else v) for k, v in loaded.items()}

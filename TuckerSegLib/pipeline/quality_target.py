@@ -7,7 +7,8 @@ range, and where that range ends differs per model. So each model's quality curv
 validation patches, once per model and validation set, and the target picks from it.
 
 Cost: the original's labels on the validation patches are computed once and cached; each point
-compresses the network (cached too) and runs it on the patches with the fastest engine that
+compresses the network (cached too; the ``budget`` policy without its own refinement rounds, which
+would validate each candidate a second time at many times the cost) and runs it on the patches with the fastest engine that
 matches f32 (OpenVINO on a CPU, PyTorch on a GPU). The search walks the fractions from the top
 down and stops at the first that misses, so a target that only the original meets costs one point.
 Validation data: the built-in phantom CTs (the same on every machine, so the same inputs give the
@@ -27,6 +28,7 @@ from torch import nn
 
 from TuckerSegLib.compression.quality_curve import (MAX_FRACTION, SEARCH_FRACTIONS, QualityCurve, QualityPoint,
                                                    curve_key, load_curve, save_curve)
+from TuckerSegLib.models.checkpoint import file_sha256
 from TuckerSegLib.models.nnunet_folder import NnUNetModel
 from TuckerSegLib.progress import NullProgress, Progress
 from TuckerSegLib.specs import CompressionSpec, RunSpec
@@ -79,7 +81,7 @@ class ValidationPatches:
         self.seeds = tuple(VALIDATION_SEEDS)
         self.description = {
             "phantoms": list(self.seeds), "patches_per_phantom": PATCHES_PER_PHANTOM,
-            "cts": [Path(p).name for p in self.cts], "ct_sha1": [_file_sha1(p) for p in self.cts],
+            "cts": [Path(p).name for p in self.cts], "ct_sha256": [file_sha256(Path(p))[:16] for p in self.cts],
             "patches_per_ct": PATCHES_PER_CT if self.cts else 0, "patch_size": list(model.patch_size),
             "patches": len(self.seeds) * PATCHES_PER_PHANTOM + len(self.cts) * PATCHES_PER_CT,
         }
@@ -109,14 +111,6 @@ class ValidationPatches:
 
 def _centre(shape, patch) -> Tuple[int, ...]:
     return tuple((s - p) // 2 for s, p in zip(shape, patch))
-
-
-def _file_sha1(path: Union[str, Path]) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
 
 
 def pooled_mean_dice(reference: torch.Tensor, test: torch.Tensor, num_classes: int) -> float:
@@ -208,7 +202,7 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
     for f in sorted(fractions, reverse=True):
         point = curve.point_at(f)
         if point is None:
-            concrete = replace(spec, ratio=f, min_agreement=None, validate_on=())
+            concrete = replace(spec, ratio=f, min_agreement=None, validate_on=(), refine=False)
             progress.stage("quality", f"quality target {target:g}: measuring {100 * f:.0f} % of the MACs")
             compressed = get_compressed_model(folder, concrete, fold, cache_dir, checkpoint_name, progress)
             agreement, seconds, engine = measure(compressed.network)
@@ -231,7 +225,8 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
 
     best = curve.best_for(target)
     if best is None:
-        return TargetChoice(replace(spec, ratio=1.0, min_agreement=None, validate_on=()), 1.0,
+        return TargetChoice(replace(spec, ratio=1.0, min_agreement=None, validate_on=(), refine=False), 1.0,
                             data.description, fallback=True, curve=curve)
-    return TargetChoice(replace(spec, ratio=best.ratio, min_agreement=None, validate_on=()), best.agreement,
+    return TargetChoice(replace(spec, ratio=best.ratio, min_agreement=None, validate_on=(), refine=False),
+                        best.agreement,
                         data.description, Path(best.folder) if best.folder else None, False, best, curve)
