@@ -20,29 +20,8 @@ from __future__ import annotations
 import copy
 from typing import Dict, List, Optional, Tuple
 
-# Dataset ids per TotalSegmentator mode of task "total".
-TASK_DATASETS: Dict[str, List[int]] = {
-    "total": [291, 292, 293, 294, 295],
-    "total_fast": [297],
-    "total_fastest": [298],
-}
-
-# Folder names exactly as TotalSegmentator downloads them (map_tasks_config.TASK_ID_WEIGHTS_CONFIGS).
-DATASET_FOLDERS: Dict[int, str] = {
-    291: "Dataset291_TotalSegmentator_part1_organs_1559subj",
-    292: "Dataset292_TotalSegmentator_part2_vertebrae_1532subj",
-    293: "Dataset293_TotalSegmentator_part3_cardiac_1559subj",
-    294: "Dataset294_TotalSegmentator_part4_muscles_1559subj",
-    295: "Dataset295_TotalSegmentator_part5_ribs_1559subj",
-    297: "Dataset297_TotalSegmentator_total_3mm_1559subj",
-    298: "Dataset298_TotalSegmentator_total_6mm_1559subj",
-}
-
-TRAINERS: Dict[int, str] = {
-    **{i: "nnUNetTrainerNoMirroring" for i in (291, 292, 293, 294, 295)},
-    297: "nnUNetTrainer_4000epochs_NoMirroring",
-    298: "nnUNetTrainer_4000epochs_NoMirroring",
-}
+# Dataset ids, folder names and trainers: torch-free data shared with the Slicer panel.
+from TuckerSegLib.totalseg_ids import DATASET_FOLDERS, TASK_DATASETS, TRAINERS  # noqa: F401
 
 # Which TotalSegmentator class map each dataset predicts (names from totalsegmentator.map_to_binary).
 PART_NAMES: Dict[int, str] = {
