@@ -9,7 +9,9 @@ and is tested outside Slicer with ``slicer-core``.
 Console use (synchronous)::
 
     logic = slicer.util.getModuleLogic("TuckerSeg")  # or TuckerSeg.TuckerSegLogic()
-    summary = logic.process(volumeNode, None, ratio=0.3, task="total", quality="fast")
+    summary = logic.process(volumeNode, None, task="total", quality="fast")  # quality target 0.95
+    summary = logic.process(volumeNode, None, minAgreement=0.97)  # a stricter target
+    summary = logic.process(volumeNode, None, ratio=0.3)  # experts: a fixed ratio instead
 """
 
 # No "from __future__ import annotations": parameterNodeWrapper reads the annotations as types.
@@ -29,8 +31,9 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from TuckerSegUtils import cost_readout, dependencies, structures, terminology
-from TuckerSegUtils.run import (DEVICES, ENGINES, POLICIES, QUALITIES, QUALITY_SPACING_MM,
-                                RunCallbacks, SegmentationRequest, SegmentationRun)
+from TuckerSegUtils.run import (DEFAULT_MIN_AGREEMENT, DEVICES, ENGINES, POLICIES, QUALITIES,
+                                QUALITY_SPACING_MM, RunCallbacks, SegmentationRequest, SegmentationRun,
+                                compression_choice)
 
 POLL_INTERVAL_MS = 100
 
@@ -49,8 +52,9 @@ class TuckerSeg(ScriptedLoadableModule):
         self.parent.contributors = ["TuckerSeg developers"]
         self.parent.helpText = _(
             "Whole-body CT segmentation (TotalSegmentator's 117 structures) with Tucker-2 "
-            "compressed networks: choose a compression ratio to trade a little accuracy for "
-            "speed and memory. Runs in a separate process: Slicer stays responsive and the run "
+            "compressed networks: choose the minimum agreement with TotalSegmentator's own "
+            "networks (default 0.95) and each network is the cheapest that keeps it; experts can "
+            "fix a compression ratio instead. Runs in a separate process: Slicer stays responsive and the run "
             "can be cancelled.")
         self.parent.acknowledgementText = _(
             "Uses TotalSegmentator (Wasserthal et al., Radiology: AI 2023) and nnU-Net "
@@ -66,6 +70,9 @@ class TuckerSegParameterNode:
     """The panel's state, saved with the scene.
 
     inputVolume: the CT. outputSegmentation: None = create one on success.
+    minAgreement: the quality target (the default control): each network is the cheapest whose
+    validated agreement (mean Dice of its argmax vs the original's) is at least this.
+    expertRatio: run at the fixed ``ratio`` instead of the quality target.
     ratio: fraction of MACs kept (``budget`` policy) or of ranks (others); 1.0 = original network.
     subset: comma-separated structure names, empty = all 117.
     """
@@ -76,6 +83,9 @@ class TuckerSegParameterNode:
     quality: Annotated[str, Choice(list(QUALITIES))] = "fast"
     # The slider's decimals (2) and step (0.05) are set in the .ui: the wrapper does not consume
     # Decimals/SingleStep on a parameter (it logs "Unused annotations").
+    # (0, 1] as the core's check_agreement; the spin box's range and 3 decimals are in the .ui.
+    minAgreement: Annotated[float, WithinRange(0.001, 1.0)] = DEFAULT_MIN_AGREEMENT
+    expertRatio: bool = False
     ratio: Annotated[float, WithinRange(0.05, 1.0)] = 0.3
     policy: Annotated[str, Choice(list(POLICIES))] = "budget"
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
@@ -195,8 +205,11 @@ class TuckerSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             qt.QTimer.singleShot(0, lambda: self._ensureDependencies(engine))
         self._lastEngine = node.engine
         self.ui.qualityInfoLabel.text = _("{mm:g} mm resampling").format(mm=QUALITY_SPACING_MM[node.quality])
-        self.ui.costLabel.text = cost_readout.format_readout(
-            cost_readout.estimate(node.task, node.quality, node.ratio, node.policy))
+        self.ui.minAgreementSpinBox.enabled = not node.expertRatio
+        self.ui.ratioSliderWidget.enabled = node.expertRatio
+        self.ui.costLabel.text = cost_readout.readout(
+            node.task, node.quality, node.ratio, node.policy,
+            None if node.expertRatio else node.minAgreement)
         self._syncStructureChecks(subsetFromText(node.subset))
 
     # -- structures checklist -----------------------------------------------------------------
@@ -261,8 +274,10 @@ class TuckerSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._ensureDependencies(node.engine):
             return
         try:
+            choice = compression_choice(node.expertRatio, node.ratio, node.minAgreement)
             self._run = self.logic.processAsync(
-                node.inputVolume, node.outputSegmentation, ratio=node.ratio, task=node.task,
+                node.inputVolume, node.outputSegmentation, ratio=choice["ratio"],
+                minAgreement=choice["min_agreement"], task=node.task,
                 quality=node.quality, policy=node.policy, device=node.device, engine=node.engine,
                 subset=subsetFromText(node.subset),
                 onProgress=self._onProgress, onLog=self._onLog, onFinished=self._onFinished,
@@ -355,12 +370,15 @@ class TuckerSegLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return TuckerSegParameterNode(super().getParameterNode())
 
-    def process(self, inputVolume, outputSegmentation=None, ratio: float = 0.3, task: str = "total",
-                quality: str = "fast", device: str = "auto", subset: Optional[List[str]] = None,
-                policy: str = "budget", engine: str = "auto",
-                logCallback: Optional[Callable[[str], None]] = None) -> dict:
+    def process(self, inputVolume, outputSegmentation=None, ratio: Optional[float] = None,
+                task: str = "total", quality: str = "fast", device: str = "auto",
+                subset: Optional[List[str]] = None, policy: str = "budget", engine: str = "auto",
+                logCallback: Optional[Callable[[str], None]] = None,
+                minAgreement: Optional[float] = None) -> dict:
         """Segment ``inputVolume`` and return the summary (raises on error or cancel).
 
+        ``minAgreement``: the quality target (neither it nor ``ratio`` given: 0.95, the core's
+        default); ``ratio``: experts, a fixed compression ratio instead (not both).
         ``outputSegmentation`` None creates a new segmentation node. Slicer keeps repainting
         while this waits, the work itself runs in a separate process.
         """
@@ -368,7 +386,7 @@ class TuckerSegLogic(ScriptedLoadableModuleLogic):
 
         callbacks = RunCallbacks(on_log=logCallback or logging.info)
         run = self._newRun(inputVolume, outputSegmentation, ratio, task, quality, device, subset,
-                           policy, engine, callbacks).start()
+                           policy, engine, callbacks, minAgreement=minAgreement).start()
         try:
             while run.poll():
                 slicer.app.processEvents()
@@ -378,12 +396,14 @@ class TuckerSegLogic(ScriptedLoadableModuleLogic):
             raise
         return run.run_to_end()  # returns the summary or raises the run's error
 
-    def processAsync(self, inputVolume, outputSegmentation=None, ratio: float = 0.3,
+    def processAsync(self, inputVolume, outputSegmentation=None, ratio: Optional[float] = None,
                      task: str = "total", quality: str = "fast", device: str = "auto",
                      subset: Optional[List[str]] = None, policy: str = "budget",
                      engine: str = "auto", onProgress=None, onLog=None, onFinished=None,
-                     onError=None, onCancelled=None) -> SegmentationRun:
-        """Start a run and return it (``run.cancel()`` stops it). Callbacks: ``onProgress(fraction,
+                     onError=None, onCancelled=None,
+                     minAgreement: Optional[float] = None) -> SegmentationRun:
+        """Start a run and return it (``run.cancel()`` stops it); ``ratio`` and ``minAgreement``
+        as in ``process``. Callbacks: ``onProgress(fraction,
         message)``, ``onLog(text)``, ``onFinished(summary)``, ``onError(message)``, ``onCancelled()``."""
         callbacks = RunCallbacks()
         if onProgress:
@@ -397,7 +417,7 @@ class TuckerSegLogic(ScriptedLoadableModuleLogic):
         if onCancelled:
             callbacks.on_cancelled = onCancelled
         run = self._newRun(inputVolume, outputSegmentation, ratio, task, quality, device, subset,
-                           policy, engine, callbacks).start()
+                           policy, engine, callbacks, minAgreement=minAgreement).start()
         timer = qt.QTimer()
         timer.setInterval(POLL_INTERVAL_MS)
 
@@ -420,10 +440,11 @@ class TuckerSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _newRun(inputVolume, outputSegmentation, ratio, task, quality, device, subset, policy,
-                engine, callbacks, commandPrefix=None, env=None) -> SegmentationRun:
+                engine, callbacks, commandPrefix=None, env=None, minAgreement=None) -> SegmentationRun:
         request = SegmentationRequest(ratio=ratio, task=task, quality=quality, policy=policy,
                                       device=device, engine=engine,
-                                      subset=list(subset) if subset else None)
+                                      subset=list(subset) if subset else None,
+                                      min_agreement=minAgreement)
         return SegmentationRun(inputVolume, outputSegmentation, request, callbacks,
                                command_prefix=commandPrefix, env=env)
 
@@ -521,6 +542,8 @@ class TuckerSegTest(ScriptedLoadableModuleTest):
     def test_ParameterNode(self):
         node = TuckerSegLogic().getParameterNode()
         self.assertEqual(node.ratio, 0.3)
+        self.assertEqual(node.minAgreement, 0.95)
+        self.assertFalse(node.expertRatio)
         self.assertEqual(node.quality, "fast")
         node.ratio = 0.5
         self.assertEqual(TuckerSegLogic().getParameterNode().ratio, 0.5)

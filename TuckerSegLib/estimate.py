@@ -172,7 +172,7 @@ def readout_cost(task: str = "total", quality: str = "default", ratio: float = 0
 
 
 # -- the panel's quality read-out: quality curves, no torch ----------------------------------------
-SPEED_TOLERANCE = 0.05  # a point's measured time counts for MAC fractions this close to it
+SPEED_TOLERANCE = 0.025  # a point's measured time counts for MAC fractions this close to it
 COMBINE = "minimum over the task's networks (not weighted by their class counts)"
 
 

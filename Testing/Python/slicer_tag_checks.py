@@ -63,6 +63,7 @@ def test_parameter_node_defaults_and_choices_come_from_the_core():
     node = TuckerSeg.TuckerSegLogic().getParameterNode()
     assert (node.task, node.quality, node.ratio, node.policy, node.device, node.engine, node.subset) == (
         "total", "fast", 0.3, "budget", "auto", "auto", "")
+    assert (node.minAgreement, node.expertRatio) == (specs.DEFAULT_MIN_AGREEMENT, False)
     assert node.inputVolume is None and node.outputSegmentation is None
     for name, choices in (("quality", specs.MODES), ("policy", specs.POLICIES),
                           ("device", specs.DEVICES), ("engine", specs.ENGINES)):
@@ -73,6 +74,7 @@ def test_parameter_node_defaults_and_choices_come_from_the_core():
 
 
 @pytest.mark.parametrize("name, bad", [("ratio", 0.0), ("ratio", 1.5), ("ratio", 0.01),
+                                       ("minAgreement", 0.0), ("minAgreement", 1.01),
                                        ("quality", "slow"), ("policy", "magic"),
                                        ("engine", "tensorrt"), ("device", "tpu")])
 def test_validators_reject_bad_values_and_keep_the_old_one(name, bad):
@@ -91,6 +93,7 @@ def test_parameters_are_saved_with_the_scene_and_read_back(tmp_path):
     node.inputVolume, node.outputSegmentation = volume, output
     node.ratio, node.quality, node.policy, node.engine = 0.55, "fastest", "uniform", "openvino"
     node.subset = "spleen,liver"
+    node.minAgreement, node.expertRatio = 0.975, True
     path = tmp_path / "scene.mrml"
     scene.SetURL(str(path))
     assert scene.Commit()
@@ -103,6 +106,7 @@ def test_parameters_are_saved_with_the_scene_and_read_back(tmp_path):
     read = TuckerSeg.TuckerSegParameterNode(raw)
     assert (read.ratio, read.quality, read.policy, read.engine, read.subset) == (
         0.55, "fastest", "uniform", "openvino", "spleen,liver")
+    assert (read.minAgreement, read.expertRatio) == (0.975, True)
     assert read.inputVolume.GetName() == "CT" and read.inputVolume.GetScene() is back
     assert read.outputSegmentation.GetName() == "CT segmentation"
 

@@ -98,6 +98,25 @@ def test_command_line_matches_the_segment_interface(tmp_path):
     assert tail[-2:] == ["--progress", "json"]
     default = build_command(SegmentationRequest(quality="default").check(), "i", "o")
     assert default[1:4] == ["-m", "TuckerSegLib", "segment"] and "--fast" not in default
+    assert "--min-agreement" not in tail  # an explicit ratio is expert mode: no target sent
+
+
+def test_default_request_is_the_quality_target_and_expert_mode_sends_the_ratio(tmp_path):
+    from TuckerSegUtils.run import compression_choice
+
+    default = build_command(SegmentationRequest().check(), "i", "o", ["py"])
+    assert default[default.index("--min-agreement") + 1] == "0.95" and "--ratio" not in default
+    panel = SegmentationRequest(**compression_choice(False, 0.3, 0.95)).check()
+    assert build_command(panel, "i", "o", ["py"]) == default
+    stricter = build_command(SegmentationRequest(**compression_choice(False, 0.3, 0.975)).check(), "i", "o", ["py"])
+    assert stricter[stricter.index("--min-agreement") + 1] == "0.975"
+    expert = build_command(SegmentationRequest(**compression_choice(True, 0.3, 0.95)).check(), "i", "o", ["py"])
+    assert expert[expert.index("--ratio") + 1] == "0.3" and "--min-agreement" not in expert
+    with pytest.raises(InputError, match="not both"):
+        SegmentationRequest(ratio=0.3, min_agreement=0.95).check()
+    for bad in (0.0, 1.2):
+        with pytest.raises(InputError, match="minimum agreement"):
+            SegmentationRequest(min_agreement=bad).check()
     with pytest.raises(InputError, match="ratio"):
         SegmentationRequest(ratio=1.5).check()
     with pytest.raises(InputError, match="unknown structure"):
@@ -134,6 +153,11 @@ def test_run_with_subset_and_real_reference_labels(shared_data):
     seg = scene.GetNodeByID(summary["output_node_id"]).GetSegmentation()
     assert sorted(seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())) == \
         ["aorta", "liver", "spleen"]
+    # the default request is the quality target; the summary carries its agreement and source
+    assert summary["min_agreement"] == 0.95 and summary["predicted_agreement"] == 0.961
+    assert summary["agreement_source"] == "measured on 2 phantom CT(s)"
+    from TuckerSegUtils.cost_readout import format_summary
+    assert "Predicted agreement: 0.961 (measured on 2 phantom CT(s))" in format_summary(summary)
 
 
 def test_error_event_gives_its_one_line_message_and_leaves_the_scene_unchanged():

@@ -18,8 +18,86 @@ def test_readout_numbers_and_missing_estimate():
     assert cost_readout.human(None) == "n/a"
     line = cost_readout.format_readout({"params": 9.4e6, "params_original": 31.2e6, "macs": 1.2e11,
                                         "macs_original": 4e11, "expected_speedup": 2.8})
-    assert line == "Params: 9.4 M of 31.2 M   MACs: 120 G of 400 G   expected speed-up: 2.80x"
+    assert line.splitlines()[0] == "Params: 9.4 M of 31.2 M   MACs: 120 G of 400 G (30 %)"
+    assert "speed-up" not in line  # a MAC ratio is not a speed-up
     assert "n/a" in cost_readout.format_readout(None)
+
+
+def _write_curve(root, dataset_id, points, reference_seconds=0.8, policy="budget"):
+    """A ``quality_curve.json`` as a quality-target run leaves it, beside a (dummy) checkpoint in
+    a TotalSegmentator weights root."""
+    from TuckerSegLib.compression.quality_curve import QualityCurve, QualityPoint, save_curve
+    from TuckerSegLib.estimate import installed_model_folder
+
+    folder = installed_model_folder(dataset_id, Path(root))
+    ckpt = folder / "fold_0" / "checkpoint_final.pth"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.write_bytes(b"weights")
+    st = ckpt.stat()
+    curve = QualityCurve({"phantoms": ["p1", "p2"]}, reference_seconds,
+                         [QualityPoint(f, a, "zero-shot", policy, f, None, s, "openvino") for f, a, s in points])
+    save_curve(folder, f"{st.st_size}-{st.st_mtime_ns}|{policy}|hosvd|8|None|0123abcd", curve)
+    return folder
+
+
+CURVE = [(0.9, 0.991, 0.62), (0.8, 0.972, 0.55), (0.7, 0.931, 0.47), (0.6, 0.874, 0.40)]
+
+
+def test_readout_shows_predicted_agreement_and_measured_speed_from_the_quality_curve(tmp_path, monkeypatch):
+    monkeypatch.delenv("TUCKERSEG_CACHE_DIR", raising=False)
+    _write_curve(tmp_path, 297, CURVE)
+    text = cost_readout.readout("total", "fast", 0.8, "budget", weights_root=tmp_path)
+    sizes, quality = text.splitlines()[:2]
+    assert sizes.startswith("Params: ") and "MACs: " in sizes
+    assert quality == "predicted agreement 0.972; 0.55 s/patch measured (original 0.80 s, openvino)"
+    assert "speed-up" not in text and "\u26a0" not in text
+    between = cost_readout.quality("total", "fast", 0.75, "budget", weights_root=tmp_path)
+    assert 0.931 < between["predicted_agreement"] < 0.972  # interpolated on the curve
+    # TotalSegmentator's own rule finds the same folder: $TOTALSEG_WEIGHTS_PATH
+    monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(tmp_path))
+    assert cost_readout.readout("total", "fast", 0.8, "budget") == text
+    # the quality target: what the curve says 0.95 picks (the cheapest point that meets it)
+    target = cost_readout.readout("total", "fast", 0.3, "budget", min_agreement=0.95)
+    assert "predicted agreement 0.972; 0.55 s/patch measured" in target
+    assert "MACs:" in target.splitlines()[0]  # at the fraction the target picks
+
+
+def test_readout_says_not_measured_yet_without_a_curve(tmp_path, monkeypatch):
+    monkeypatch.delenv("TUCKERSEG_CACHE_DIR", raising=False)
+    text = cost_readout.readout("total", "fast", 0.5, "budget", weights_root=tmp_path)
+    assert "agreement not measured yet" in text and "speed not measured yet" in text
+    assert "speed-up" not in text
+    target = cost_readout.readout("total", "fast", 0.5, "budget", min_agreement=0.95, weights_root=tmp_path)
+    assert "agreement not measured yet: the first run measures it" in target
+    # other weights (a new checkpoint) or another policy: their curves do not count
+    _write_curve(tmp_path, 297, CURVE, policy="uniform")
+    assert "not measured yet" in cost_readout.readout("total", "fast", 0.8, "budget", weights_root=tmp_path)
+    # default mode runs five networks: one without a curve means not measured
+    _write_curve(tmp_path, 291, CURVE)
+    q = cost_readout.quality("total", "default", 0.8, "budget", weights_root=tmp_path)
+    assert q["predicted_agreement"] is None and not q["measured"]
+
+
+def test_readout_warns_below_090_and_takes_the_lowest_network(tmp_path, monkeypatch):
+    from TuckerSegLib.compression.quality_curve import WARN_BELOW
+
+    monkeypatch.delenv("TUCKERSEG_CACHE_DIR", raising=False)
+    for dataset_id in (291, 292, 293, 294, 295):
+        worse = 0.05 if dataset_id == 293 else 0.0
+        _write_curve(tmp_path, dataset_id, [(f, a - worse, s) for f, a, s in CURVE])
+    q = cost_readout.quality("total", "default", 0.7, "budget", weights_root=tmp_path)
+    assert q["predicted_agreement"] == 0.931 - 0.05 and q["warn"]  # the minimum over the five
+    assert q["seconds_per_patch"] == 5 * 0.47  # the task runs all five per patch
+    text = cost_readout.readout("total", "default", 0.7, "budget", weights_root=tmp_path)
+    assert "lowest of the task's networks" in text
+    assert text.splitlines()[-1] == f"\u26a0 below {WARN_BELOW:.2f}: segmentations may be unusable"
+    assert "\u26a0" not in cost_readout.readout("total", "default", 0.9, "budget", weights_root=tmp_path)
+    # below every measured point: the envelope bounds it, and that bound is already too low
+    low = cost_readout.readout("total", "default", 0.3, "budget", weights_root=tmp_path)
+    assert "at most 0.824" in low and "\u26a0" in low
+    # a target the user sets below 0.90 warns as well
+    assert "\u26a0" in cost_readout.readout("total", "default", 0.3, "budget", min_agreement=0.8,
+                                            weights_root=tmp_path)
 
 
 def test_estimate_follows_the_ratio_when_the_core_provides_it():
@@ -38,6 +116,13 @@ def test_summary_text():
                                         "params_original": 31e6, "macs": 1e11, "macs_original": 4e11})
     assert text.splitlines()[0] == "Finished in 12.3 s (41 structures found)"
     assert "Params: 9 M (original 31 M)" in text and "MACs: 100 G (original 400 G)" in text
+    assert "Compression ratio: 0.3" in text and "Predicted agreement: not measured" in text
+    target = cost_readout.format_summary({"seconds": 5, "segments": 3, "ratio": 0.7, "min_agreement": 0.95,
+                                          "predicted_agreement": 0.9612, "policy": "budget", "quality": "fast",
+                                          "agreement_source": "measured on 2 phantom CT(s)"})
+    assert "Quality target: agreement \u2265 0.95 (budget, fast, 70 % of the MACs kept)" in target
+    assert "Predicted agreement: 0.961 (measured on 2 phantom CT(s))" in target and "\u26a0" not in target
+    assert "\u26a0" in cost_readout.format_summary({"ratio": 0.2, "predicted_agreement": 0.7})
 
 
 def test_dependency_check_reports_what_is_not_importable(monkeypatch):
@@ -58,6 +143,15 @@ sys.path.insert(0, sys.argv[1])
 t0 = time.perf_counter()
 from TuckerSegUtils import cost_readout
 from TuckerSegLib import specs
+root = sys.argv[2]
+worst = 0.0
+for k in range(5, 101):  # the whole read-out line, quality curves included, per slider move
+    t = time.perf_counter()
+    text = cost_readout.readout("total", "default", k / 100, "budget", weights_root=root)
+    worst = max(worst, time.perf_counter() - t)
+    assert "agreement" in text, text
+text = cost_readout.readout("total", "default", 0.8, "budget", weights_root=root)
+assert "predicted agreement 0.972" in text, text
 n = 0
 for quality in specs.MODES:
     for policy in specs.POLICIES:
@@ -67,18 +161,23 @@ for quality in specs.MODES:
             n += 1
 seconds = time.perf_counter() - t0
 heavy = [m for m in ("torch", "nnunetv2", "numpy") if m in sys.modules]
-print(n, seconds, heavy)
+print(n, seconds, worst, heavy)
 """
 
 
-def test_readout_imports_no_torch_and_follows_the_slider_instantly():
-    """The panel computes the read-out on the GUI thread on entry and on every slider move."""
+def test_readout_imports_no_torch_and_follows_the_slider_instantly(tmp_path, monkeypatch):
+    """The panel computes the read-out on the GUI thread on entry and on every slider move:
+    architecture table and quality curves (five models in default mode) without torch."""
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH, str(MODULE_DIR)], capture_output=True,
+    monkeypatch.delenv("TUCKERSEG_CACHE_DIR", raising=False)
+    for dataset_id in (291, 292, 293, 294, 295):
+        _write_curve(tmp_path, dataset_id, CURVE)
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH, str(MODULE_DIR), str(tmp_path)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    n, seconds, heavy = proc.stdout.split(" ", 2)
+    n, seconds, worst, heavy = proc.stdout.split(" ", 3)
+    assert float(worst) < 0.05, f"one read-out with quality curves took {worst} s"
     assert int(n) == 3 * 4 * 96
     assert float(seconds) < 1.0, f"{n} read-outs took {seconds} s (import included)"
     assert heavy.strip() == "[]"

@@ -13,6 +13,8 @@ import struct
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "TuckerSeg"
@@ -187,12 +189,28 @@ def test_every_slicer_parameter_name_maps_to_a_parameter_with_a_suitable_widget(
     assert set(fields) - set(bound) == {"subset"}
 
 
-def test_ratio_slider_range_matches_the_parameter():
+@pytest.mark.parametrize("parameter, widget", [("ratio", "ratioSliderWidget"),
+                                               ("minAgreement", "minAgreementSpinBox")])
+def test_slider_and_spin_box_ranges_match_the_parameters(parameter, widget):
     fields = parameter_fields()
-    low, high = map(float, re.search(r"WithinRange\(([\d.]+), ([\d.]+)\)", fields["ratio"]).groups())
-    slider = ui_widgets()["ratioSliderWidget"]
-    props = {p.get("name"): p for p in slider.findall("property")}
+    low, high = map(float, re.search(r"WithinRange\(([\d.]+), ([\d.]+)\)", fields[parameter]).groups())
+    props = {p.get("name"): p for p in ui_widgets()[widget].findall("property")}
     assert float(props["minimum"].findtext("double")) == low and float(props["maximum"].findtext("double")) == high
+
+
+def test_quality_target_is_the_default_control_and_the_ratio_is_for_experts():
+    from TuckerSegLib.specs import DEFAULT_MIN_AGREEMENT
+
+    widgets = ui_widgets()
+    spin = {p.get("name"): p for p in widgets["minAgreementSpinBox"].findall("property")}
+    assert float(spin["value"].findtext("double")) == DEFAULT_MIN_AGREEMENT
+    assert 0.0 < float(spin["minimum"].findtext("double")) and float(spin["maximum"].findtext("double")) == 1.0
+    slider = {p.get("name"): p for p in widgets["ratioSliderWidget"].findall("property")}
+    assert slider["enabled"].findtext("bool") == "false"  # until "Expert: fixed ratio" is ticked
+    assert widgets["expertRatioCheckBox"].find("property/string").text == "Expert: fixed ratio"
+    fields = parameter_fields()
+    assert fields["expertRatio"] == "bool" and fields["minAgreement"].startswith("Annotated[float")
+    assert "speed-up" not in UI.read_text() and "speed-up" not in MODULE_PY.read_text()
 
 
 # -- module structure and console API ----------------------------------------------------------
@@ -217,7 +235,9 @@ def test_console_api_signature():
         names = [a.arg for a in args.args]
         assert names[:3] == ["self", "inputVolume", "outputSegmentation"], name
         defaults = dict(zip(names[-len(args.defaults):], [ast.literal_eval(d) for d in args.defaults]))
-        assert defaults["ratio"] == 0.3 and defaults["task"] == "total" and defaults["quality"] == "fast"
+        # neither ratio nor minAgreement given: the core's default quality target (0.95)
+        assert defaults["ratio"] is None and defaults["minAgreement"] is None
+        assert defaults["task"] == "total" and defaults["quality"] == "fast"
         assert defaults["device"] == "auto" and defaults["subset"] is None
     assert {"onProgress", "onLog", "onFinished", "onError", "onCancelled"} <= \
         {a.arg for a in funcs["processAsync"].args.args}

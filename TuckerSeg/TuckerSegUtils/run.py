@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from TuckerSegLib.errors import Cancelled, InputError, TuckerSegError
-from TuckerSegLib.specs import DEVICES, ENGINES, MODES, POLICIES, CompressionSpec, RunSpec
+from TuckerSegLib.specs import (DEFAULT_MIN_AGREEMENT, DEVICES, ENGINES, MODES, POLICIES, CompressionSpec,
+                                RunSpec)
 
 from . import segmentation_import, structures, terminology, volume_io
 from .worker import WorkerProcess, python_executable, worker_environment
@@ -26,27 +27,47 @@ from .worker import WorkerProcess, python_executable, worker_environment
 # The choice lists are the core's (TuckerSegLib.specs); only the flag per mode is ours.
 QUALITIES = dict(zip(MODES, (None, "--fast", "--fastest")))
 QUALITY_SPACING_MM = dict(zip(MODES, (1.5, 3.0, 6.0)))
-__all__ = ["DEVICES", "ENGINES", "POLICIES", "QUALITIES", "QUALITY_SPACING_MM", "RunCallbacks",
-           "SegmentationRequest", "SegmentationRun", "build_command"]
+__all__ = ["DEFAULT_MIN_AGREEMENT", "DEVICES", "ENGINES", "POLICIES", "QUALITIES", "QUALITY_SPACING_MM",
+           "RunCallbacks", "SegmentationRequest", "SegmentationRun", "build_command", "compression_choice"]
+
+
+def compression_choice(expert_ratio: bool, ratio: float, min_agreement: float) -> Dict[str, Optional[float]]:
+    """The panel's two controls as request fields: the quality target by default, the fixed ratio
+    only in expert mode (the other one is then not sent, as on the command line)."""
+    if expert_ratio:
+        return {"ratio": float(ratio), "min_agreement": None}
+    return {"ratio": None, "min_agreement": float(min_agreement)}
 
 
 @dataclass
 class SegmentationRequest:
-    """What the user asked for; validated by ``check()``."""
+    """What the user asked for; validated by ``check()``.
 
-    ratio: float = 0.3
+    Like ``tuckerseg segment``: a quality target ``min_agreement`` (neither given: the core's
+    default, ``DEFAULT_MIN_AGREEMENT``) or, for experts, a fixed ``ratio``; not both.
+    """
+
+    ratio: Optional[float] = None
     task: str = "total"
     quality: str = "fast"
     policy: str = "budget"
     device: str = "auto"
     engine: str = "auto"
     subset: Optional[List[str]] = None
+    min_agreement: Optional[float] = None
 
     def check(self) -> "SegmentationRequest":
         """Validate with the core's own specs (the same checks and messages as the command line)."""
-        compression = CompressionSpec(ratio=self.ratio, policy=self.policy)
+        if self.ratio is not None and self.min_agreement is not None:
+            raise InputError("give either a ratio or a minimum agreement, not both")
+        if self.ratio is None and self.min_agreement is None:
+            self.min_agreement = DEFAULT_MIN_AGREEMENT
+        compression = CompressionSpec(ratio=1.0 if self.ratio is None else self.ratio, policy=self.policy,
+                                      min_agreement=self.min_agreement)
         run = RunSpec(engine=self.engine, device=self.device)
-        self.ratio, self.engine, self.device = compression.ratio, run.engine, run.device
+        if self.ratio is not None:
+            self.ratio = compression.ratio
+        self.min_agreement, self.engine, self.device = compression.min_agreement, run.engine, run.device
         if self.quality not in QUALITIES:
             raise InputError(f"quality must be one of {', '.join(QUALITIES)}, got {self.quality!r}")
         if self.subset:
@@ -64,8 +85,13 @@ def build_command(request: SegmentationRequest, input_path: Path, output_path: P
                   prefix: Optional[Sequence[str]] = None) -> List[str]:
     """The worker's command line (``prefix`` defaults to ``PythonSlicer -m TuckerSegLib segment``)."""
     argv = list(prefix) if prefix else [python_executable(), "-m", "TuckerSegLib", "segment"]
-    argv += ["-i", str(input_path), "-o", str(output_path), "--ml",
-             "--ratio", f"{request.ratio:g}", "--policy", request.policy, "--task", request.task]
+    argv += ["-i", str(input_path), "-o", str(output_path), "--ml"]
+    if request.ratio is not None:
+        argv += ["--ratio", f"{request.ratio:g}"]
+    else:
+        target = DEFAULT_MIN_AGREEMENT if request.min_agreement is None else request.min_agreement
+        argv += ["--min-agreement", f"{target:g}"]
+    argv += ["--policy", request.policy, "--task", request.task]
     if QUALITIES[request.quality]:
         argv.append(QUALITIES[request.quality])
     argv += ["--device", request.device, "--engine", request.engine]
@@ -261,6 +287,9 @@ class SegmentationRun:
             "wall_seconds": time.perf_counter() - self._t0,
             "segments": segmentation.GetNumberOfSegments(),
             "ratio": result.get("ratio", self.request.ratio),
+            "min_agreement": result.get("min_agreement", self.request.min_agreement),
+            "predicted_agreement": result.get("predicted_agreement"),
+            "agreement_source": result.get("agreement_source", ""),
             "params": result.get("params"),
             "macs": result.get("macs"),
             "params_original": result.get("params_original"),
