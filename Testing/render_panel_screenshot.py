@@ -16,8 +16,9 @@ stand-ins (named after the classes they replace, so the loader picks them up):
 The panel is then put in the state ``TuckerSegWidget.setup`` + ``_onParameterNodeModified`` leave
 it in when a CT is loaded: combo boxes filled with the real choice lists (``TuckerSegLib.specs``)
 and set to the parameter node's defaults (read from ``TuckerSeg/TuckerSeg.py``), the ratio at its
-default, the cost read-out from ``TuckerSegLib.estimate.readout_cost`` formatted by
-``TuckerSegUtils.cost_readout``, the 117 structures listed, the progress bar hidden.
+default, the quality target at its default (the ratio slider off until "Expert: fixed ratio"),
+the read-out of ``TuckerSegUtils.cost_readout.readout`` as on a fresh install (no quality curve
+measured yet), the 117 structures listed, the progress bar hidden.
 
 Installs nothing. Needs PySide6 importable, e.g.::
 
@@ -279,12 +280,17 @@ def fill_panel(panel: QWidget) -> None:
         combo.addItems(list(choices))
         combo.setCurrentText(defaults[key])
     child("ratioSliderWidget").value = float(defaults["ratio"])
+    child("minAgreementSpinBox").setValue(float(defaults["minAgreement"]))
+    child("expertRatioCheckBox").setChecked(bool(defaults["expertRatio"]))
+    child("ratioSliderWidget").setEnabled(bool(defaults["expertRatio"]))
     child("qualityInfoLabel").setText(f"{QUALITY_SPACING_MM[defaults['quality']]:g} mm resampling")
-    cost = cost_readout.estimate(defaults["task"], defaults["quality"], defaults["ratio"],
-                                 defaults["policy"])
-    if cost is None:
+    if cost_readout.estimate(defaults["task"], defaults["quality"], defaults["ratio"], defaults["policy"]) is None:
         raise RuntimeError("TuckerSegLib.estimate.readout_cost gave no read-out")
-    child("costLabel").setText(cost_readout.format_readout(cost))
+    # A fresh install: no quality curve measured yet (an empty weights root, not this machine's).
+    child("costLabel").setText(cost_readout.readout(
+        defaults["task"], defaults["quality"], defaults["ratio"], defaults["policy"],
+        None if defaults["expertRatio"] else defaults["minAgreement"],
+        weights_root=REPO / "no-such-weights-root"))
 
     names = structures.structure_names(defaults["task"])
     listing = child("structureList")

@@ -84,7 +84,9 @@ class TuckerSegParameterNode:
     # The slider's decimals (2) and step (0.05) are set in the .ui: the wrapper does not consume
     # Decimals/SingleStep on a parameter (it logs "Unused annotations").
     # (0, 1] as the core's check_agreement; the spin box's range and 3 decimals are in the .ui.
-    minAgreement: Annotated[float, WithinRange(0.001, 1.0)] = DEFAULT_MIN_AGREEMENT
+    # A literal (the screenshot script reads the defaults from this source): the core's
+    # DEFAULT_MIN_AGREEMENT, which the tests check it equals.
+    minAgreement: Annotated[float, WithinRange(0.001, 1.0)] = 0.95
     expertRatio: bool = False
     ratio: Annotated[float, WithinRange(0.05, 1.0)] = 0.3
     policy: Annotated[str, Choice(list(POLICIES))] = "budget"

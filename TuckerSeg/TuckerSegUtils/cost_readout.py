@@ -67,8 +67,8 @@ def warning_text(threshold: float) -> str:
 def _speed_text(q: Optional[dict]) -> str:
     seconds = (q or {}).get("seconds_per_patch")
     if not seconds:
-        return "speed not measured yet"
-    text = f"{float(seconds):.2f} s/patch measured"
+        return "Speed not measured yet"
+    text = f"Speed: {float(seconds):.2f} s/patch measured"
     extras = []
     reference = q.get("reference_seconds_per_patch")
     if reference:
@@ -80,24 +80,24 @@ def _speed_text(q: Optional[dict]) -> str:
 
 def _agreement_text(q: Optional[dict], target_mode: bool) -> str:
     if q is None:
-        return "predicted agreement: n/a"
+        return "Predicted agreement: n/a"
     value = q.get("predicted_agreement")
     several = len(q.get("models") or []) > 1
     where = " (lowest of the task's networks)" if several else ""
     if value is not None:
-        return f"predicted agreement {float(value):.3f}{where}"
+        return f"Predicted agreement {float(value):.3f}{where}"
     bound = q.get("agreement_at_most")
     if bound is not None:
-        return f"predicted agreement at most {float(bound):.3f}{where} (not measured this low)"
+        return f"Predicted agreement at most {float(bound):.3f}{where} (not measured this low)"
     if target_mode:
-        return "agreement not measured yet: the first run measures it"
-    return "agreement not measured yet: a run with a quality target measures it"
+        return "Agreement not measured yet: the first run measures it"
+    return "Agreement not measured yet: a run with a quality target measures it"
 
 
 def format_readout(cost: Optional[dict], quality_info: Optional[dict] = None,
                    min_agreement: Optional[float] = None) -> str:
-    """The panel's lines: params and MACs, then predicted agreement and measured speed, then the
-    warning below ``WARN_BELOW``. ``min_agreement`` set: the quality target's read-out (what
+    """The panel's lines: params and MACs, predicted agreement, measured speed, and the warning
+    below ``WARN_BELOW``. ``min_agreement`` set: the quality target's read-out (what
     the curves say it picks), else the fixed ratio's."""
     target_mode = min_agreement is not None
     if target_mode and (quality_info or {}).get("predicted_agreement") is None:
@@ -109,7 +109,7 @@ def format_readout(cost: Optional[dict], quality_info: Optional[dict] = None,
         sizes = (f"Params: {human(cost.get('params'))} of {human(cost.get('params_original'))}   "
                  f"MACs: {human(cost.get('macs'))} of {human(cost.get('macs_original'))} "
                  f"({100 * share:.0f} %)")
-    lines = [sizes, f"{_agreement_text(quality_info, target_mode)}; {_speed_text(quality_info)}"]
+    lines = [sizes, _agreement_text(quality_info, target_mode), _speed_text(quality_info)]
     threshold = warn_below()
     value = None
     if quality_info:
