@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Union
 
 from TuckerSegLib.storage import merge_json, model_cache_dir, read_json
 
@@ -126,19 +126,13 @@ def save_curve(model_folder: Union[str, Path], key: str, curve: QualityCurve,
     merge_json(curve_path(model_folder, cache_dir), {key: curve.as_dict()})
 
 
-def curves(model_folder: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> Dict[str, QualityCurve]:
-    """Every curve stored for a model (one per weights and validation set)."""
-    return {k: QualityCurve.from_dict(v) for k, v in read_json(curve_path(model_folder, cache_dir)).items()}
-
-
-def latest_curve(model_folders: Sequence[Union[str, Path]]) -> Dict[str, QualityCurve]:
-    """For the panel: ``{model folder: the curve with most points}`` of each folder that has one."""
-    out = {}
-    for folder in model_folders:
-        found = curves(folder)
-        if found:
-            out[str(folder)] = max(found.values(), key=lambda c: len(c.points))
-    return out
+def curves(model_folder: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None,
+           weights_stamp: Optional[str] = None) -> Dict[str, QualityCurve]:
+    """The curves stored in the model's cache folder (one per weights and validation set); only
+    those of ``weights_stamp`` when given: a shared cache folder (``--cache-dir``,
+    ``$TUCKERSEG_CACHE_DIR``) holds the curves of several models."""
+    return {k: QualityCurve.from_dict(v) for k, v in read_json(curve_path(model_folder, cache_dir)).items()
+            if weights_stamp is None or k.startswith(weights_stamp + "|")}
 
 
 DISTILLED_FILE = "distilled_models.json"
@@ -149,10 +143,11 @@ def register_distilled(model_folder: Union[str, Path], compressed_folder: Union[
     """Offer a distilled model of ``model_folder`` to quality targets (they validate it themselves,
     on their own validation set, before they choose it)."""
     path = model_cache_dir(model_folder, cache_dir) / DISTILLED_FILE
-    merge_json(path, {str(Path(compressed_folder).resolve()): {"registered": True}})
+    merge_json(path, {str(Path(compressed_folder).resolve()): {"source": str(Path(model_folder).resolve())}})
 
 
 def distilled_models(model_folder: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> List[str]:
     """The distilled models registered for ``model_folder`` that still exist."""
     path = model_cache_dir(model_folder, cache_dir) / DISTILLED_FILE
-    return [f for f in read_json(path) if Path(f).is_dir()]
+    source = str(Path(model_folder).resolve())
+    return [f for f, v in read_json(path).items() if v.get("source") == source and Path(f).is_dir()]

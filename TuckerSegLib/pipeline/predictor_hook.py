@@ -78,11 +78,13 @@ def _known_quality(folder: Path, spec: CompressionSpec, given: Optional[Path]) -
     return None, "not measured"
 
 
-def _curve_quality(folder: Path, loaded: LoadedModel, cache_dir: Optional[Path]) -> Tuple[Optional[float], str]:
+def _curve_quality(folder: Path, loaded: LoadedModel, cache_dir: Optional[Path], checkpoint: Path
+                   ) -> Tuple[Optional[float], str]:
     """An explicit ratio's agreement read off the model's quality curve, where one was measured."""
     from TuckerSegLib.compression.quality_curve import curves
+    from TuckerSegLib.models.checkpoint import file_fingerprint
 
-    found = curves(folder, cache_dir)
+    found = curves(folder, cache_dir, file_fingerprint(checkpoint)) if checkpoint.is_file() else {}
     if not found:
         return None, "not measured (a quality target measures it: --min-agreement)"
     curve = max(found.values(), key=lambda c: len(c.points))
@@ -161,7 +163,7 @@ class CompressedPredictorHook:
                                            progress=self.progress)
             loaded.parameters = [module.state_dict()]  # {}: the weights are compiled into the engine
         if quality[0] is None and not spec.is_original:
-            quality = _curve_quality(folder, loaded, self.cache_dir)
+            quality = _curve_quality(folder, loaded, self.cache_dir, folder / f"fold_{folds[0]}" / checkpoint_name)
         _warm[key] = (loaded, module, info, quality)
         while len(_warm) > WARM_MODELS:
             _warm.popitem(last=False)
