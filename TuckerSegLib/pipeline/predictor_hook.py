@@ -108,15 +108,22 @@ class CompressedPredictorHook:
         if len(loaded.parameters) > 1:
             # several folds: nnU-Net loads each fold's weights into the network in turn, which
             # engines with compiled-in weights cannot do; PyTorch eager runs them
-            if self.run.engine not in ("auto", "torch"):
-                raise EngineError(f"engine {self.run.engine} runs one fold; {folder} asks for "
-                                  f"{len(loaded.parameters)}")
+            if self.run.engine not in ("auto", "torch") or self.run.precision == "int8":
+                raise EngineError(f"engine {self.run.engine} ({self.run.precision}) runs one fold; "
+                                  f"{folder} asks for {len(loaded.parameters)}")
         else:
             from TuckerSegLib.engines import prepare_network
 
+            int8_data = None
+            if self.run.precision == "int8":  # phantoms (and the user's CTs) through the model's plans
+                from TuckerSegLib.engines.int8_data import model_int8_data
+
+                int8_data = model_int8_data(loaded.plans_manager.plans, loaded.configuration,
+                                            loaded.dataset_json, loaded.in_channels, loaded.patch_size,
+                                            self.run.int8_calibration)
             module, info = prepare_network(loaded.network, loaded.patch_size, loaded.in_channels,
                                            predictor.device, self.run, model_cache_dir(folder, self.cache_dir),
-                                           progress=self.progress)
+                                           progress=self.progress, int8_data=int8_data)
             loaded.parameters = [module.state_dict()]  # {}: the weights are compiled into the engine
         _warm[key] = (loaded, module, info)
         while len(_warm) > WARM_MODELS:
