@@ -180,7 +180,7 @@ def test_segment_reports_the_int8_agreement(shared_data, tmp_path, tmp_path_fact
     home = tmp_path_factory.getbasetemp() / "totalseg_home"
     totalseg_layout.build_models(home / "nnunet" / "results", [297], width_scale=0.125)
     kwargs = dict(ratio=1.0, fast=True, device="cpu", quiet=True, precision="int8", layer_forms="as-is",
-                  int8_min_agreement=0.9, cache_dir=tmp_path / "cache")
+                  int8_min_agreement=0.05, cache_dir=tmp_path / "cache")  # no reverting: fast
     first = segment(shared_data / "example_ct_sm.nii.gz", tmp_path / "a.nii.gz", **kwargs)
     engine = first.models[0]["engine"]
     assert (engine["name"], engine["precision"], engine["cache_hit"]) == ("openvino", "int8", False)
@@ -190,3 +190,10 @@ def test_segment_reports_the_int8_agreement(shared_data, tmp_path, tmp_path_fact
     second = segment(shared_data / "example_ct_sm.nii.gz", tmp_path / "b.nii.gz", **kwargs)
     assert second.models[0]["engine"]["cache_hit"]
     assert second.models[0]["engine"]["agreement"] == engine["agreement"]
+
+
+def test_cached_report_is_found_without_quantising(quantised_once, net, tmp_path):
+    cache, run, _, info, _ = quantised_once
+    found = int8_mod.cached_report(net, PATCH, 1, cache, random_int8_data(PATCH), 0.95)
+    assert found is not None and found["agreement"] == info.agreement
+    assert int8_mod.cached_report(net, PATCH, 1, tmp_path, random_int8_data(PATCH), 0.95) is None

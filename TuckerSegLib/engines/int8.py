@@ -324,3 +324,15 @@ def read_int8(folder: Path) -> Optional[dict]:
         return report if isinstance(report, dict) and "agreement" in report else None
     except (OSError, ValueError):
         return None
+
+
+def cached_report(network, patch_size: Sequence[int], in_channels: int, cache_dir: Path, data: Int8Data,
+                  min_agreement: float) -> Optional[dict]:
+    """The stored INT8 report of ``network`` for this data and target, without converting or
+    quantising anything; None when it has not been quantised yet (e.g. for a chooser that ranks
+    configurations by measured speed and agreement)."""
+    from TuckerSegLib.engines.openvino_engine import ir_key
+
+    shape = (1, int(in_channels), *[int(p) for p in patch_size])
+    folder = Path(cache_dir) / "openvino" / f"int8-{int8_key(ir_key(network, shape), data, min_agreement)}"
+    return read_int8(folder)
