@@ -43,7 +43,9 @@ def data_split(eval_ct: Path, calibration_cts: Sequence[Path] = ()) -> dict:
         raise ValueError(f"the evaluation CT {eval_ct} must not be INT8 calibration data")
     return {"evaluation_ct": str(eval_ct), "calibration_cts": [str(c) for c in calibration_cts],
             "calibration": "phantom CTs (engines.int8_data seeds)" + (" + the calibration CTs" if cal else ""),
-            "agreement_measured_on": "sliding-window tiles of the evaluation CT, against PyTorch f32"}
+            "agreement_measured_on": "sliding-window tiles of the evaluation CT, against PyTorch f32",
+            "held_out_from_training": "the trained network's held-out part (train_totalseg_layout "
+                                      "HELDOUT_SLICES) when run on it"}
 
 
 def _dice(labels, reference) -> float:
@@ -216,6 +218,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.perf_counter()
     rows = per_patch(folder, eval_ct, split, args.ratios, args.policy, args.min_agreement, args.reps, cache,
                      args.max_tiles, log=lambda m: print(m, flush=True))
+    import openvino
+    import torch
+    from TuckerSegLib.engines.int8 import cpu_int8_flags, nncf_version
+
+    def write(e2e_rows):
+        result = {"network": network_kind, "split": split, "command": "python benchmarks/bench_int8.py " + " ".join(
+            sys.argv[1:] if argv is None else argv), "machine": platform.platform(), "cpu": platform.processor(),
+            "cpu_int8_flags": cpu_int8_flags(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "openvino": openvino.__version__, "nncf": nncf_version(), "min_agreement": args.min_agreement,
+            "per_patch": rows, "whole_process": e2e_rows, "seconds": time.perf_counter() - t0}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}", flush=True)
+
+    write([])  # per-patch results first: the whole-process runs take long
     e2e = []
     if args.whole_process:
         runs = [{"label": "ratio 1 torch f32", "ratio": 1.0, "engine": "torch", "precision": "f32"},
@@ -227,18 +244,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "engine": "openvino", "precision": "int8", "min_agreement": args.min_agreement})
         e2e = whole_process(eval_ct, runs, workdir, cache, env, args.repeats,
                             log=lambda m: print(m, flush=True))
-    import openvino
-    import torch
-    from TuckerSegLib.engines.int8 import cpu_int8_flags, nncf_version
-
-    result = {"network": network_kind, "split": split, "command": "python benchmarks/bench_int8.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "machine": platform.platform(), "cpu": platform.processor(),
-        "cpu_int8_flags": cpu_int8_flags(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "openvino": openvino.__version__, "nncf": nncf_version(), "min_agreement": args.min_agreement,
-        "per_patch": rows, "whole_process": e2e, "seconds": time.perf_counter() - t0}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.json}")
+    write(e2e)
     return 0
 
 
