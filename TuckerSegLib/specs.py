@@ -21,8 +21,9 @@ POLICIES: Tuple[str, ...] = ("budget", "uniform", "energy", "paper")
 METHODS: Tuple[str, ...] = ("hosvd", "hooi")
 # Inference engines (``engines``); "auto" times those that run the device and keeps the fastest.
 ENGINES: Tuple[str, ...] = ("auto", "torch", "openvino")
-# Numeric precisions an engine may run at; "auto" is what stock TotalSegmentator uses.
-PRECISIONS: Tuple[str, ...] = ("f32", "bf16", "fp16")
+# Numeric precisions an engine may run at; "auto" is what stock TotalSegmentator uses. "int8" is
+# post-training INT8 (OpenVINO + NNCF, CPU with VNNI or AMX), with accuracy control.
+PRECISIONS: Tuple[str, ...] = ("f32", "bf16", "fp16", "int8")
 PRECISION_CHOICES: Tuple[str, ...] = ("auto",) + PRECISIONS
 # Layer forms (``engines.layer_forms``): "auto" runs each factorised layer in its fastest measured
 # equivalent form, "as-is" runs the network as factorised.
@@ -37,6 +38,9 @@ RANK_MULTIPLE = 8
 # The quality target users get unless they ask otherwise: mean Dice of the compressed network's
 # argmax against the original's, on the validation data (``pipeline.quality_target``).
 DEFAULT_MIN_AGREEMENT = 0.95
+# INT8: layers are kept in f32 until the argmax agreement (mean Dice) with f32 on the validation
+# data reaches this (``--int8-min-agreement``).
+INT8_MIN_AGREEMENT = 0.99
 
 
 def check_ratio(ratio: float) -> float:
@@ -50,14 +54,14 @@ def check_ratio(ratio: float) -> float:
     return value
 
 
-def check_agreement(value: float) -> float:
-    """A quality target: a mean Dice agreement in (0, 1]."""
+def check_agreement(value: float, what: str = "minimum agreement") -> float:
+    """An agreement target: a mean Dice of argmax labels in (0, 1] (1.0 = the same labels)."""
     try:
         a = float(value)
     except (TypeError, ValueError):
-        raise InputError(f"minimum agreement must be a number in (0, 1], got {value!r}") from None
+        raise InputError(f"{what} must be a number in (0, 1], got {value!r}") from None
     if not (0.0 < a <= 1.0):
-        raise InputError(f"minimum agreement must be in (0, 1] (mean Dice with the original network), got {a:g}")
+        raise InputError(f"{what} must be in (0, 1] (mean Dice with the reference labels), got {a:g}")
     return a
 
 
@@ -135,12 +139,20 @@ class CompressionSpec:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """How to run a network: engine, precision, layer forms and device (see ``engines``)."""
+    """How to run a network: engine, precision, layer forms and device (see ``engines``).
+
+    ``int8_min_agreement``: with ``precision="int8"``, layers are kept in f32 until the INT8
+    network's argmax agreement with f32 (mean Dice over the classes f32 finds) on the validation
+    data reaches it. ``int8_calibration``: the user's CTs (NIfTI paths) added to the built-in
+    phantoms as calibration and validation data for INT8.
+    """
 
     engine: str = "auto"
     precision: str = "auto"
     layer_forms: str = "auto"
     device: str = "auto"
+    int8_min_agreement: float = INT8_MIN_AGREEMENT
+    int8_calibration: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "engine", _check_choice("engine", self.engine or "auto", ENGINES))
@@ -149,9 +161,16 @@ class RunSpec:
         object.__setattr__(self, "layer_forms",
                            _check_choice("layer forms", self.layer_forms or "auto", LAYER_FORMS))
         object.__setattr__(self, "device", check_device(self.device))
+        object.__setattr__(self, "int8_min_agreement", check_agreement(self.int8_min_agreement))
+        cts = self.int8_calibration or ()
+        if isinstance(cts, (str, bytes)) or not all(isinstance(c, str) or hasattr(c, "__fspath__") for c in cts):
+            raise InputError("int8 calibration CTs must be a list of file paths")
+        object.__setattr__(self, "int8_calibration", tuple(str(c) for c in cts))
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["int8_calibration"] = list(self.int8_calibration)
+        return d
 
 
 def check_mode(fast: bool = False, fastest: bool = False) -> str:

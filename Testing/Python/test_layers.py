@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2] / "TuckerSegLib"
 LAYERS = [
-    {"errors", "specs", "progress", "storage", "report"},
+    {"errors", "specs", "progress", "storage", "report", "totalseg_ids"},
     {"devices", "inputs", "decomposition"},
     {"network"},
     {"models"},

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from TuckerSegLib.errors import InputError
-from TuckerSegLib.specs import LAYER_FORMS, RunSpec
+from TuckerSegLib.specs import INT8_MIN_AGREEMENT, LAYER_FORMS, RunSpec, check_agreement
 
 HELP = "time stock vs compressed networks per patch and end to end"
 
@@ -31,7 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rank policies (paper = the study's rank factor; budget = MACs kept)")
     parser.add_argument("--configs", nargs="+", type=_config, default=None, metavar="ENGINE:PRECISION",
                         help="engines and precisions to time (default: torch:f32 openvino:f32 "
-                             "openvino:bf16 on CPU, torch:fp16 torch:f32 on CUDA)")
+                             "openvino:bf16 on CPU, torch:fp16 torch:f32 on CUDA; openvino:int8 = NNCF "
+                             "INT8 with accuracy control, CPUs with VNNI or AMX)")
+    parser.add_argument("--int8-min-agreement", type=float, default=INT8_MIN_AGREEMENT, metavar="A",
+                        help="openvino:int8: keep layers in f32 until the agreement with f32 reaches A "
+                             f"(default {INT8_MIN_AGREEMENT:g}); every row reports its agreement with "
+                             "torch f32 beside its time")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
     parser.add_argument("--layer-forms", choices=LAYER_FORMS, default="as-is",
                         help="auto: per-layer measured forms (factorised / fused / dense) on this device")
@@ -76,7 +81,8 @@ def run(args: argparse.Namespace, progress) -> int:
     if args.per_patch:
         result = run_patch_bench(args.archs, args.ratios, args.policies, args.configs, args.device,
                                  args.reps, args.warmup, cache, args.layer_forms, progress,
-                                 log=lambda m: print(m, file=sys.stderr, flush=True))
+                                 log=lambda m: print(m, file=sys.stderr, flush=True),
+                                 int8_min_agreement=check_agreement(args.int8_min_agreement))
         result["command"] = "tuckerseg bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
         write_json(result, args.json)
         png = plot(result, args.png or args.json.with_suffix(".png"))

@@ -5,8 +5,8 @@ import argparse
 import sys
 
 from TuckerSegLib.progress import JsonProgress, Progress
-from TuckerSegLib.specs import (DEFAULT_MIN_AGREEMENT, ENGINES, LAYER_FORMS, POLICIES, PRECISION_CHOICES, RunSpec,
-                                check_mode)
+from TuckerSegLib.specs import (DEFAULT_MIN_AGREEMENT, ENGINES, INT8_MIN_AGREEMENT, LAYER_FORMS, POLICIES,
+                                PRECISION_CHOICES, RunSpec, check_mode)
 
 HELP = "segment a CT with compressed TotalSegmentator models"
 
@@ -61,7 +61,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="auto (default) = stock TotalSegmentator's precision on the device (f32 on "
                         "CPU, fp16 autocast on CUDA); bf16/fp16 are faster, their argmax agreement "
-                        "with f32 is measured and reported")
+                        "with f32 is measured and reported; int8 (OpenVINO, CPUs with VNNI or AMX): "
+                        "quantised once per model with NNCF on phantom CTs (and --int8-calibrate CTs), "
+                        "layers kept in f32 until --int8-min-agreement is met; cached beside the model")
+    p.add_argument("--int8-min-agreement", type=float, default=INT8_MIN_AGREEMENT, metavar="A",
+                   help=f"with --precision int8: argmax agreement with f32 (mean Dice on validation "
+                        f"patches) that INT8 must keep, in (0, 1] (default {INT8_MIN_AGREEMENT:g})")
+    p.add_argument("--int8-calibrate", nargs="+", default=[], metavar="CT",
+                   help="with --precision int8: your own CTs (NIfTI) added to the phantoms as "
+                        "calibration and validation data")
     p.add_argument("--layer-forms", default="auto", choices=LAYER_FORMS,
                    help="auto (default): time each factorised layer's equivalent forms (factorised, "
                         "padded ranks, fused, dense) on this device once (cached) and run the fastest, "
@@ -81,7 +89,8 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     quiet = bool(args.quiet or isinstance(progress, JsonProgress))
     compression = compression_spec(args.ratio, args.min_agreement, args.policy, args.validate_on)
     run_spec = RunSpec(engine=args.engine, precision=args.precision, layer_forms=args.layer_forms,
-                       device=args.device)
+                       device=args.device, int8_min_agreement=args.int8_min_agreement,
+                       int8_calibration=tuple(args.int8_calibrate))
     result = segment(args.input, args.output, compression, run_spec, task=args.task,
                      mode=check_mode(args.fast, args.fastest), roi_subset=args.roi_subset, ml=args.ml,
                      cache_dir=args.cache_dir, progress=progress, allow_download=not args.no_download, quiet=quiet,

@@ -34,13 +34,16 @@ class EngineInfo:
     notes: List[str] = field(default_factory=list)
     cache_hit: bool = False  # the compiled form came from the cache (no conversion this time)
     cache_path: Optional[str] = None
-    agreement: Optional[float] = None  # argmax agreement with f32 on a random patch (low precision)
+    # argmax agreement with f32: bf16/fp16 voxels on a random patch; int8 mean Dice on the
+    # validation patches, measured when quantised and stored with the INT8 model
+    agreement: Optional[float] = None
     layer_forms: Optional[dict] = None  # per-layer form chosen by hardware-aware shaping
+    int8: Optional[dict] = None  # int8: the stored report (engines.int8: agreement, layers in f32, data)
 
     def as_dict(self) -> dict:
         return {"name": self.name, "precision": self.precision, "device": self.device,
                 "notes": list(self.notes), "cache_hit": self.cache_hit, "cache_path": self.cache_path,
-                "agreement": self.agreement, "layer_forms": self.layer_forms}
+                "agreement": self.agreement, "layer_forms": self.layer_forms, "int8": self.int8}
 
     def summary(self) -> str:
         text = f"engine {self.name} ({self.precision}) on {self.device}"

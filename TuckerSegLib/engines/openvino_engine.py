@@ -1,7 +1,8 @@
 """OpenVINO engine: the network converted to OpenVINO IR once, compiled for the CPU (or Intel GPU/NPU).
 
 Why: PyTorch on CPU runs the thin Tucker convolutions on a slow non-oneDNN path; OpenVINO runs
-the same compressed network 2-3x faster in f32 and faster still in bf16. Conversion
+the same compressed network 2-3x faster in f32 and faster still in bf16 or INT8 (``engines.int8``:
+NNCF post-training quantisation with accuracy control, cached as its own IR). Conversion
 costs tens of seconds, so the IR is cached (``<cache>/openvino/<key>/model.xml``, key = hash of
 structure + weights, input shape, OpenVINO version) and the compiled blob too (OpenVINO's own
 ``CACHE_DIR``): a warm start only reads the blob. The precision hint is always explicit: the CPU
@@ -28,7 +29,8 @@ from TuckerSegLib.errors import EngineError
 
 log = logging.getLogger(__name__)
 
-_HINTS = {"f32": "f32", "bf16": "bf16", "fp16": "f16"}
+# INT8 lives in the graph (quantise/dequantise pairs); the layers kept in f32 run in f32.
+_HINTS = {"f32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 _CAPABILITY = {"bf16": "BF16", "fp16": "FP16", "f32": "FP32"}
 DEVICE_ENV = "TUCKERSEG_OPENVINO_DEVICE"  # e.g. GPU or NPU for Intel accelerators
 
@@ -175,6 +177,11 @@ class OpenVINOEngine(Engine):
             caps = [str(c).upper() for c in core().get_property(ov_dev, "OPTIMIZATION_CAPABILITIES")]
         except Exception:
             caps = []
+        if precision == "int8":
+            if ov_dev != "CPU":
+                return f"--precision int8 runs on the OpenVINO CPU device, not {ov_dev}"
+            from TuckerSegLib.engines import int8
+            return int8.int8_support_reason()
         if precision != "f32" and caps and _CAPABILITY[precision] not in caps:
             return (f"OpenVINO on {ov_dev} has no {precision} support on this hardware "
                     f"(capabilities: {', '.join(caps)}); use --precision f32")
@@ -186,32 +193,37 @@ class OpenVINOEngine(Engine):
             cfg["INFERENCE_NUM_THREADS"] = available_threads()
         return cfg
 
-    def prepare(self, network: nn.Module, patch_size: Sequence[int], in_channels: int,
-                device: torch.device, precision: str, cache_dir: Optional[Path],
-                info: EngineInfo) -> nn.Module:
-        input_shape = (1, int(in_channels), *patch_tuple(patch_size))
-        base = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="tuckerseg-ov-"))
-        if cache_dir is None:
-            info.notes.append("no cache folder given: OpenVINO IR converted into a temporary folder")
-        folder = base / "openvino" / ir_key(network, input_shape)
+    def _f32_ir(self, network: nn.Module, input_shape: Tuple[int, ...], base: Path,
+                info: EngineInfo) -> Tuple[Path, str]:
+        """The cached f32 IR of ``network`` (converted once); ``(model.xml, key)``."""
+        key = ir_key(network, input_shape)
+        folder = base / "openvino" / key
         ir = folder / "model.xml"
         if ir.is_file() and (folder / "model.bin").is_file():
             info.cache_hit = True
         else:
-            try:
-                from filelock import FileLock
-                lock = FileLock(str(folder) + ".lock")
-            except ImportError:  # pragma: no cover - filelock is a dependency
-                lock = None
-            if lock is not None:
-                with lock:
-                    if not ir.is_file():
-                        convert_to_ir(network, input_shape, folder)
-            else:
-                convert_to_ir(network, input_shape, folder)
+            with _lock(folder):
+                if not ir.is_file():
+                    convert_to_ir(network, input_shape, folder)
         info.cache_path = str(folder)
+        return ir, key
+
+    def prepare(self, network: nn.Module, patch_size: Sequence[int], in_channels: int,
+                device: torch.device, precision: str, cache_dir: Optional[Path],
+                info: EngineInfo, int8_data=None, int8_min_agreement: float = 0.99,
+                log_fn=None) -> nn.Module:
+        """``int8_data`` (``engines.int8.Int8Data``) and ``int8_min_agreement``: for
+        ``precision="int8"`` only (see ``engines.int8``)."""
+        input_shape = (1, int(in_channels), *patch_tuple(patch_size))
+        base = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="tuckerseg-ov-"))
+        if cache_dir is None:
+            info.notes.append("no cache folder given: OpenVINO IR converted into a temporary folder")
+        ir, key = self._f32_ir(network, input_shape, base, info)
         config = dict(self.config(precision))
         config["CACHE_DIR"] = str(base / "openvino" / "compiled")
+        report = None
+        if precision == "int8":
+            ir, report = self._int8_ir(ir, key, base, config, info, int8_data, int8_min_agreement, log_fn)
         try:
             module = OpenVINOModule(ir, input_shape, ov_device_name(), config,
                                     state_fingerprint(network.state_dict()))
@@ -221,4 +233,53 @@ class OpenVINOEngine(Engine):
         got = module.execution_precision()
         info.notes.append(f"OpenVINO {ov_device_name()} inference precision {got}, "
                           f"{config.get('INFERENCE_NUM_THREADS', 'default')} threads")
+        if report is not None:
+            info.agreement = float(report["agreement"])
+            info.int8 = report
+            kept = len(report.get("f32_layers", []))
+            info.notes.append(
+                f"int8: argmax agreement with f32 {report['agreement']:.4f} (mean Dice; voxels "
+                f"{report['voxel_agreement']:.4f}) on {report['validation_patches']} validation patches, "
+                f"{report['quantised_layers']} convolutions INT8, {kept} kept in f32"
+                + ("" if report.get("meets_target") else
+                   f"; BELOW the target {report['min_agreement']:g} even so"))
         return module
+
+    def _int8_ir(self, f32_ir: Path, f32_key: str, base: Path, config: dict, info: EngineInfo,
+                 data, min_agreement: float, log_fn) -> Tuple[Path, dict]:
+        """The cached INT8 IR and its report; quantised (NNCF, accuracy control) when missing."""
+        from TuckerSegLib.engines import int8
+
+        if data is None:
+            raise EngineError("--precision int8 needs calibration data (prepare_network builds it)")
+        folder = base / "openvino" / f"int8-{int8.int8_key(f32_key, data, min_agreement)}"
+        report = int8.read_int8(folder)
+        hit = report is not None
+        if not hit:
+            with _lock(folder):
+                report = int8.read_int8(folder)
+                if report is None:
+                    if folder.exists():  # damaged entry: rebuilt
+                        shutil.rmtree(folder, ignore_errors=True)
+                    model, report = int8.quantise(f32_ir, data, min_agreement, config, ov_device_name(),
+                                                  log_fn or log.info)
+                    int8.save_int8(model, report, folder)
+                else:
+                    hit = True
+        info.cache_hit = hit
+        info.cache_path = str(folder)
+        if hit:
+            info.notes.append(f"int8 model from the cache ({folder.name}; quantised once)")
+        return folder / "model.xml", report
+
+
+def _lock(folder: Path):
+    """A file lock beside ``folder``, so that concurrent runs convert or quantise once."""
+    import contextlib
+
+    try:
+        from filelock import FileLock
+    except ImportError:  # pragma: no cover - filelock is a dependency
+        return contextlib.nullcontext()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder) + ".lock")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -19,13 +19,17 @@ from TuckerSegLib.progress import NullProgress, Progress
 from TuckerSegLib.specs import RunSpec
 from TuckerSegLib.storage import merge_json, read_json
 
+if TYPE_CHECKING:
+    from TuckerSegLib.engines.int8 import Int8Data
+
 log = logging.getLogger(__name__)
 
 def prepare_network(network: nn.Module, patch_size: Sequence[int], in_channels: int = 1,
                     device: Union[str, torch.device] = "cpu", run: RunSpec = RunSpec(layer_forms="as-is"),
                     cache_dir: Optional[Union[str, Path]] = None, check_agreement: bool = True,
                     measure_auto: bool = True,
-                    progress: Optional[Progress] = None) -> Tuple[nn.Module, EngineInfo]:
+                    progress: Optional[Progress] = None,
+                    int8_data: Optional["Int8Data"] = None) -> Tuple[nn.Module, EngineInfo]:
     """The module that runs ``network`` for nnU-Net's sliding window, and what was chosen.
 
     ``run.engine``: auto|torch|openvino; ``run.precision``: auto|f32|bf16|fp16 (see ``select``);
@@ -37,6 +41,14 @@ def prepare_network(network: nn.Module, patch_size: Sequence[int], in_channels: 
     ``check_agreement``. With ``engine="auto"`` and ``measure_auto``, every engine that can run
     the device at that precision is timed on one patch and the fastest is kept (the choice is
     cached per network, patch, device and precision). ``network`` itself is never modified.
+
+    ``run.precision="int8"`` (OpenVINO, CPU with VNNI/AMX): the network is quantised with NNCF
+    on ``int8_data`` (``engines.int8_data.model_int8_data`` for an nnU-Net model: phantoms and
+    ``run.int8_calibration`` CTs; None = noise patches, for networks without plans), keeping
+    layers in f32 until the agreement with f32 reaches ``run.int8_min_agreement``. The INT8 IR
+    and its measured agreement are cached in ``cache_dir``; ``info.agreement`` is that agreement
+    and ``info.int8`` the stored report. Layer forms (``run.layer_forms="auto"``) are chosen
+    from f32 timings for INT8.
     """
     progress = progress or NullProgress()
     engine, precision = run.engine, run.precision
@@ -49,21 +61,33 @@ def prepare_network(network: nn.Module, patch_size: Sequence[int], in_channels: 
     cache = Path(cache_dir) if cache_dir is not None else None
     network = network.eval()
 
+    extra = {}
+    if prec == "int8":
+        if int8_data is None:
+            from TuckerSegLib.engines.int8_data import random_int8_data
+            int8_data = random_int8_data(patch, in_channels)
+            notes.append("int8 calibrated on noise patches (no model plans given)")
+        extra = {"int8_data": int8_data, "int8_min_agreement": run.int8_min_agreement,
+                 "log_fn": progress.log}
+
     def build(eng) -> Tuple[nn.Module, EngineInfo]:
         info = EngineInfo(eng.name, prec, describe_device(device, eng.name), list(notes))
         net = network
         if run.layer_forms == "auto":
             from TuckerSegLib.engines.layer_form_choice import choose_layer_forms
-            progress.stage("engine", f"timing layer forms for {eng.name} ({prec})")
-            net, forms = choose_layer_forms(network, patch, in_channels, eng, device, prec, cache,
+            # INT8 layers cannot be timed one by one without calibrating each: f32 decides
+            timed = "f32" if prec == "int8" else prec
+            progress.stage("engine", f"timing layer forms for {eng.name} ({timed})")
+            net, forms = choose_layer_forms(network, patch, in_channels, eng, device, timed, cache,
                                           progress=progress)
             info.layer_forms = forms
             changed = {k: v for k, v in forms.items() if v != "factorised"}
             if changed:
                 info.notes.append("layer forms from measured timings: " + ", ".join(
                     f"{sum(v == f for v in changed.values())} {f}" for f in sorted(set(changed.values()))))
-        progress.stage("engine", f"preparing {eng.name} engine ({prec})")
-        module = eng.prepare(net, patch, in_channels, device, prec, cache, info)
+        progress.stage("engine", f"preparing {eng.name} engine ({prec})" +
+                       (" (quantised once per model, calibration data and target; minutes)" if extra else ""))
+        module = eng.prepare(net, patch, in_channels, device, prec, cache, info, **extra)
         if net is not network:  # the user's weights are what load_state_dict may be given
             module._source_fp = state_fingerprint(network.state_dict())
         return module, info
@@ -96,7 +120,7 @@ def prepare_network(network: nn.Module, patch_size: Sequence[int], in_channels: 
 
 
 def _finish(module, info, network, patch, in_channels, device, prec, cache, check_agreement):
-    if prec != "f32" and check_agreement:
+    if prec not in ("f32", "int8") and check_agreement:  # int8 measured its own when quantised
         _measure_agreement(module, network, patch, in_channels, device, info, cache)
     log.info(info.summary())
     return module, info

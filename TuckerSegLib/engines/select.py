@@ -9,6 +9,8 @@ Rules:
   engine that cannot run is skipped, and the reason is logged and kept in the engine notes.
 - An engine named explicitly that is not installed or cannot run the device/precision raises a
   one-line ``EngineError``: no silent fallback from what the user asked for.
+- ``--precision int8`` runs on the OpenVINO engine only (``engines.int8``), on CPUs with VNNI or
+  AMX; elsewhere it is refused with one line saying why.
 """
 from __future__ import annotations
 
@@ -45,6 +47,11 @@ def why_not(name: str, device: torch.device, precision: str) -> str:
 
 def select_engine(name: str, device: torch.device, precision: str) -> Tuple[Engine, List[str]]:
     """The engine to use and notes about engines skipped by ``auto``."""
+    if precision == "int8" and name in ("auto", "openvino"):
+        reason = why_not("openvino", device, precision)
+        if reason:
+            raise EngineError(reason if "int8" in reason else f"--precision int8: {reason}")
+        return IMPLEMENTATIONS["openvino"], []
     if name != "auto":
         reason = why_not(name, device, precision)
         if reason:

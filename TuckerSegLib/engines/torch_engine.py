@@ -83,6 +83,8 @@ class TorchEngine(Engine):
             return "Apple MPS is not available to PyTorch on this machine"
         if device.type not in ("cpu", "cuda", "mps"):
             return f"device type {device.type!r} is not supported by the torch engine"
+        if precision == "int8":
+            return "the torch engine has no INT8; --precision int8 runs on the OpenVINO engine"
         if device.type == "cpu" and precision == "fp16":
             return "PyTorch has no fast fp16 convolutions on CPU; use --precision bf16 or f32"
         if device.type == "mps" and precision == "bf16":

@@ -140,6 +140,7 @@ class Row:
     max_abs_diff_vs_torch_f32: Optional[float] = None
     gpu_peak_mb: Optional[float] = None
     device: str = ""
+    int8_agreement: Optional[float] = None  # int8: agreement stored with the model (validation patches)
     notes: List[str] = field(default_factory=list)
 
 
@@ -167,8 +168,11 @@ def run_patch_bench(archs: Sequence[str] = ("1.5mm", "3mm"), ratios: Sequence[fl
                     configs: Optional[Sequence[Tuple[str, str]]] = None, device: str = "cpu",
                     reps: int = 2, warmup: int = 1, cache_dir: Optional[Path] = None,
                     layer_forms: str = "as-is", progress: Optional[Progress] = None,
-                    log: Callable[[str], None] = print) -> dict:
-    """Time every (arch, policy, ratio, engine, precision); returns the JSON-ready result."""
+                    log: Callable[[str], None] = print, int8_min_agreement: float = 0.99) -> dict:
+    """Time every (arch, policy, ratio, engine, precision); returns the JSON-ready result.
+
+    ``openvino:int8`` configs are quantised (NNCF, accuracy control to ``int8_min_agreement``)
+    on noise patches: these random-weight networks have no plans to make phantom CT data from."""
     from TuckerSegLib.compression.compress import compress_network
     from TuckerSegLib.engines import prepare_network
     from TuckerSegLib.engines.agreement import compare_logits
@@ -227,7 +231,8 @@ def run_patch_bench(archs: Sequence[str] = ("1.5mm", "3mm"), ratios: Sequence[fl
                 t0 = time.perf_counter()
                 try:
                     with PeakRSS() as mem:
-                        module, info = prepare_network(net, patch, 1, dev, RunSpec(engine, prec, layer_forms),
+                        module, info = prepare_network(net, patch, 1, dev, RunSpec(engine, prec, layer_forms,
+                                                               int8_min_agreement=int8_min_agreement),
                                                        cache_dir, check_agreement=False)
                         prep = time.perf_counter() - t0
                         out = None
@@ -257,7 +262,8 @@ def run_patch_bench(archs: Sequence[str] = ("1.5mm", "3mm"), ratios: Sequence[fl
                 row = Row(arch, policy, ratio, engine, info.precision, min(times), times,
                           stock_s / min(times), macs_ratio, params, peak / 2 ** 20, prep,
                           device=info.device, notes=list(info.notes),
-                          gpu_peak_mb=gpu_peak if dev.type == "cuda" else None)
+                          gpu_peak_mb=gpu_peak if dev.type == "cuda" else None,
+                          int8_agreement=info.agreement if info.precision == "int8" else None)
                 if reference is not None:
                     agr = compare_logits(out, reference)
                     row.agreement_vs_torch_f32 = agr.argmax_agreement

@@ -38,6 +38,7 @@ class LoadedModel:
     params_original: int
     macs_original: int
     manifest: dict = field(default_factory=dict)
+    configuration: str = "3d_fullres"  # the plans' configuration the network was built from
 
 
 def _read_plans(folder: Path) -> Tuple[dict, dict]:
@@ -76,7 +77,8 @@ def load_model(folder: Path, folds: Sequence[Union[int, str]], checkpoint_name: 
         return LoadedModel(network, [c["network_weights"] for c in checkpoints], plans_manager,
                            configuration_manager, dataset_json, first["trainer_name"],
                            first.get("inference_allowed_mirroring_axes"), patch, in_channels,
-                           int(cost.params), int(cost.macs), int(cost.params), int(cost.macs))
+                           int(cost.params), int(cost.macs), int(cost.params), int(cost.macs),
+                           configuration=configuration)
 
     progress.stage("compress", f"compressed network for {folder.parent.name} "
                                f"(ratio {spec.ratio:g}, {spec.policy})")
@@ -108,4 +110,4 @@ def load_model(folder: Path, folds: Sequence[Union[int, str]], checkpoint_name: 
     return LoadedModel(network, [network.state_dict()], plans_manager,
                        plans_manager.get_configuration(model.configuration), dataset_json,
                        model.trainer_name, mirroring, patch, model.num_input_channels,
-                       params, macs, params0, macs0, manifest)
+                       params, macs, params0, macs0, manifest, configuration=model.configuration)

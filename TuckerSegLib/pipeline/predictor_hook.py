@@ -145,22 +145,29 @@ class CompressedPredictorHook:
                                        self.cache_dir, self.progress)
             self.progress.log(f"{folder.parent.name}: {choice.summary(spec.min_agreement)}")
             spec, given, quality = choice.spec, choice.compressed_folder, (choice.agreement, choice.source)
-            if choice.fallback and run.engine == "auto":
+            if choice.fallback and run.engine == "auto" and run.precision != "int8":
                 run = replace(run, engine="torch")  # the original, exactly as stock runs it
         loaded = load_model(folder, folds, checkpoint_name, spec, self.cache_dir, given, self.progress)
         module, info = loaded.network, None
         if len(loaded.parameters) > 1:
             # several folds: nnU-Net loads each fold's weights into the network in turn, which
             # engines with compiled-in weights cannot do; PyTorch eager runs them
-            if run.engine not in ("auto", "torch"):
-                raise EngineError(f"engine {run.engine} runs one fold; {folder} asks for "
-                                  f"{len(loaded.parameters)}")
+            if run.engine not in ("auto", "torch") or run.precision == "int8":
+                raise EngineError(f"engine {run.engine} ({run.precision}) runs one fold; "
+                                  f"{folder} asks for {len(loaded.parameters)}")
         else:
             from TuckerSegLib.engines import prepare_network
 
+            int8_data = None
+            if run.precision == "int8":  # phantoms (and the user's CTs) through the model's plans
+                from TuckerSegLib.engines.int8_data import model_int8_data
+
+                int8_data = model_int8_data(loaded.plans_manager.plans, loaded.configuration,
+                                            loaded.dataset_json, loaded.in_channels, loaded.patch_size,
+                                            run.int8_calibration)
             module, info = prepare_network(loaded.network, loaded.patch_size, loaded.in_channels,
                                            predictor.device, run, model_cache_dir(folder, self.cache_dir),
-                                           progress=self.progress)
+                                           progress=self.progress, int8_data=int8_data)
             loaded.parameters = [module.state_dict()]  # {}: the weights are compiled into the engine
         if quality[0] is None and not spec.is_original:
             quality = _curve_quality(folder, loaded, self.cache_dir, folder / f"fold_{folds[0]}" / checkpoint_name)

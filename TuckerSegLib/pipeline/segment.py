@@ -23,7 +23,7 @@ from TuckerSegLib.errors import InputError, TuckerSegError
 from TuckerSegLib.inputs import check_input
 from TuckerSegLib.pipeline.predictor_hook import compressed_predictors
 from TuckerSegLib.progress import JsonProgress, NullProgress, Progress
-from TuckerSegLib.specs import DEFAULT_MIN_AGREEMENT, CompressionSpec, RunSpec, check_mode
+from TuckerSegLib.specs import DEFAULT_MIN_AGREEMENT, INT8_MIN_AGREEMENT, CompressionSpec, RunSpec, check_mode
 
 
 @dataclass
@@ -201,7 +201,7 @@ def segment(input: Union[str, Path], output: Union[str, Path],
     roi_subset = list(roi_subset) if roi_subset else None
 
     given = _compressed_models_by_source(compressed_models)
-    if compression.is_original and run.engine == "auto" and not given:
+    if compression.is_original and run.engine == "auto" and not given and run.precision != "int8":
         # ratio 1.0 promises stock TotalSegmentator voxel for voxel: PyTorch runs exactly what
         # stock nnU-Net runs, while a compiled engine's float rounding can flip near-tied voxels.
         run = replace(run, engine="torch")
@@ -302,8 +302,10 @@ def segment_api(input: Union[str, Path], output: Union[str, Path], ratio: Option
                 fast: bool = False, fastest: bool = False, roi_subset: Optional[Sequence[str]] = None,
                 ml: Optional[bool] = None, device: str = "auto", engine: str = "auto", precision: str = "auto",
                 layer_forms: str = "auto", validate_on: Sequence[Union[str, Path]] = (),
+                int8_min_agreement: float = INT8_MIN_AGREEMENT, int8_calibration: Sequence[str] = (),
                 **kwargs: Any) -> SegmentResult:
     """``segment`` with plain options, validated into specs here (the Python API's entry point)."""
     return segment(input, output, compression_spec(ratio, min_agreement, policy, validate_on),
-                   RunSpec(engine=engine, precision=precision, layer_forms=layer_forms, device=device),
+                   RunSpec(engine=engine, precision=precision, layer_forms=layer_forms, device=device,
+                           int8_min_agreement=int8_min_agreement, int8_calibration=tuple(int8_calibration)),
                    task=task, mode=check_mode(fast, fastest), roi_subset=roi_subset, ml=ml, **kwargs)
