@@ -98,9 +98,6 @@ def run(args: argparse.Namespace, progress) -> int:
         raise InputError("--max-minutes must be positive")
     if args.topk < 0 or args.val_patches < 0:
         raise InputError("--topk and --val-patches must be 0 or more")
-    if args.labels is not None and args.recipe == "fast":
-        raise InputError("--labels trains on labelled patches, which the fast recipe does not cache; "
-                         "add --recipe classic")
     crop = None
     if args.crop:
         try:

@@ -58,7 +58,7 @@ class DistillConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     # -- the fast recipe (``recipe="fast"``; see the module docstring) ----------------------
-    recipe: str = "classic"  # classic: teacher every step on full patches; fast: cached pool
+    recipe: str = "fast"  # fast: cached pool of teacher answers; classic: teacher every step
     pool: int = 64  # training patches in the teacher cache
     topk: int = 0  # classes stored per voxel; 0: all up to 16 classes, else 8
     exact_cache: bool = False  # store log-probabilities in float32 (tests) instead of float16

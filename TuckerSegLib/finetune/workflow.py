@@ -127,6 +127,9 @@ def finetune(model: PathLike, images: Sequence[PathLike], output: PathLike,
 
     progress = progress or NullProgress()
     config = config or DistillConfig()
+    if labels_dir is not None and config.recipe == "fast":
+        raise InputError("--labels trains on labelled patches, which the fast recipe does not cache; "
+                         "add --recipe classic")
     if init not in ("calibrated", "hosvd"):
         raise InputError(f"unknown init {init!r}; use calibrated or hosvd")
     output = Path(output)
