@@ -123,7 +123,7 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--train-params", default="all", choices=["all", "factors"])
-    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--compile", default="off", choices=["auto", "on", "off"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("distill_out"))

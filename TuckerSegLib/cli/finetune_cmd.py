@@ -33,9 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="factors of the new student: data-aware from the CTs (default) or plain HOSVD")
     parser.add_argument("--recipe", choices=("fast", "classic"), default="fast",
                         help="fast (default): the original's answers computed once for a pool of "
-                             "smaller crops and stored, bf16 where the CPU/GPU has it, torch.compile "
-                             "on CUDA; classic: the original runs on every step on whole patches, "
-                             "with stage-feature MSE")
+                             "smaller crops and stored, bf16 where the CPU/GPU has it; classic: the "
+                             "original runs on every step on whole patches, with stage-feature MSE")
     parser.add_argument("--steps", type=int, default=d.steps, help=f"at most this many training steps (default {d.steps})")
     parser.add_argument("--until-agreement", type=float, default=None, metavar="A",
                         help="stop once mean Dice against the original on the validation patches "
@@ -56,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-params", choices=("all", "factors"), default=d.train_params,
                         help="train all weights (default) or only the factorised layers' factors and cores")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default=d.compile,
-                        help="torch.compile the student (auto: on CUDA with the fast recipe)")
+                        help="torch.compile the student (auto: on CUDA with the fast recipe; default off: its "
+                             "compile time is paid inside --max-minutes and its gain is not measured yet)")
     parser.add_argument("--val-patches", type=int, default=4,
                         help="validation patches (model patch size) for the agreement read-out (default 4)")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate, cosine-decayed (default {d.lr:g})")

@@ -8,10 +8,18 @@ keep their names through Tucker surgery), and nnU-Net's Dice + CE against the te
 (pseudo labels: Dice weighs small structures as much as large ones, which the voxel-averaged KL
 does not). With labels, nnU-Net's own Dice + CE loss is added.
 
+Two recipes. ``classic`` runs the teacher on every step on whole patches and adds the feature MSE.
+``fast`` (the default) draws a pool of smaller crops once, stores the teacher's top-k answers
+(``teacher_cache``), then each step runs only the student, in bf16 autocast where the hardware has
+it, optionally training only the factorised layers; it has no feature term (features are not
+cached). Both stop early at a held-out agreement (``until_agreement``) or a wall-time cap
+(``max_minutes``), saving a checkpoint where they stop.
+
 Training is resumable: every ``checkpoint_every`` steps the work folder gets a checkpoint of
 safetensors (student weights, Adam moments) and JSON (step, loss curve, sampler state, Adam's
 scalars). ``resume=True`` restores the latest and continues the same trajectory: the patch
-sampler's random state is part of the checkpoint, and the learning rate depends only on the step.
+sampler's and the pool's random states are part of the checkpoint, the pool itself is saved in the
+work folder, and the learning rate depends only on the step.
 """
 from __future__ import annotations
 
@@ -65,7 +73,7 @@ class DistillConfig:
     cache_teacher: bool = True  # False: rerun the teacher on the pool's patches every step
     precision: str = "auto"  # student training: auto (bf16 where the CPU/GPU has it), f32, bf16, fp16
     train_params: str = "all"  # all, or factors (only the factorised layers' weights)
-    compile: str = "auto"  # torch.compile the student: auto (CUDA only), on, off
+    compile: str = "off"  # torch.compile the student: off, on, auto (on CUDA only); not measured yet
     # -- stopping -------------------------------------------------------------------------------
     until_agreement: Optional[float] = None  # stop once held-out mean Dice reaches this
     max_minutes: Optional[float] = None  # stop (and save) before this much wall time is spent
@@ -397,6 +405,7 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
     stopped = "steps"
     train_t0 = time.perf_counter()
     step_times: List[float] = []
+    cpu_times: List[float] = []  # process CPU seconds per step (steady under other load, unlike wall time)
     last_eval = agreement_curve[-1] if agreement_curve else None
 
     def checkpoint(done: int) -> None:
@@ -414,7 +423,7 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
                 if time.perf_counter() + expected > deadline:
                     stopped = "time"
                     break
-            ts = time.perf_counter()
+            ts, cs = time.perf_counter(), time.process_time()
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step)
             loss = fast_loss() if fast else classic_loss()
@@ -429,6 +438,7 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
                                  f"lower --lr")
             loss_curve.append(value)
             step_times.append(time.perf_counter() - ts)
+            cpu_times.append(time.process_time() - cs)
             done = step + 1
             reached = False
             if (val_patches is not None and config.until_agreement is not None
@@ -474,7 +484,8 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
     extra = {"last_checkpoint": last_saved, "precision": precision, "compiled": use_compile,
              "train_params": config.train_params, "train_seconds": round(train_seconds, 2),
              "steps_run": len(step_times),
-             "steps_per_second": round(len(step_times) / sum(step_times), 4) if step_times else None}
+             "steps_per_second": round(len(step_times) / sum(step_times), 4) if step_times else None,
+             "cpu_seconds_per_step": round(sum(cpu_times) / len(cpu_times), 3) if cpu_times else None}
     if cache is not None:
         extra["teacher_cache"] = {"patches": len(cache), "crop": list(sampler.patch_size), "topk": cache.k,
                                   "classes": cache.num_classes, "mib": round(cache.nbytes / 2 ** 20, 1),
