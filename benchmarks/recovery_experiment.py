@@ -136,7 +136,8 @@ def run_case(name: str, model_dir: Path, train: List[Path], evaluate: List[Path]
     # "uniform zero-shot -> data-aware factors -> distilled" differ only in how weights were found
     start_key = "uniform ranks, data-aware factors"
     with tempfile.TemporaryDirectory() as work:
-        config = DistillConfig(steps=steps, lr=1e-3, batch_size=2, checkpoint_every=max(steps, 1))
+        config = DistillConfig(steps=steps, lr=1e-3, batch_size=2, checkpoint_every=max(steps, 1),
+                               recipe="classic")
         student = copy.deepcopy(variants[start_key].network)
         td = time.perf_counter()
         res = distill(net, student, PatchSampler(cases, patch, seed=2), config, Path(work))

@@ -156,7 +156,7 @@ def _setup_distill(tiny, data, ratio=0.3):
 
 def test_short_distillation_lowers_loss_and_raises_agreement(tiny, data, tmp_path):
     cases, held_out, student = _setup_distill(tiny, data)
-    config = DistillConfig(steps=40, lr=2e-3, batch_size=2, checkpoint_every=100)
+    config = DistillConfig(steps=40, lr=2e-3, batch_size=2, checkpoint_every=100, recipe="classic")
     res = distill(tiny.network, student, PatchSampler(cases, PATCH, seed=0), config, tmp_path / "work",
                   val_patches=held_out)
     first, last = np.mean(res.loss_curve[:5]), np.mean(res.loss_curve[-5:])
@@ -181,7 +181,7 @@ class _StopAt(Progress):
 def test_resume_continues_from_last_checkpoint(tiny, data, tmp_path):
     cases, _, student = _setup_distill(tiny, data, ratio=0.5)
     initial = {k: v.clone() for k, v in student.state_dict().items()}
-    config = DistillConfig(steps=6, lr=1e-3, batch_size=1, checkpoint_every=2)
+    config = DistillConfig(steps=6, lr=1e-3, batch_size=1, checkpoint_every=2, recipe="classic")
 
     def fresh_student():
         s = _setup_distill(tiny, data, ratio=0.5)[2]
@@ -268,10 +268,12 @@ def test_supervised_mode_reads_an_nnunet_dataset(tiny, data, tmp_path):
     from TuckerSegLib.finetune.workflow import finetune
 
     summary = finetune(tiny.folder, [], tmp_path / "sup", CompressionSpec(0.5, "uniform"),
-                       config=DistillConfig(steps=2, batch_size=1), labels_dir=ds, init="hosvd", val_patches=1)
+                       config=DistillConfig(steps=2, batch_size=1, recipe="classic"), labels_dir=ds,
+                       init="hosvd", val_patches=1)
     assert summary["labels"] == str(ds) and summary["data"] == ["case0_0000.nii.gz", "case1_0000.nii.gz"]
     with pytest.raises(InputError, match="imagesTr"):
-        finetune(tiny.folder, [], tmp_path / "sup2", CompressionSpec(0.5), labels_dir=tmp_path)
+        finetune(tiny.folder, [], tmp_path / "sup2", CompressionSpec(0.5), labels_dir=tmp_path,
+                 config=DistillConfig(recipe="classic"))
 
 
 def test_preprocessing_matches_nnunet_predictor_input(tiny, shared_data):
@@ -332,3 +334,124 @@ def test_distilled_totalseg_model_is_used_by_segment(shared_data, tmp_path, monk
     assert used["compressed_model"] == str(out)
     assert used["params"] == manifest["report"]["compressed"]["params"]
     assert nib.load(str(tmp_path / "seg.nii.gz")).shape == nib.load(str(ct)).shape
+
+
+# -- the fast recipe: cached teacher answers, crops, early stop ------------------------------------
+
+CROP = (16, 16, 16)  # the tiny network's stride is 8
+
+
+def _fast(**kw) -> DistillConfig:
+    base = dict(steps=6, lr=2e-3, batch_size=2, checkpoint_every=100, recipe="fast", pool=8,
+                precision="f32")
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def test_topk_soft_target_loss_is_kl_when_all_classes_are_kept():
+    from TuckerSegLib.finetune.distill import kd_loss
+    from TuckerSegLib.finetune.teacher_cache import kd_loss_topk, topk_targets
+
+    gen = torch.Generator().manual_seed(0)
+    t, s = torch.randn(2, 5, 4, 4, 4, generator=gen) * 3, torch.randn(2, 5, 4, 4, 4, generator=gen)
+    for temp in (1.0, 2.0):
+        lp, ix = topk_targets(t, 5, temp, torch.float32)
+        torch.testing.assert_close(kd_loss_topk(s, lp, ix, temp), kd_loss(s, t, temp))
+        assert (ix[:, 0] == t.argmax(1)).all()
+    lp, ix = topk_targets(t, 2, 1.0, torch.float32)  # coarser partition: KL can only shrink
+    assert 0 <= float(kd_loss_topk(s, lp, ix)) <= float(kd_loss(s, t, 1.0)) + 1e-6
+    assert float(kd_loss_topk(t, lp, ix)) < 1e-6  # the teacher itself: zero loss
+
+
+def test_cached_teacher_answers_give_the_same_first_steps_as_recomputed(tiny, data, tmp_path):
+    cases, _, student = _setup_distill(tiny, data)
+    init = {k: v.clone() for k, v in student.state_dict().items()}
+    runs = {}
+    for name, kw in {"recomputed": dict(cache_teacher=False, exact_cache=True),
+                     "cached": dict(exact_cache=True), "cached_fp16": dict(topk=2)}.items():
+        s = _setup_distill(tiny, data)[2]
+        s.load_state_dict(init)
+        runs[name] = distill(tiny.network, s, PatchSampler(cases, CROP, seed=1), _fast(steps=3, **kw),
+                             tmp_path / name)
+    np.testing.assert_allclose(runs["cached"].loss_curve, runs["recomputed"].loss_curve, rtol=1e-5)
+    assert runs["cached"].extra["teacher_cache"]["topk"] == 4  # all classes of the tiny model
+    # float16 top-2 answers: close to the exact ones, not equal
+    np.testing.assert_allclose(runs["cached_fp16"].loss_curve[0], runs["cached"].loss_curve[0], rtol=0.1)
+
+
+def test_fast_recipe_lowers_loss_and_raises_held_out_agreement(tiny, data, tmp_path):
+    cases, held_out, student = _setup_distill(tiny, data)
+    res = distill(tiny.network, student, PatchSampler(cases, CROP, seed=0), _fast(steps=40, pool=16),
+                  tmp_path / "work", val_patches=held_out)
+    first, last = np.mean(res.loss_curve[:5]), np.mean(res.loss_curve[-5:])
+    assert last < 0.8 * first, (first, last)
+    before, after = res.agreement_before, res.agreement_after
+    assert after["mean_dice"] > before["mean_dice"] + 0.02, (before, after)
+    assert res.extra["teacher_cache"]["crop"] == list(CROP) and res.extra["steps_per_second"] > 0
+
+
+def test_fast_resume_equals_an_uninterrupted_run(tiny, data, tmp_path):
+    cases, _, student = _setup_distill(tiny, data, ratio=0.5)
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    config = _fast(steps=6, checkpoint_every=2)
+
+    def fresh_student():
+        s = _setup_distill(tiny, data, ratio=0.5)[2]
+        s.load_state_dict(initial)
+        return s
+
+    from TuckerSegLib.compression.ct_patches import Augment
+
+    def sampler(seed=4):  # augmented transfer set: its random state must survive the restart too
+        return PatchSampler(cases, CROP, seed=seed, augment=Augment())
+
+    full = distill(tiny.network, fresh_student(), sampler(), config, tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        distill(tiny.network, fresh_student(), sampler(), config, tmp_path / "b",
+                progress=_StopAt(5, config.steps))
+    resumed = distill(tiny.network, fresh_student(), sampler(seed=999), config, tmp_path / "b",
+                      resume=True)
+    assert resumed.resumed_from == 4 and resumed.loss_curve[:4] == full.loss_curve[:4]
+    np.testing.assert_allclose(resumed.loss_curve[4:], full.loss_curve[4:], rtol=1e-5)
+    for (k, a), b in zip(full.network.state_dict().items(), resumed.network.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_until_agreement_and_max_minutes_stop_and_save_a_resumable_checkpoint(tiny, data, tmp_path):
+    cases, held_out, student = _setup_distill(tiny, data)
+    res = distill(tiny.network, student, PatchSampler(cases, CROP), _fast(steps=50, until_agreement=0.0,
+                  eval_every=2), tmp_path / "a", val_patches=held_out)
+    assert res.stopped == "agreement" and res.steps == 2 and res.agreement_curve[0]["step"] == 2
+    assert [p.name for p in list_checkpoints(tmp_path / "a")] == ["step_000002"]
+    res = distill(tiny.network, student, PatchSampler(cases, CROP), _fast(steps=50, max_minutes=1e-9),
+                  tmp_path / "b")
+    assert res.stopped == "time" and res.steps == 1
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step_000001"]
+    res = distill(tiny.network, student, PatchSampler(cases, CROP), _fast(steps=3), tmp_path / "b",
+                  resume=True)
+    assert res.resumed_from == 1 and res.steps == 3 and res.stopped == "steps"
+
+
+def test_finetune_fast_with_phantoms_records_what_it_trained_and_validated_on(tiny, data, tmp_path, capsys):
+    _, cts = data
+    out = tmp_path / "fast"
+    code = main(["finetune", str(tiny.folder), "-i", str(cts[0]), "--phantoms", "1", "--augment",
+                 "--ratio", "0.5", "--policy", "uniform", "--steps", "4", "--crop", "16x16x16", "--pool", "4",
+                 "--val", str(cts[2]), "--val-patches", "2", "--until-agreement", "1.0", "--eval-every", "2",
+                 "-o", str(out), "--progress", "none"])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "fast recipe" in printed and "1 phantom(s)" in printed and "held-out CTs" in printed
+    fin = load_compressed(out).manifest["report"]["finetune"]
+    assert fin["recipe"] == "fast" and fin["stopped"] in ("steps", "agreement")
+    ts = fin["transfer_set"]
+    assert ts["cts"] == [cts[0].name] and ts["phantoms"] == 1 and ts["augmentation"] and ts["crop"] == [16] * 3
+    assert ts["teacher_cache"]["patches"] == 4
+    val = fin["validation"]
+    assert val["held_out"] is True and val["data"] == [cts[2].name] and val["patches"] == 2
+    assert val["patch_size"] == list(PATCH) and 0 <= val["after"]["mean_dice"] <= 1
+    assert [e["step"] for e in fin["agreement_curve"]] == [2, 4]
+    # the fast recipe caches no labels
+    code = main(["finetune", str(tiny.folder), "--labels", str(tmp_path), "--ratio", "0.5", "-o",
+                 str(tmp_path / "x"), "--progress", "none"])
+    assert code == 2 and "--recipe classic" in capsys.readouterr().err

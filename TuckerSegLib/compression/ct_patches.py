@@ -124,21 +124,46 @@ def labelled_dataset(dataset_dir: Union[str, Path]) -> Tuple[List[Path], List[Pa
     return images, labels
 
 
+@dataclass(frozen=True)
+class Augment:
+    """Intensity and geometry augmentation of unlabelled training patches (a transfer set).
+
+    The teacher labels whatever the student sees, so augmented patches need no labels; they only
+    need to stay near the CTs the model will meet. Per patch: a zoom in ``zoom`` (a crop of
+    ``patch / zoom`` voxels resampled trilinearly to the patch), optional flips along ``flip_axes``,
+    then on the normalised intensities ``x * scale + shift`` (scale in ``1 +- scale``, shift in
+    ``+- shift``) and Gaussian noise of standard deviation up to ``noise``.
+    """
+
+    zoom: Tuple[float, float] = (0.85, 1.15)
+    flip_axes: Tuple[int, ...] = ()
+    scale: float = 0.1
+    shift: float = 0.1
+    noise: float = 0.05
+
+    def as_dict(self) -> dict:
+        return {"zoom": list(self.zoom), "flip_axes": list(self.flip_axes), "scale": self.scale,
+                "shift": self.shift, "noise": self.noise}
+
+
 class PatchSampler:
     """Random patches of ``patch_size`` from preprocessed cases; resumable through ``state``.
 
     A fraction ``foreground`` of patches is centred on a random labelled voxel where the case
     has labels (as nnU-Net's trainer oversamples foreground); the others are placed uniformly.
     Volumes smaller than the patch are zero padded (nnU-Net pads with 0 after normalisation too).
+    With ``augment`` (unlabelled cases only) each patch is zoomed, flipped and its intensities
+    varied as ``Augment`` says; every random choice comes from the sampler's own generator.
     """
 
     def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], seed: int = 0,
-                 foreground: float = 0.0):
+                 foreground: float = 0.0, augment: Optional[Augment] = None):
         if not cases:
             raise InputError("no preprocessed CT to sample patches from")
         self.cases = list(cases)
         self.patch_size = tuple(int(p) for p in patch_size)
         self.foreground = float(foreground)
+        self.augment = augment
         self.rng = np.random.default_rng(seed)
         self._fg: Dict[int, np.ndarray] = {}
 
@@ -191,11 +216,40 @@ class PatchSampler:
             y[(slice(None), *dst)] = np.maximum(case.seg[(slice(None), *src)], 0)  # -1 (outside crop) -> 0
         return x, y
 
+    def _augmented(self, i: int) -> Tuple[np.ndarray, None]:
+        """One augmented patch of case ``i`` (zoom, flips, intensity, noise)."""
+        aug, rng, target = self.augment, self.rng, self.patch_size
+        zoom = float(rng.uniform(*aug.zoom))
+        size = tuple(max(2, int(round(p / zoom))) for p in target)
+        saved, self.patch_size = self.patch_size, size
+        try:
+            x, _ = self.crop(i, self._corner(i))
+        finally:
+            self.patch_size = saved
+        t = torch.from_numpy(x)[None]
+        if size != target:
+            t = torch.nn.functional.interpolate(t, size=target, mode="trilinear", align_corners=False)
+        flips = [a + 2 for a in aug.flip_axes if rng.random() < 0.5]
+        if flips:
+            t = torch.flip(t, flips)
+        scale = 1.0 + float(rng.uniform(-aug.scale, aug.scale))
+        shift = float(rng.uniform(-aug.shift, aug.shift))
+        t = t * scale + shift
+        if aug.noise > 0:
+            sigma = float(rng.uniform(0, aug.noise))
+            noise = np.random.default_rng(int(rng.integers(2 ** 63))).standard_normal(t.shape, dtype=np.float32)
+            t = t + sigma * torch.from_numpy(noise)
+        return np.ascontiguousarray(t[0].numpy(), dtype=np.float32), None
+
     def sample(self, batch_size: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(images (B, C, *patch), labels (B, 1, *patch) or None)``."""
         xs, ys = [], []
         for _ in range(batch_size):
             i = int(self.rng.integers(len(self.cases)))
+            if self.augment is not None and self.cases[i].seg is None:
+                xs.append(self._augmented(i)[0])
+                ys.append(None)
+                continue
             x, y = self.crop(i, self._corner(i))
             xs.append(x)
             ys.append(y)
@@ -203,10 +257,34 @@ class PatchSampler:
         return torch.from_numpy(np.stack(xs)), labels
 
     def fixed_patches(self, count: int, seed: int = 12345) -> torch.Tensor:
-        """``count`` patches drawn with their own generator (held-out / calibration sets)."""
-        saved = self.rng
-        self.rng = np.random.default_rng(seed)
+        """``count`` patches drawn with their own generator (held-out / calibration sets), never
+        augmented."""
+        saved, saved_aug = self.rng, self.augment
+        self.rng, self.augment = np.random.default_rng(seed), None
         try:
             return self.sample(count)[0]
         finally:
-            self.rng = saved
+            self.rng, self.augment = saved, saved_aug
+
+
+def network_stride(network: torch.nn.Module, ndim: int = 3) -> Tuple[int, ...]:
+    """Total downsampling of a U-Net encoder per axis (product of its stage strides); 1s if unknown."""
+    strides = getattr(getattr(network, "encoder", None), "strides", None)
+    total = [1] * ndim
+    for s in strides or []:
+        s = [int(s)] * ndim if np.isscalar(s) else [int(v) for v in s]
+        total = [a * b for a, b in zip(total, s)]
+    return tuple(total)
+
+
+def training_crop(patch_size: Sequence[int], stride: Sequence[int], fraction: float = 0.5,
+                  minimum: int = 32) -> Tuple[int, ...]:
+    """A training crop: ``fraction`` of the model's patch per axis, a multiple of the network's
+    total stride (so every stage sees whole voxels), at least ``minimum`` (or the stride) voxels
+    and at most the patch."""
+    crop = []
+    for p, s in zip(patch_size, stride):
+        c = int(round(p * fraction / s)) * s
+        c = max(c, int(np.ceil(minimum / s)) * s, s)
+        crop.append(min(c, int(p)) if p >= s else int(p))
+    return tuple(crop)

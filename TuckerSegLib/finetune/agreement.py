@@ -43,3 +43,20 @@ def patch_agreement(teacher: nn.Module, student: nn.Module, patches: torch.Tenso
     t, s = torch.cat(t_all), torch.cat(s_all)
     n_classes = int(max(t.max(), s.max())) + 1
     return {"voxel_agreement": float((t == s).float().mean()), "mean_dice": mean_dice(s, t, n_classes)}
+
+
+@torch.no_grad()
+def label_agreement(student: nn.Module, patches: torch.Tensor, teacher_labels: torch.Tensor,
+                    device: Optional[torch.device] = None, batch_size: int = 1) -> Dict[str, float]:
+    """``patch_agreement`` against the teacher's label maps computed beforehand (full precision)."""
+    device = device or next(student.parameters()).device
+    was = student.training
+    student.eval()
+    try:
+        s = torch.cat([student(patches[i:i + batch_size].to(device)).argmax(1).cpu()
+                       for i in range(0, len(patches), batch_size)])
+    finally:
+        student.train(was)
+    t = teacher_labels.long()
+    n_classes = int(max(t.max(), s.max())) + 1
+    return {"voxel_agreement": float((t == s).float().mean()), "mean_dice": mean_dice(s, t, n_classes)}

@@ -8,10 +8,18 @@ keep their names through Tucker surgery), and nnU-Net's Dice + CE against the te
 (pseudo labels: Dice weighs small structures as much as large ones, which the voxel-averaged KL
 does not). With labels, nnU-Net's own Dice + CE loss is added.
 
+Two recipes. ``classic`` runs the teacher on every step on whole patches and adds the feature MSE.
+``fast`` (the default) draws a pool of smaller crops once, stores the teacher's top-k answers
+(``teacher_cache``), then each step runs only the student, in bf16 autocast where the hardware has
+it, optionally training only the factorised layers; it has no feature term (features are not
+cached). Both stop early at a held-out agreement (``until_agreement``) or a wall-time cap
+(``max_minutes``), saving a checkpoint where they stop.
+
 Training is resumable: every ``checkpoint_every`` steps the work folder gets a checkpoint of
 safetensors (student weights, Adam moments) and JSON (step, loss curve, sampler state, Adam's
 scalars). ``resume=True`` restores the latest and continues the same trajectory: the patch
-sampler's random state is part of the checkpoint, and the learning rate depends only on the step.
+sampler's and the pool's random states are part of the checkpoint, the pool itself is saved in the
+work folder, and the learning rate depends only on the step.
 """
 from __future__ import annotations
 
@@ -30,7 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from TuckerSegLib.errors import InputError
-from TuckerSegLib.finetune.agreement import patch_agreement
+from TuckerSegLib.finetune.agreement import label_agreement, patch_agreement
+from TuckerSegLib.finetune.teacher_cache import (CACHE_DIR, TeacherCache, autocast, kd_loss_topk,
+                                                 teacher_labels, topk_targets)
 from TuckerSegLib.compression.ct_patches import PatchSampler
 from TuckerSegLib.progress import NullProgress, Progress
 
@@ -55,6 +65,19 @@ class DistillConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     seed: int = 0
+    # -- the fast recipe (``recipe="fast"``; see the module docstring) ----------------------
+    recipe: str = "fast"  # fast: cached pool of teacher answers; classic: teacher every step
+    pool: int = 64  # training patches in the teacher cache
+    topk: int = 0  # classes stored per voxel; 0: all up to 16 classes, else 8
+    exact_cache: bool = False  # store log-probabilities in float32 (tests) instead of float16
+    cache_teacher: bool = True  # False: rerun the teacher on the pool's patches every step
+    precision: str = "auto"  # student training: auto (bf16 where the CPU/GPU has it), f32, bf16, fp16
+    train_params: str = "all"  # all, or factors (only the factorised layers' weights)
+    compile: str = "off"  # torch.compile the student: off, on, auto (on CUDA only); not measured yet
+    # -- stopping -------------------------------------------------------------------------------
+    until_agreement: Optional[float] = None  # stop once held-out mean Dice reaches this
+    max_minutes: Optional[float] = None  # stop (and save) before this much wall time is spent
+    eval_every: int = 25  # steps between held-out agreement checks (with until_agreement)
 
     def lr_at(self, step: int) -> float:
         """Cosine schedule; a function of the step only, so that resumed runs match."""
@@ -73,6 +96,8 @@ class DistillResult:
     seconds: float = 0.0
     resumed_from: Optional[int] = None
     extra: dict = field(default_factory=dict)
+    stopped: str = "steps"  # steps, agreement (--until-agreement reached) or time (--max-minutes)
+    agreement_curve: List[dict] = field(default_factory=list)  # [{step, seconds, mean_dice, ...}]
 
 
 def feature_layer_names(network: nn.Module) -> List[str]:
@@ -201,31 +226,94 @@ def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optim
 
 # -- training ------------------------------------------------------------------------------------
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on CUDA with bf16 and on CPUs with native bf16 (AVX-512 BF16 / AMX), else f32."""
+    if precision not in ("auto", "f32", "bf16", "fp16"):
+        raise InputError(f"unknown precision {precision!r}; use auto, f32, bf16 or fp16")
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise InputError("fp16 training needs a GPU; use bf16 or f32 on a CPU")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        try:
+            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "f32"
+        except (AttributeError, RuntimeError):
+            return "f32"
+    return "f32"
+
+
+def trainable_parameters(student: nn.Module, which: str) -> List[nn.Parameter]:
+    """``all`` parameters, or only those of factorised layers (``factors``: first, core, last)."""
+    from TuckerSegLib.network.tucker_conv import TuckerConv
+
+    if which == "all":
+        return list(student.parameters())
+    if which != "factors":
+        raise InputError(f"unknown train_params {which!r}; use all or factors")
+    params = [p for m in student.modules() if isinstance(m, TuckerConv) for p in m.parameters()]
+    if not params:
+        raise InputError("the student has no factorised layers to train; use train_params='all'")
+    return params
+
+
+def _teacher_fingerprint(teacher: nn.Module) -> List[float]:
+    with torch.no_grad():
+        return [len(list(teacher.parameters())),
+                round(float(sum(p.double().abs().sum() for p in teacher.parameters())), 6)]
+
+
+def _fmt_minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
 def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, config: DistillConfig,
             work_dir: Path, device: torch.device = torch.device("cpu"), resume: bool = False,
             val_patches: Optional[torch.Tensor] = None, progress: Optional[Progress] = None,
-            run_info: Optional[dict] = None) -> DistillResult:
+            run_info: Optional[dict] = None, started_at: Optional[float] = None) -> DistillResult:
     """Train ``student`` (in place) to match ``teacher`` on patches from ``sampler``.
 
-    ``val_patches`` (held-out patches) are used to report agreement before and after.
-    ``run_info`` is stored in every checkpoint (e.g. the student's ranks) for the caller.
+    ``val_patches`` (held-out patches, at the model's patch size) give the agreement before and
+    after, and the early stop of ``config.until_agreement``. ``run_info`` is stored in every
+    checkpoint (e.g. the student's ranks) for the caller. ``started_at`` (``time.perf_counter()``)
+    is where ``config.max_minutes`` counts from (default: now).
+
+    ``config.recipe``: ``classic`` runs the teacher on every step on ``sampler``'s patches, with
+    soft targets, pseudo labels and stage-feature MSE; ``fast`` draws a pool of ``config.pool``
+    patches from ``sampler`` once (its patch size is the training crop), stores the teacher's
+    top-k answers (``teacher_cache``) and trains on soft targets and pseudo labels in
+    ``config.precision`` (features are not cached: ``feature_weight`` and ``logit_weight`` are not
+    used).
     """
     progress = progress or NullProgress()
     if config.steps < 1:
         raise InputError("--steps must be at least 1")
     if config.batch_size < 1:
         raise InputError("batch size must be at least 1")
+    if config.recipe not in ("classic", "fast"):
+        raise InputError(f"unknown recipe {config.recipe!r}; use fast or classic")
     t0 = time.perf_counter()
+    started_at = t0 if started_at is None else started_at
+    deadline = started_at + 60.0 * config.max_minutes if config.max_minutes else None
     work_dir = Path(work_dir)
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = student.to(device)
-    optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
+    fast = config.recipe == "fast"
+    precision = resolve_precision(config.precision, device) if fast else "f32"
+    params = trainable_parameters(student, config.train_params)
+    trainable = {id(p) for p in params}
+    for p in student.parameters():
+        p.requires_grad_(id(p) in trainable)
+    optimizer = torch.optim.Adam(params, lr=config.lr)
     loss_curve: List[float] = []
+    agreement_curve: List[dict] = []
     start = 0
     resumed_from = None
     before = None
+    meta: dict = {}
     if resume:
         checkpoints = list_checkpoints(work_dir)
         if not checkpoints:
@@ -233,62 +321,174 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
         meta = load_checkpoint(checkpoints[-1], student, optimizer)
         start = resumed_from = int(meta["step"])
         loss_curve = list(meta["loss_curve"])
+        agreement_curve = list(meta.get("agreement_curve", []))
         sampler.state = meta["sampler_state"]
         before = meta.get("agreement_before")
         progress.log(f"resumed from {checkpoints[-1]} (step {start})")
-    if before is None and val_patches is not None:
-        before = patch_agreement(teacher, student, val_patches, device)
 
-    names = feature_layer_names(student) if config.feature_weight > 0 else []
+    val_labels = teacher_labels(teacher, val_patches, device) if val_patches is not None else None
+
+    def evaluate() -> Dict[str, float]:
+        return label_agreement(student, val_patches, val_labels, device)
+
+    if before is None and val_patches is not None:
+        before = evaluate()
+
+    # -- the source of (input, teacher answer) per step ---------------------------------------
+    cache: Optional[TeacherCache] = None
+    if fast:
+        signature = {"pool": config.pool, "topk": config.topk, "exact": config.exact_cache,
+                     "temperature": config.temperature, "seed": config.seed,
+                     "crop": list(sampler.patch_size), "cases": [c.name for c in sampler.cases],
+                     "augment": sampler.augment.as_dict() if sampler.augment is not None else None,
+                     "teacher": _teacher_fingerprint(teacher)}
+        cache = TeacherCache.load(work_dir / CACHE_DIR, signature) if resume else None
+        if cache is None:
+            if resume:
+                progress.log("teacher cache missing or different: rebuilding it")
+            saved_state = sampler.state
+            progress.update(0.0, f"teacher answers for {config.pool} patches of {list(sampler.patch_size)}")
+            cache = TeacherCache.build(
+                teacher, lambda n: sampler.sample(n)[0], config.pool, config.topk, config.temperature, device,
+                precision="f32", batch_size=config.batch_size, exact=config.exact_cache,
+                seed=config.seed + 40_000,
+                on_batch=lambda d, n: progress.update(0.0, f"teacher answers: {d}/{n} patches"))
+            sampler.state = saved_state
+            cache.save(work_dir / CACHE_DIR, signature)
+            progress.log(f"teacher cache: {len(cache)} patches of {list(sampler.patch_size)}, top-{cache.k} "
+                         f"of {cache.num_classes} classes, {cache.nbytes / 2 ** 20:.0f} MiB, "
+                         f"{cache.seconds:.1f} s")
+        if resume and "pool_state" in meta:
+            cache.state = meta["pool_state"]
+
+    names = feature_layer_names(student) if (config.feature_weight > 0 and not fast) else []
     tap_t = _FeatureTap(teacher, names) if names else None
     tap_s = _FeatureTap(student, names) if names else None
     supervised = _supervised_loss() if config.supervised_weight > 0 else None
     pseudo = _supervised_loss() if config.pseudo_label_weight > 0 else None
+    use_compile = config.compile == "on" or (config.compile == "auto" and device.type == "cuda" and fast)
+    forward = torch.compile(student) if use_compile else student
+
+    def classic_loss() -> torch.Tensor:
+        x, y = sampler.sample(config.batch_size)
+        x = x.to(device)
+        with torch.no_grad():
+            t_logits = teacher(x)
+        s_logits = forward(x)
+        loss = config.kd_weight * kd_loss(s_logits, t_logits, config.temperature)
+        if config.logit_weight > 0:
+            loss = loss + config.logit_weight * F.mse_loss(s_logits, t_logits)
+        if tap_s is not None:
+            feat = sum(F.mse_loss(tap_s.outputs[n], tap_t.outputs[n]) for n in names) / len(names)
+            loss = loss + config.feature_weight * feat
+        if pseudo is not None:
+            loss = loss + config.pseudo_label_weight * pseudo(s_logits, t_logits.argmax(1, keepdim=True))
+        if supervised is not None and y is not None:
+            loss = loss + config.supervised_weight * supervised(s_logits, y.to(device))
+        return loss
+
+    def fast_loss() -> torch.Tensor:
+        x, t_logp, t_idx = cache.batch(cache.draw(config.batch_size), device)
+        if not config.cache_teacher:  # ablation / test: the same patches, teacher recomputed
+            with torch.no_grad():
+                t_logp, t_idx = topk_targets(teacher(x), cache.k, config.temperature, cache.logp.dtype)
+        with autocast(device, precision):
+            s_logits = forward(x)
+        s_logits = s_logits.float()
+        loss = config.kd_weight * kd_loss_topk(s_logits, t_logp, t_idx, config.temperature)
+        if pseudo is not None:
+            loss = loss + config.pseudo_label_weight * pseudo(s_logits, t_idx[:, :1].long())
+        return loss
+
     student.train()
     last_saved = start
+    stopped = "steps"
+    train_t0 = time.perf_counter()
+    step_times: List[float] = []
+    cpu_times: List[float] = []  # process CPU seconds per step (steady under other load, unlike wall time)
+    last_eval = agreement_curve[-1] if agreement_curve else None
+
+    def checkpoint(done: int) -> None:
+        state = {"loss_curve": loss_curve, "sampler_state": sampler.state, "config": asdict(config),
+                 "agreement_before": before, "agreement_curve": agreement_curve,
+                 "run_info": run_info or {}}
+        if cache is not None:
+            state["pool_state"] = cache.state
+        save_checkpoint(work_dir, done, student, optimizer, state, keep=config.keep_checkpoints)
+
     try:
         for step in range(start, config.steps):
+            if deadline is not None and step_times:
+                expected = sorted(step_times[-20:])[len(step_times[-20:]) // 2]
+                if time.perf_counter() + expected > deadline:
+                    stopped = "time"
+                    break
+            ts, cs = time.perf_counter(), time.process_time()
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step)
-            x, y = sampler.sample(config.batch_size)
-            x = x.to(device)
-            with torch.no_grad():
-                t_logits = teacher(x)
-            s_logits = student(x)
-            loss = config.kd_weight * kd_loss(s_logits, t_logits, config.temperature)
-            if config.logit_weight > 0:
-                loss = loss + config.logit_weight * F.mse_loss(s_logits, t_logits)
-            if tap_s is not None:
-                feat = sum(F.mse_loss(tap_s.outputs[n], tap_t.outputs[n]) for n in names) / len(names)
-                loss = loss + config.feature_weight * feat
-            if pseudo is not None:
-                loss = loss + config.pseudo_label_weight * pseudo(s_logits, t_logits.argmax(1, keepdim=True))
-            if supervised is not None and y is not None:
-                loss = loss + config.supervised_weight * supervised(s_logits, y.to(device))
+            loss = fast_loss() if fast else classic_loss()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise InputError(f"distillation diverged at step {step + 1} (loss {value}); "
                                  f"lower --lr")
             loss_curve.append(value)
+            step_times.append(time.perf_counter() - ts)
+            cpu_times.append(time.process_time() - cs)
             done = step + 1
-            progress.update(done / config.steps, f"step {done}/{config.steps} loss {value:.4f}")
-            if done % config.checkpoint_every == 0 or done == config.steps:
-                save_checkpoint(work_dir, done, student, optimizer,
-                                {"loss_curve": loss_curve, "sampler_state": sampler.state,
-                                 "config": asdict(config), "agreement_before": before,
-                                 "run_info": run_info or {}},
-                                keep=config.keep_checkpoints)
+            reached = False
+            if (val_patches is not None and config.until_agreement is not None
+                    and (done % max(1, config.eval_every) == 0 or done == config.steps)):
+                a = evaluate()
+                last_eval = {"step": done, "seconds": round(time.perf_counter() - t0, 1), **a}
+                agreement_curve.append(last_eval)
+                reached = a["mean_dice"] >= config.until_agreement
+            rate = len(step_times) / max(1e-9, sum(step_times))
+            left = (config.steps - done) / rate
+            if deadline is not None:
+                left = min(left, max(0.0, deadline - time.perf_counter()))
+            text = (f"step {done}/{config.steps} loss {value:.4f} {rate:.2f} steps/s"
+                    + (f" agreement {last_eval['mean_dice']:.3f}" if last_eval else "")
+                    + f" ETA {_fmt_minutes(left)}")
+            progress.update(done / config.steps, text)
+            if done % config.checkpoint_every == 0 or done == config.steps or reached:
+                checkpoint(done)
                 last_saved = done
+            if reached:
+                stopped = "agreement"
+                break
+        if stopped == "time" and loss_curve and last_saved != len(loss_curve):
+            checkpoint(len(loss_curve))
+            last_saved = len(loss_curve)
     finally:
         for tap in (tap_t, tap_s):
             if tap is not None:
                 tap.close()
         student.eval()
-    after = patch_agreement(teacher, student, val_patches, device) if val_patches is not None else None
-    return DistillResult(student, config.steps, loss_curve, before, after, time.perf_counter() - t0,
-                         resumed_from, {"last_checkpoint": last_saved})
+        for p in student.parameters():
+            p.requires_grad_(True)
+    train_seconds = time.perf_counter() - train_t0
+    if val_patches is None:
+        after = None
+    elif last_eval is not None and last_eval["step"] == len(loss_curve):
+        after = {k: last_eval[k] for k in ("voxel_agreement", "mean_dice")}
+    else:
+        after = evaluate()
+    if stopped != "steps":
+        progress.log(f"stopped after {len(loss_curve)} steps: "
+                     + ("held-out agreement reached the target" if stopped == "agreement" else "time cap"))
+    extra = {"last_checkpoint": last_saved, "precision": precision, "compiled": use_compile,
+             "train_params": config.train_params, "train_seconds": round(train_seconds, 2),
+             "steps_run": len(step_times),
+             "steps_per_second": round(len(step_times) / sum(step_times), 4) if step_times else None,
+             "cpu_seconds_per_step": round(sum(cpu_times) / len(cpu_times), 3) if cpu_times else None}
+    if cache is not None:
+        extra["teacher_cache"] = {"patches": len(cache), "crop": list(sampler.patch_size), "topk": cache.k,
+                                  "classes": cache.num_classes, "mib": round(cache.nbytes / 2 ** 20, 1),
+                                  "seconds": round(cache.seconds, 2), "recomputed": not config.cache_teacher}
+    return DistillResult(student, len(loss_curve), loss_curve, before, after, time.perf_counter() - t0,
+                         resumed_from, extra, stopped, agreement_curve)

@@ -20,7 +20,8 @@ from TuckerSegLib.network.surgery import factorise_structure
 from TuckerSegLib.specs import CompressionSpec
 from TuckerSegLib.errors import InputError, ModelError
 from TuckerSegLib.finetune.distill import DistillConfig, distill, list_checkpoints
-from TuckerSegLib.compression.ct_patches import PatchSampler, labelled_dataset, preprocess
+from TuckerSegLib.compression.ct_patches import (Augment, PatchSampler, labelled_dataset, network_stride,
+                                                 preprocess, training_crop)
 from TuckerSegLib.models.nnunet_folder import DEFAULT_CHECKPOINT, NnUNetModel, load_model_folder
 from TuckerSegLib.progress import NullProgress, Progress
 from TuckerSegLib.devices import torch_device
@@ -84,18 +85,41 @@ def default_work_dir(output: Path) -> Path:
     return output.parent / f".{output.name}.finetune-work"
 
 
+PHANTOM_SEED0 = 7_000  # phantom seeds of the transfer set: PHANTOM_SEED0 + i (the demo uses others)
+
+
+def phantom_cts(folder: Path, count: int, seed0: int = PHANTOM_SEED0) -> List[Path]:
+    """``count`` synthetic phantom CTs (``compression.phantom``) written as NIfTI into ``folder``."""
+    from TuckerSegLib.compression.phantom import make_phantom, write_phantom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for seed in range(seed0, seed0 + count):
+        path = folder / f"phantom_{seed}.nii.gz"
+        if not path.is_file():
+            write_phantom(make_phantom(seed), path)
+        out.append(path)
+    return out
+
+
 def finetune(model: PathLike, images: Sequence[PathLike], output: PathLike,
              spec: Optional[CompressionSpec] = None, config: Optional[DistillConfig] = None,
              device: str = "auto", labels_dir: Optional[PathLike] = None, resume: bool = False,
              work_dir: Optional[PathLike] = None, init: str = "calibrated",
              val_images: Sequence[PathLike] = (), val_patches: int = 4,
              fold: Union[int, str] = 0, checkpoint_name: str = DEFAULT_CHECKPOINT,
-             progress: Optional[Progress] = None) -> dict:
+             progress: Optional[Progress] = None, phantoms: int = 0, augment: bool = False,
+             crop: Optional[Sequence[int]] = None) -> dict:
     """Distil a compressed student from its original and write ``output`` (a compressed-model folder).
 
     ``init`` is how a new student is made from an nnU-Net folder: ``calibrated`` (data-aware factors
     from the same CTs) or ``hosvd``. ``labels_dir`` (an nnU-Net raw dataset) adds nnU-Net's Dice+CE
-    loss on its labelled cases. Returns the summary that is also stored as the report's ``finetune``.
+    loss on its labelled cases. The transfer set is ``images`` plus ``phantoms`` synthetic phantom
+    CTs, optionally augmented (``augment``); the teacher labels all of it. ``crop`` is the training
+    patch (default: the model's patch for the classic recipe, half of it per axis, a multiple of the
+    network's stride, for the fast one). Agreement is measured on ``val_patches`` patches (the
+    model's patch size) of ``val_images`` (held out), else of the training CTs. Returns the summary
+    that is also stored as the report's ``finetune``; its ``validation`` is the validated agreement.
     """
     from TuckerSegLib.compression.calibration import collect_stats
     from TuckerSegLib.finetune.plots import save_loss_curve
@@ -103,6 +127,9 @@ def finetune(model: PathLike, images: Sequence[PathLike], output: PathLike,
 
     progress = progress or NullProgress()
     config = config or DistillConfig()
+    if labels_dir is not None and config.recipe == "fast":
+        raise InputError("--labels trains on labelled patches, which the fast recipe does not cache; "
+                         "add --recipe classic")
     if init not in ("calibrated", "hosvd"):
         raise InputError(f"unknown init {init!r}; use calibrated or hosvd")
     output = Path(output)
@@ -120,17 +147,30 @@ def finetune(model: PathLike, images: Sequence[PathLike], output: PathLike,
 
     progress.stage("preprocess", "preprocessing CTs with nnU-Net's preprocessor")
     images = list(images or [])
+    user_cts = [Path(p).name for p in images]
+    if phantoms < 0:
+        raise InputError("--phantoms must be 0 or more")
+    if phantoms:
+        progress.stage("phantoms", f"writing {phantoms} synthetic phantom CTs")
+        images += phantom_cts(work / "phantoms", phantoms)
     label_files: List[Optional[Path]] = [None] * len(images)
     if labels_dir is not None:
         li, ll = labelled_dataset(labels_dir)
         images += li
         label_files += ll
     if not images:
-        raise InputError("no CT given (-i CT [CT ...] or --labels DATASET_DIR)")
+        raise InputError("no CT given (-i CT [CT ...], --phantoms N or --labels DATASET_DIR)")
     cases = preprocess(teacher, images, label_files, progress=progress)
     val_cases = preprocess(teacher, list(val_images), progress=progress) if val_images else cases
-    sampler = PatchSampler(cases, teacher.patch_size, seed=config.seed,
-                           foreground=0.33 if labels_dir is not None else 0.0)
+    if crop is None:
+        crop = teacher.patch_size if config.recipe == "classic" else \
+            training_crop(teacher.patch_size, network_stride(teacher.network))
+    crop = tuple(int(c) for c in crop)
+    if len(crop) != len(teacher.patch_size) or min(crop) < 1:
+        raise InputError(f"--crop needs {len(teacher.patch_size)} positive sizes, got {list(crop)}")
+    aug = Augment() if augment else None
+    sampler = PatchSampler(cases, crop, seed=config.seed,
+                           foreground=0.33 if labels_dir is not None else 0.0, augment=aug)
     val = PatchSampler(val_cases, teacher.patch_size).fixed_patches(val_patches, seed=config.seed + 10_000) \
         if val_patches > 0 else None
 
@@ -161,23 +201,43 @@ def finetune(model: PathLike, images: Sequence[PathLike], output: PathLike,
         result = compress_model(teacher, spec, data, progress=progress)
         student, layer_ranks, report = result.network, result.layer_ranks, result.report
 
-    progress.stage("distill", f"distilling for {config.steps} steps on {dev}")
+    progress.stage("distill", f"distilling for up to {config.steps} steps on {dev} ({config.recipe} recipe)")
     res = distill(teacher.network, student, sampler, config, work, device=dev, resume=resume,
-                  val_patches=val, progress=progress,
+                  val_patches=val, progress=progress, started_at=t0,
                   run_info={"layer_ranks": layer_ranks, "report": report,
                             "data": [Path(p).name for p in images]})
+    held_out = bool(val_images)
     summary = {
         "steps": res.steps,
+        "stopped": res.stopped,
+        "recipe": config.recipe,
         "loss_curve": [round(v, 6) for v in res.loss_curve],
         "teacher": {"folder": str(teacher.folder.resolve()), "fold": teacher.fold,
                     "checkpoint": teacher.checkpoint_path.name},
         "data": [Path(p).name for p in images],
+        "transfer_set": {"cts": user_cts, "phantoms": phantoms,
+                         "phantom_seeds": [PHANTOM_SEED0, PHANTOM_SEED0 + phantoms] if phantoms else None,
+                         "labelled_cases": len(images) - len(user_cts) - phantoms,
+                         "augmentation": aug.as_dict() if aug is not None else None,
+                         "crop": list(crop), "teacher_cache": res.extra.get("teacher_cache")},
         "labels": str(labels_dir) if labels_dir is not None else None,
+        # The validated agreement: mean Dice of the student's argmax against the original's, over
+        # the foreground classes either finds, on ``patches`` patches of ``patch_size`` from
+        # ``data`` (``held_out``: CTs not trained on), in float32.
         "validation": {"data": [Path(p).name for p in val_images] or "training CTs",
-                       "patches": val_patches, "before": res.agreement_before, "after": res.agreement_after},
+                       "held_out": held_out, "patches": len(val) if val is not None else 0,
+                       "patch_size": list(teacher.patch_size),
+                       "measure": "mean Dice of argmax vs the original over classes present, float32",
+                       "before": res.agreement_before, "after": res.agreement_after},
+        "agreement_curve": res.agreement_curve,
         "config": asdict(config),
         "init": "compressed folder" if student_model is not None else init,
         "device": str(dev),
+        "precision": res.extra.get("precision"),
+        "compiled": res.extra.get("compiled"),
+        "steps_per_second": res.extra.get("steps_per_second"),
+        "cpu_seconds_per_step": res.extra.get("cpu_seconds_per_step"),
+        "train_seconds": res.extra.get("train_seconds"),
         "resumed_from": res.resumed_from,
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -1,0 +1,217 @@
+"""Distillation benchmark: the fast recipe against the classic one, side by side, on held-out data.
+
+Why: issue 14 asks whether distillation recovers a trained TotalSegmentator-layout network at 30 %
+and 50 % of the MACs within minutes on the machines users have. Both recipes start from the same
+compressed student (``budget`` policy, ``--ratio`` = fraction of the MACs kept, data-aware
+factors from the training part) and get the same wall-time cap; the benchmark prints agreement
+before and after, wall time, steps and steps per second.
+
+Data: ``example_ct`` split along its last NIfTI axis as ``TuckerSegLib.models.train_totalseg_layout``
+splits it (slices 0..101 = its unlabelled and training parts, which distillation may use; slices
+102..111 = its held-out part, only evaluated). Labels are never used. The fast recipe may add
+phantom CTs (``--phantoms``) and augmentation (``--augment``).
+
+Agreement = mean Dice of the student's argmax against the uncompressed network's, over the
+foreground classes either finds, float32:
+- ``patch``: on ``--val-patches`` patches of the held-out part (what ``--until-agreement`` checks),
+- ``volume``: the held-out part predicted alone by nnU-Net's predictor,
+- ``in_context``: the whole CT predicted by nnU-Net's predictor, scored on the held-out slices only.
+
+Example (2 CPU cores, reduced-width trained network, ~2 x 2 x 20 minutes)::
+
+    nice -n 10 python benchmarks/bench_distill.py --model /work/trained/ts297_w16/Dataset297_*/* \\
+        --ratios 0.3 0.5 --recipes classic fast --minutes 20 --out distill_out
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Sequence
+
+import numpy as np
+import torch
+
+from TuckerSegLib.compression.calibration import collect_stats
+from TuckerSegLib.compression.compress import CompressionData, compress_model
+from TuckerSegLib.compression.ct_patches import PatchSampler, preprocess
+from TuckerSegLib.finetune.agreement import mean_dice
+from TuckerSegLib.finetune.distill import DistillConfig
+from TuckerSegLib.finetune.workflow import finetune
+from TuckerSegLib.models.compressed_file import load_compressed, save_compressed
+from TuckerSegLib.models.nnunet_folder import load_model_folder
+from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume
+from TuckerSegLib.progress import Progress
+from TuckerSegLib.specs import CompressionSpec
+
+REPO = Path(__file__).resolve().parents[1]
+# The split of example_ct (last NIfTI axis), as train_totalseg_layout defines it.
+try:  # the training module defines the split; import it where it exists
+    from TuckerSegLib.models.train_totalseg_layout import HELDOUT_SLICES, TRAIN_SLICES, UNLABELLED_SLICES
+except ImportError:  # pragma: no cover - same numbers, for checkouts without that module
+    TRAIN_SLICES, HELDOUT_SLICES, UNLABELLED_SLICES = range(82, 102), range(102, 112), range(0, 82)
+
+
+def split_example_ct(ct: Path, folder: Path) -> tuple:
+    """``(train NIfTI, held-out NIfTI, held-out slice range)``: train = unlabelled + training slices."""
+    import nibabel as nib
+
+    img = nib.load(str(ct))
+    data = np.asanyarray(img.dataobj)
+    assert UNLABELLED_SLICES.stop == TRAIN_SLICES.start and TRAIN_SLICES.stop == HELDOUT_SLICES.start
+    parts = {}
+    for name, sl in (("train", range(UNLABELLED_SLICES.start, TRAIN_SLICES.stop)), ("heldout", HELDOUT_SLICES)):
+        affine = img.affine.copy()
+        affine[:3, 3] += img.affine[:3, 2] * sl.start
+        path = folder / f"example_ct_{name}.nii.gz"
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(data[:, :, sl.start:sl.stop]), affine, img.header), str(path))
+        parts[name] = path
+    return parts["train"], parts["heldout"], HELDOUT_SLICES
+
+
+class _Log(Progress):
+    """Progress lines on stdout, at most one per ``every`` seconds for updates."""
+
+    def __init__(self, tag: str, every: float = 30.0):
+        self.tag, self.every, self.last = tag, every, 0.0
+
+    def stage(self, stage, message=""):
+        print(f"[{self.tag}] {message or stage}", flush=True)
+
+    def update(self, fraction, message="", stage=""):
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            print(f"[{self.tag}] {message}", flush=True)
+
+    def log(self, message):
+        print(f"[{self.tag}] {message}", flush=True)
+
+
+def volume_agreements(predictor, network, refs: dict, heldout: Path, whole: Path, slices: range,
+                      num_classes: int) -> dict:
+    net = copy.deepcopy(network).float().eval()
+    seg_h = predict_volume(predictor, heldout, network=net)
+    seg_w = predict_volume(predictor, whole, network=net)
+    ref_w = refs["whole"][:, :, slices.start:slices.stop]
+    return {"volume": mean_dice(torch.from_numpy(seg_h.astype(np.int64)), torch.from_numpy(refs["heldout"].astype(np.int64)), num_classes),
+            "in_context": mean_dice(torch.from_numpy(seg_w[:, :, slices.start:slices.stop].astype(np.int64)),
+                                    torch.from_numpy(ref_w.astype(np.int64)), num_classes)}
+
+
+def main(argv: Sequence[str] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="trained nnU-Net model folder (the teacher)")
+    data = Path(os.environ.get("TUCKERSEG_TEST_DATA", REPO.parent / "shared" / "data"))
+    parser.add_argument("--ct", type=Path, default=data / "example_ct.nii.gz")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5], help="MAC fractions (budget policy)")
+    parser.add_argument("--recipes", nargs="+", default=["classic", "fast"], choices=["classic", "fast"])
+    parser.add_argument("--minutes", type=float, default=20.0, help="wall-time cap per run (--max-minutes)")
+    parser.add_argument("--steps", type=int, default=100_000, help="step limit per run (the cap usually ends it)")
+    parser.add_argument("--until-agreement", type=float, default=None, help="early stop target (patch level)")
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--val-patches", type=int, default=2)
+    parser.add_argument("--phantoms", type=int, default=0)
+    parser.add_argument("--augment", action="store_true")
+    parser.add_argument("--crop", type=int, nargs=3, default=None, help="fast recipe crop (default: half patch)")
+    parser.add_argument("--pool", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--classic-batch-size", type=int, default=None,
+                        help="batch of the classic recipe (default --batch-size; its whole-patch batch of 2 "
+                             "needs about 15 GB of host memory at base width 16)")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--train-params", default="all", choices=["all", "factors"])
+    parser.add_argument("--compile", default="off", choices=["auto", "on", "off"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("distill_out"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    train_ct, heldout_ct, slices = split_example_ct(args.ct, args.out)
+    teacher = load_model_folder(args.model)
+    n_classes = teacher.num_classes
+    predictor = load_predictor(args.model, device=args.device)
+    refs = {"heldout": predict_volume(predictor, heldout_ct, network=copy.deepcopy(teacher.network)),
+            "whole": predict_volume(predictor, args.ct, network=copy.deepcopy(teacher.network))}
+    print(f"teacher {args.model} ({n_classes} outputs, patch {teacher.patch_size}); train {train_ct.name}, "
+          f"held out {heldout_ct.name} (slices {slices.start}..{slices.stop - 1})", flush=True)
+    cases = preprocess(teacher, [train_ct])
+    rows: List[dict] = []
+    for ratio in args.ratios:
+        t0 = time.perf_counter()
+        patches = PatchSampler(cases, teacher.patch_size, seed=20_000).sample(4)[0]
+        stats = collect_stats(teacher.network, patches, sources=[train_ct.name])
+        result = compress_model(teacher, CompressionSpec(ratio, "budget"), CompressionData(calibration=stats))
+        start = args.out / f"compressed_{ratio:g}"
+        save_compressed(start, teacher, result)
+        print(f"ratio {ratio:g}: {100 * result.report['macs_ratio']:.1f} % of MACs, "
+              f"{100 * result.report['params_ratio']:.1f} % of params, compressed in {time.perf_counter() - t0:.0f} s",
+              flush=True)
+        zero = volume_agreements(predictor, result.network, refs, heldout_ct, args.ct, slices, n_classes)
+        print(f"ratio {ratio:g}: zero-shot volume agreement {zero['volume']:.3f}, in context {zero['in_context']:.3f}",
+              flush=True)
+        for recipe in args.recipes:
+            batch = args.classic_batch_size if (recipe == "classic" and args.classic_batch_size) else args.batch_size
+            config = DistillConfig(steps=args.steps, lr=args.lr, batch_size=batch, recipe=recipe,
+                                   pool=args.pool, precision=args.precision, train_params=args.train_params,
+                                   compile=args.compile, max_minutes=args.minutes,
+                                   until_agreement=args.until_agreement, eval_every=args.eval_every,
+                                   checkpoint_every=1_000_000)
+            out = args.out / f"distilled_{ratio:g}_{recipe}"
+            tag = f"{ratio:g} {recipe}"
+            cpu0, t1 = time.process_time(), time.perf_counter()
+            summary = finetune(start, [train_ct], out, config=config, device=args.device,
+                               val_images=[heldout_ct], val_patches=args.val_patches,
+                               work_dir=args.out / f".work_{ratio:g}_{recipe}",
+                               phantoms=args.phantoms if recipe == "fast" else 0,
+                               augment=args.augment and recipe == "fast",
+                               crop=args.crop if recipe == "fast" else None, progress=_Log(tag))
+            wall, cpu = time.perf_counter() - t1, time.process_time() - cpu0
+            after = volume_agreements(predictor, load_compressed(out).network, refs, heldout_ct, args.ct,
+                                      slices, n_classes)
+            val = summary["validation"]
+            row = {"ratio": ratio, "macs_ratio": result.report["macs_ratio"], "recipe": recipe,
+                   "steps": summary["steps"], "stopped": summary["stopped"], "wall_s": round(wall, 1),
+                   "train_s": summary["train_seconds"], "cpu_s": round(cpu, 1),
+                   "steps_per_s": summary["steps_per_second"], "precision": summary["precision"],
+                   "batch": batch, "cpu_s_per_step": (load_compressed(out).manifest["report"]["finetune"]
+                                                       .get("cpu_seconds_per_step")),
+                   "transfer_set": summary["transfer_set"],
+                   "patch_before": val["before"]["mean_dice"], "patch_after": val["after"]["mean_dice"],
+                   "volume_before": zero["volume"], "volume_after": after["volume"],
+                   "in_context_before": zero["in_context"], "in_context_after": after["in_context"],
+                   "loss_first": summary["loss_curve"][0], "loss_last": summary["loss_curve"][-1],
+                   "agreement_curve": summary["agreement_curve"]}
+            rows.append(row)
+            print(f"[{tag}] {row['steps']} steps in {wall:.0f} s wall ({row['steps_per_s']} steps/s, "
+                  f"stopped: {row['stopped']}); agreement patch {row['patch_before']:.3f} -> {row['patch_after']:.3f}, "
+                  f"volume {row['volume_before']:.3f} -> {row['volume_after']:.3f}, in context "
+                  f"{row['in_context_before']:.3f} -> {row['in_context_after']:.3f}", flush=True)
+            (args.out / "results.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
+    lines = [f"Command: `python benchmarks/bench_distill.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+             f"total {time.perf_counter() - t_all:.0f} s", "",
+             "| MACs kept | recipe | batch | steps | stopped | wall s | steps/s | CPU s/step | patch before -> after | "
+             "volume before -> after | in context before -> after |",
+             "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {100 * r['macs_ratio']:.1f} % | {r['recipe']} ({r['precision']}) | {r['batch']} | {r['steps']} | "
+                     f"{r['stopped']} | {r['wall_s']:.0f} | {r['steps_per_s']} | {r['cpu_s_per_step']} | "
+                     f"{r['patch_before']:.3f} -> {r['patch_after']:.3f} | "
+                     f"{r['volume_before']:.3f} -> {r['volume_after']:.3f} | "
+                     f"{r['in_context_before']:.3f} -> {r['in_context_after']:.3f} |")
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
