@@ -31,14 +31,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from TuckerSegLib.errors import InputError
-from TuckerSegLib.finetune.agreement import label_agreement, patch_agreement
+from TuckerSegLib.finetune.agreement import label_agreement
 from TuckerSegLib.finetune.teacher_cache import (CACHE_DIR, TeacherCache, autocast, kd_loss_topk,
                                                  teacher_labels, topk_targets)
 from TuckerSegLib.compression.ct_patches import PatchSampler

@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 
 from TuckerSegLib.compression.compress import CompressionData, compress_model
+from TuckerSegLib.compression.quality_curve import register_distilled
 from TuckerSegLib.models.compressed_file import CompressionResult
 from TuckerSegLib.network.surgery import factorise_structure
 from TuckerSegLib.specs import CompressionSpec
@@ -247,4 +248,6 @@ def finetune(model: PathLike, images: Sequence[PathLike], output: PathLike,
     save_compressed(output, teacher, CompressionResult(student, layer_ranks, final_report))
     save_loss_curve(res.loss_curve, output / "loss_curve.png",
                     title=f"distillation loss ({teacher.folder.name})")
+    # offered to quality targets (segment --min-agreement), which validate it on their own patches
+    register_distilled(teacher.folder, output)
     return summary
