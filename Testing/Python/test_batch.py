@@ -23,8 +23,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import build_test_models  # noqa: E402
+from TuckerSegLib.models import totalseg_layout  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 OPTIONS = dict(ratio=0.5, policy="uniform", fast=True, ml=True, engine="torch", layer_forms="as-is",
@@ -35,7 +34,7 @@ GOOD = ("ct_a", "ct_crop", "ct_flip")
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     root = tmp_path_factory.getbasetemp() / "totalseg_home" / "nnunet" / "results"
-    build_test_models.build_models(root, [297], width_scale=0.125)
+    totalseg_layout.build_models(root, [297], width_scale=0.125)
     return root
 
 
