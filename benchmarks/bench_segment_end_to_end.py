@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 
     from TuckerSegLib.models import totalseg_layout
     from TuckerSegLib.evaluation.engine_bench import PeakRSS
-    from TuckerSegLib.pipeline.segment import segment
+    from TuckerSegLib import segment
     from totalsegmentator.python_api import totalsegmentator
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tuckerseg-bench-"))

@@ -193,6 +193,15 @@ def segment(input: Union[str, Path], output: Union[str, Path],
     """
     from TuckerSegLib.models.totalseg import ensure_weights
 
+    import inspect
+
+    from totalsegmentator.python_api import totalsegmentator
+
+    given_twice = set(totalseg_kwargs) & {"fast", "fastest", "ml", "task", "roi_subset", "device", "quiet"}
+    unknown = set(totalseg_kwargs) - set(inspect.signature(totalsegmentator).parameters)
+    if unknown or given_twice:
+        raise TypeError(f"segment() does not take {', '.join(sorted(unknown | given_twice))}: plain options "
+                        f"(ratio, policy, fast, device, engine, ...) go to TuckerSegLib.segment")
     progress = progress or NullProgress()
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
@@ -228,8 +237,6 @@ def segment(input: Union[str, Path], output: Union[str, Path],
         progress.stage("predict", f"model {index + 1}/{n_models}: {folder.parent.name}")
         progress.update(0.05 + 0.9 * index / max(1, n_models), f"model {index + 1}/{n_models}",
                         stage="predict")
-
-    from totalsegmentator.python_api import totalsegmentator
 
     t0 = time.perf_counter()
     try:
