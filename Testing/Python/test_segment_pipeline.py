@@ -167,7 +167,9 @@ def test_quality_target_is_the_default_and_an_unmet_target_runs_the_original(sto
     # curve (0.95 < 0.999: it may take a compressed point the curve already holds)
     curve = json.loads((cache / "quality_curve.json").read_text())
     (entry,) = curve.values()
-    assert entry["points"] and all(0 < p["macs_fraction"] <= 1 for p in entry["points"])
+    # measured points (paper factorises every conv: on thin test layers that can cost more MACs than
+    # the original, which the target never chooses: only fractions up to 90 % count)
+    assert entry["points"] and all(p["macs_fraction"] > 0 and 0 <= p["agreement"] <= 1 for p in entry["points"])
     from TuckerSegLib.pipeline.segment import compression_spec
 
     assert compression_spec().min_agreement == 0.95 and compression_spec(ratio=0.5).min_agreement is None
