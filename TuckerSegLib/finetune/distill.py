@@ -10,8 +10,8 @@ does not). With labels, nnU-Net's own Dice + CE loss is added.
 
 Two recipes. ``classic`` runs the teacher on every step on whole patches and adds the feature MSE.
 ``fast`` (the default) draws a pool of smaller crops once, stores the teacher's top-k answers
-(``teacher_cache``), then each step runs only the student, in bf16 autocast where the hardware has
-it, optionally training only the factorised layers; it has no feature term (features are not
+(``teacher_cache``), then each step runs only the student, in bf16 autocast on a CUDA GPU (f32 on a CPU),
+optionally training only the factorised layers; it has no feature term (features are not
 cached). Both stop early at a held-out agreement (``until_agreement``) or a wall-time cap
 (``max_minutes``), saving a checkpoint where they stop.
 
