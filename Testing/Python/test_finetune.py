@@ -361,6 +361,12 @@ def test_topk_soft_target_loss_is_kl_when_all_classes_are_kept():
     lp, ix = topk_targets(t, 2, 1.0, torch.float32)  # coarser partition: KL can only shrink
     assert 0 <= float(kd_loss_topk(s, lp, ix)) <= float(kd_loss(s, t, 1.0)) + 1e-6
     assert float(kd_loss_topk(t, lp, ix)) < 1e-6  # the teacher itself: zero loss
+    # a very confident teacher: log-probabilities below float16's range stay finite (no NaN)
+    lp, ix = topk_targets(t * 1e5, 4, 1.0, torch.float16)
+    s.requires_grad_(True)
+    loss = kd_loss_topk(s, lp, ix)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
 
 
 def test_cached_teacher_answers_give_the_same_first_steps_as_recomputed(tiny, data, tmp_path):

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="factors of the new student: data-aware from the CTs (default) or plain HOSVD")
     parser.add_argument("--recipe", choices=("fast", "classic"), default="fast",
                         help="fast (default): the original's answers computed once for a pool of "
-                             "smaller crops and stored, bf16 where the CPU/GPU has it; classic: the "
+                             "smaller crops and stored, bf16 on CUDA; classic: the "
                              "original runs on every step on whole patches, with stage-feature MSE")
     parser.add_argument("--steps", type=int, default=d.steps, help=f"at most this many training steps (default {d.steps})")
     parser.add_argument("--until-agreement", type=float, default=None, metavar="A",
@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=int, default=d.topk,
                         help="classes stored per voxel (fast recipe; default 0: all up to 16, else 8)")
     parser.add_argument("--precision", choices=("auto", "f32", "bf16", "fp16"), default=d.precision,
-                        help="student training precision (fast recipe; auto: bf16 where supported)")
+                        help="student training precision (fast recipe; auto: bf16 on CUDA, f32 on CPU; a reduced "
+                             "precision that overflows falls back to f32)")
     parser.add_argument("--train-params", choices=("all", "factors"), default=d.train_params,
                         help="train all weights (default) or only the factorised layers' factors and cores")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default=d.compile,

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 CACHE_DIR = "teacher_cache"
+LOGP_FLOOR = -1e4  # stored log-probabilities are at least this (finite in float16)
 
 
 def default_topk(num_classes: int) -> int:
@@ -52,6 +53,9 @@ def topk_targets(logits: torch.Tensor, k: int, temperature: float = 1.0,
     logp = F.log_softmax(logits.float() / temperature, dim=1)
     k = min(int(k), logits.shape[1])
     values, indices = torch.topk(logp, k, dim=1, sorted=True)
+    # a trained network's unlikely classes reach log-probabilities below float16's range (-inf,
+    # whose zero probability times -inf is NaN in the loss); exp(-1e4) is 0 all the same
+    values = values.clamp_min(LOGP_FLOOR)
     idx_dtype = torch.uint8 if logits.shape[1] <= 256 else torch.int16
     return values.to(dtype), indices.to(idx_dtype)
 
@@ -65,7 +69,7 @@ def kd_loss_topk(student_logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torc
     t = temperature
     log_q = F.log_softmax(student_logits.float() / t, dim=1)
     idx = t_idx.long()
-    t_logp = t_logp.float()
+    t_logp = t_logp.float().clamp_min(LOGP_FLOOR)
     log_q_k = log_q.gather(1, idx)
     p_k = t_logp.exp()
     kl = (p_k * (t_logp - log_q_k)).sum(1)
