@@ -24,11 +24,8 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,20 +296,9 @@ def _ov_version() -> str:
 
 def save_int8(model, report: dict, folder: Path) -> None:
     """Write ``model.xml/.bin`` and ``int8.json`` into ``folder`` atomically."""
-    import openvino as ov
+    from TuckerSegLib.engines.openvino_engine import save_ir
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    try:
-        ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
-        (tmp / "int8.json").write_text(json.dumps(report, indent=1))
-        if folder.exists():  # another process won the race: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_ir(model, folder, "int8.json", report)
 
 
 def read_int8(folder: Path) -> Optional[dict]:

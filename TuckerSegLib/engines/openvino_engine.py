@@ -88,24 +88,29 @@ def convert_static(module: nn.Module, input_shape: Sequence[int]):
                                 input=[ov.PartialShape([int(s) for s in input_shape])])
 
 
-def convert_to_ir(network: nn.Module, input_shape: Sequence[int], folder: Path) -> Path:
-    """Convert ``network`` at a static ``input_shape`` and save f32 IR into ``folder`` atomically."""
+def save_ir(model, folder: Path, sidecar: str, info: dict) -> None:
+    """Save an OpenVINO model (f32 weights kept) and a JSON sidecar into ``folder`` atomically;
+    when another process wrote ``folder`` meanwhile, theirs is kept."""
     ov = _ov()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
-        model = convert_static(network, input_shape)
         # keep f32 weights: save_model compresses to fp16 by default, which would change results
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
-        (tmp / "source.json").write_text(json.dumps({"input_shape": list(input_shape),
-                                                     "openvino": ov.__version__}))
-        if folder.exists():  # another process won the race: keep theirs
+        (tmp / sidecar).write_text(json.dumps(info, indent=1))
+        if folder.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             os.replace(tmp, folder)
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def convert_to_ir(network: nn.Module, input_shape: Sequence[int], folder: Path) -> Path:
+    """Convert ``network`` at a static ``input_shape`` and save f32 IR into ``folder`` atomically."""
+    save_ir(convert_static(network, input_shape), folder, "source.json",
+            {"input_shape": list(input_shape), "openvino": _ov().__version__})
     return folder / "model.xml"
 
 
