@@ -64,6 +64,10 @@ class Progress:
     def error(self, message: str) -> None:
         pass
 
+    def check(self) -> None:
+        """Raise ``errors.Cancelled`` when the user asked to stop; long loops call it between
+        steps (the predictor calls it before every patch). Nothing to check here."""
+
 
 class NullProgress(Progress):
     """Reports nothing."""

@@ -19,7 +19,7 @@ LAYERS = [
     {"engines"},
     {"pipeline"},
     {"evaluation", "finetune", "demo", "cohort"},
-    {"cli", "estimate", "__main__", "__init__"},
+    {"cli", "serve", "estimate", "__main__", "__init__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 TORCH_FREE = ["specs.py", "errors.py", "progress.py", "storage.py"]

@@ -16,7 +16,7 @@ import sys
 from typing import List, Optional
 
 from TuckerSegLib.errors import TuckerSegError
-from TuckerSegLib.progress import make_progress
+from TuckerSegLib.progress import Progress, make_progress
 
 # name -> (module, one-line help). The order is the order of `tuckerseg --help`.
 COMMANDS = {
@@ -28,6 +28,7 @@ COMMANDS = {
     "eval": ("eval_cmd", "compare compressed models against references and the uncompressed model"),
     "bench": ("bench_cmd", "time stock vs compressed networks per patch and end to end"),
     "finetune": ("finetune_cmd", "recover quality by distilling a compressed model from its original"),
+    "serve": ("serve_cmd", "a warm worker: segment requests as JSON lines on stdin, events on stdout"),
 }
 
 
@@ -62,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_command(argv: List[str]) -> argparse.Namespace:
+    """``argv`` parsed as ``tuckerseg`` parses it (argparse exits with 2 on a bad flag)."""
     parser = build_parser()
     commands = _available_commands()
     # Add the chosen command's arguments before parsing (keeps --help of other commands cheap).
@@ -75,10 +76,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
-        return 1
+        raise SystemExit(1)
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_command(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
     mod = importlib.import_module(f"TuckerSegLib.cli.{args._module}")
     progress = make_progress(args.progress)
     debug = args.debug or os.environ.get("TUCKERSEG_DEBUG") == "1"
+    return run_command(mod, args, progress, debug)
+
+
+def run_command(mod, args: argparse.Namespace, progress: Progress, debug: bool = False) -> int:
+    """Run one parsed command; a user error becomes one line (an ``error`` event and stderr) and
+    its exit code. Shared by ``main`` and the warm worker (``tuckerseg serve``)."""
     try:
         code = mod.run(args, progress)
         return int(code or 0)
@@ -100,7 +116,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"tuckerseg {args.command}: internal error: {message} (rerun with --debug for the "
               f"traceback)", file=sys.stderr)
         return 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

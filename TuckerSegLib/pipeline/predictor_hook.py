@@ -124,7 +124,9 @@ class CompressedPredictorHook:
         self.in_process = in_process
         self._original = None
         self._original_predict = None
+        self._original_argmax = None
         self._t_last: Optional[float] = None
+        self._patch_checks: list = []  # forward pre-hooks removed on exit (prepared modules stay warm)
 
     def _prepared(self, predictor, folder: Path, folds: list, checkpoint_name: str
                   ) -> Tuple[LoadedModel, nn.Module, Optional[EngineInfo], Tuple[Optional[float], str], bool]:
@@ -194,10 +196,11 @@ class CompressedPredictorHook:
         if info is not None:
             self.engine_infos.append(info)
             self.progress.log(info.summary())
+        if isinstance(module, nn.Module):  # a cancel lands between two patches
+            self._patch_checks.append(module.register_forward_pre_hook(lambda *_: self.progress.check()))
         predictor.manual_initialization(module, loaded.plans_manager, loaded.configuration_manager,
                                         loaded.parameters, loaded.dataset_json, loaded.trainer_name,
                                         loaded.mirroring)
-        predictor.label_manager = parallel_argmax(predictor.label_manager)
 
         now = time.perf_counter()
         self.models.append(ModelUse(folder=str(folder), dataset_id=_dataset_id(folder), params=loaded.params,
@@ -229,6 +232,10 @@ class CompressedPredictorHook:
             return hook._initialize(predictor, model_training_output_dir, use_folds, checkpoint_name)
 
         nnUNetPredictor.initialize_from_trained_model_folder = initialize_from_trained_model_folder
+        from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+        self._original_argmax = LabelManager.convert_probabilities_to_segmentation
+        LabelManager.convert_probabilities_to_segmentation = parallel_argmax(self._original_argmax)
         if self.in_process:
             try:  # TotalSegmentator patches predict_from_files on import: wrap its version, not under it
                 import totalsegmentator.nnunet  # noqa: F401
@@ -242,9 +249,17 @@ class CompressedPredictorHook:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         self._close_previous()
+        for handle in self._patch_checks:
+            handle.remove()
+        self._patch_checks.clear()
         if self._original is not None:
             nnUNetPredictor.initialize_from_trained_model_folder = self._original
             self._original = None
+        if self._original_argmax is not None:
+            from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+            LabelManager.convert_probabilities_to_segmentation = self._original_argmax
+            self._original_argmax = None
         if self._original_predict is not None:
             nnUNetPredictor.predict_from_files = self._original_predict
             self._original_predict = None

@@ -272,7 +272,7 @@ def segment(input: Union[str, Path], output: Union[str, Path],
     used = [{"dataset_id": m.dataset_id, "folder": m.folder, "params": m.params, "macs": m.macs,
              "params_original": m.params_original, "macs_original": m.macs_original,
              "patch_size": list(m.patch_size), "load_seconds": round(m.load_seconds, 3),
-             "predict_seconds": round(m.predict_seconds, 3), "engine": m.engine,
+             "predict_seconds": round(m.predict_seconds, 3), "engine": m.engine, "warm": m.warm,
              "num_classes": m.num_classes, "predicted_agreement": m.predicted_agreement,
              "agreement_source": m.agreement_source,
              "compressed_model": str(given[str(Path(m.folder).resolve())])
