@@ -31,6 +31,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from TuckerSegUtils import cost_readout, dependencies, structures, terminology
+from TuckerSegUtils.warm_worker import WarmWorker
 from TuckerSegUtils.run import (DEFAULT_MIN_AGREEMENT, DEVICES, ENGINES, POLICIES, QUALITIES,
                                 QUALITY_SPACING_MM, RunCallbacks, SegmentationRequest, SegmentationRun,
                                 compression_choice)
@@ -145,6 +146,8 @@ class TuckerSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         if self._run is not None and not self._run.done:
             self._run.cancel()
+        if self.logic is not None:
+            self.logic.shutdown()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -359,9 +362,12 @@ class TuckerSegLogic(ScriptedLoadableModuleLogic):
     """Console API. ``process`` runs to the end; ``processAsync`` returns at once and reports
     through callbacks on Slicer's main thread (a QTimer polls the worker)."""
 
-    def __init__(self) -> None:
+    def __init__(self, warmWorker: bool = True) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._timers = {}
+        # One worker process for the module's life: the second run on another volume pays neither
+        # imports nor model loading. ``warmWorker=False``: a new process per run.
+        self.warmWorker: Optional[WarmWorker] = WarmWorker() if warmWorker else None
         # Segment entries point at our terminology context (65 of the 117 structures are not in
         # Slicer's DICOM master list): load it into the Terminologies module once.
         try:
@@ -440,15 +446,20 @@ class TuckerSegLogic(ScriptedLoadableModuleLogic):
         timer.start()
         return run
 
-    @staticmethod
-    def _newRun(inputVolume, outputSegmentation, ratio, task, quality, device, subset, policy,
+    def _newRun(self, inputVolume, outputSegmentation, ratio, task, quality, device, subset, policy,
                 engine, callbacks, commandPrefix=None, env=None, minAgreement=None) -> SegmentationRun:
         request = SegmentationRequest(ratio=ratio, task=task, quality=quality, policy=policy,
                                       device=device, engine=engine,
                                       subset=list(subset) if subset else None,
                                       min_agreement=minAgreement)
         return SegmentationRun(inputVolume, outputSegmentation, request, callbacks,
-                               command_prefix=commandPrefix, env=env)
+                               command_prefix=commandPrefix, env=env,
+                               warm=self.warmWorker if commandPrefix is None and env is None else None)
+
+    def shutdown(self) -> None:
+        """Stop the warm worker (the module's cleanup; a later run starts a new one)."""
+        if self.warmWorker is not None:
+            self.warmWorker.stop()
 
 
 #

@@ -284,3 +284,49 @@ def test_worker_reads_its_output_without_python_threads(tmp_path):
     kinds = [e["type"] for e in events]
     assert kinds[-1] == "exit" and "result" in kinds and kinds.count("exit") == 1
     assert worker.poll() == []
+
+
+# -- warm worker -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_warm_worker_second_volume_pays_no_model_load_and_survives_cancel(shared_data, tmp_path_factory):
+    """The module's warm worker (real ``tuckerseg serve``, real pipeline, test models in
+    TotalSegmentator's layout): a second run on another volume reuses the loaded network in the
+    same process; a cancelled run leaves the worker serving the next one."""
+    from TuckerSegLib.models import totalseg_layout
+    from TuckerSegUtils.warm_worker import WarmWorker
+
+    home = tmp_path_factory.mktemp("warm_home")
+    (home / "config.json").write_text('{"totalseg_id": "t", "send_usage_stats": false, '
+                                      '"prediction_counter": 0, "statistics_disclaimer_shown": true}')
+    totalseg_layout.build_models(home / "nnunet" / "results", [297], width_scale=0.125)
+    env = dict(os.environ, TOTALSEG_HOME_DIR=str(home),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    warm = WarmWorker(python=sys.executable, env=env)
+    scene = new_scene()
+    volumes = [load_volume(scene, shared_data / "example_ct_sm.nii.gz") for _ in range(3)]
+    request = dict(ratio=1.0, quality="fast", device="cpu", engine="torch")
+    try:
+        summaries = []
+        for ct in volumes[:2]:
+            rec = Recorder()
+            summaries.append(SegmentationRun(ct, None, SegmentationRequest(**request), rec.callbacks(),
+                                             warm=warm).run_to_end())
+            assert not rec.errors and rec.finished
+        pid = warm.pid
+        assert pid is not None and warm.requests_served == 2
+        assert [s["warm_models"] for s in summaries] == [0, 1]
+        for s in summaries:
+            assert scene.GetNodeByID(s["output_node_id"]).GetSegmentation().GetNumberOfSegments() > 0
+
+        before = scene_snapshot(scene)
+        rec = Recorder()
+        run = SegmentationRun(volumes[2], None, SegmentationRequest(**request), rec.callbacks(), warm=warm).start()
+        run.cancel()
+        assert run.state == "cancelled" and rec.cancelled == 1 and scene_snapshot(scene) == before
+        rec = Recorder()
+        summary = SegmentationRun(volumes[2], None, SegmentationRequest(**request), rec.callbacks(),
+                                  warm=warm).run_to_end()
+        assert warm.pid == pid and summary["warm_models"] == 1  # same process, still warm
+    finally:
+        warm.stop()
+    assert not warm.alive

@@ -1,8 +1,10 @@
 """One segmentation run, from an input volume node to an output segmentation node.
 
-``SegmentationRun`` writes the input to a temporary NIfTI, starts ``python -m TuckerSegLib segment
-... --progress json`` as a ``WorkerProcess``, forwards its events to callbacks and, when the
-worker reports a result and exits with 0, imports the multilabel output into the scene. A failed,
+``SegmentationRun`` writes the input to a temporary NIfTI, sends ``tuckerseg segment ...`` as a
+request to the module's warm worker (``warm_worker.WarmWorker``: libraries and networks stay
+loaded between runs), or starts it as a one-shot ``WorkerProcess``, forwards its events to
+callbacks and, when the request reports a result and ends with 0, imports the multilabel output
+into the scene. A failed,
 crashed or cancelled run changes nothing in the scene and reports a one-line message.
 
 The run is driven by ``poll()`` on the caller's thread: the Slicer widget calls it from a QTimer
@@ -22,13 +24,15 @@ from TuckerSegLib.specs import (DEFAULT_MIN_AGREEMENT, DEVICES, ENGINES, MODES, 
                                 RunSpec)
 
 from . import segmentation_import, structures, terminology, volume_io
+from .warm_worker import WarmWorker
 from .worker import WorkerProcess, python_executable, worker_environment
 
 # The choice lists are the core's (TuckerSegLib.specs); only the flag per mode is ours.
 QUALITIES = dict(zip(MODES, (None, "--fast", "--fastest")))
 QUALITY_SPACING_MM = dict(zip(MODES, (1.5, 3.0, 6.0)))
 __all__ = ["DEFAULT_MIN_AGREEMENT", "DEVICES", "ENGINES", "POLICIES", "QUALITIES", "QUALITY_SPACING_MM",
-           "RunCallbacks", "SegmentationRequest", "SegmentationRun", "build_command", "compression_choice"]
+           "RunCallbacks", "SegmentationRequest", "SegmentationRun", "build_command", "compression_choice",
+           "segment_args"]
 
 
 def compression_choice(expert_ratio: bool, ratio: float, min_agreement: float) -> Dict[str, Optional[float]]:
@@ -81,11 +85,9 @@ class SegmentationRequest:
         return self
 
 
-def build_command(request: SegmentationRequest, input_path: Path, output_path: Path,
-                  prefix: Optional[Sequence[str]] = None) -> List[str]:
-    """The worker's command line (``prefix`` defaults to ``PythonSlicer -m TuckerSegLib segment``)."""
-    argv = list(prefix) if prefix else [python_executable(), "-m", "TuckerSegLib", "segment"]
-    argv += ["-i", str(input_path), "-o", str(output_path), "--ml"]
+def segment_args(request: SegmentationRequest, input_path: Path, output_path: Path) -> List[str]:
+    """``tuckerseg segment``'s arguments for ``request`` (for a one-shot or a warm worker)."""
+    argv = ["-i", str(input_path), "-o", str(output_path), "--ml"]
     if request.ratio is not None:
         argv += ["--ratio", f"{request.ratio:g}"]
     else:
@@ -99,6 +101,13 @@ def build_command(request: SegmentationRequest, input_path: Path, output_path: P
         argv += ["--roi-subset", *request.subset]
     argv += ["--progress", "json"]
     return argv
+
+
+def build_command(request: SegmentationRequest, input_path: Path, output_path: Path,
+                  prefix: Optional[Sequence[str]] = None) -> List[str]:
+    """The worker's command line (``prefix`` defaults to ``PythonSlicer -m TuckerSegLib segment``)."""
+    argv = list(prefix) if prefix else [python_executable(), "-m", "TuckerSegLib", "segment"]
+    return argv + segment_args(request, input_path, output_path)
 
 
 @dataclass
@@ -124,9 +133,11 @@ class SegmentationRun:
     command_prefix: Optional[Sequence[str]] = None
     env: Optional[Dict[str, str]] = None
     keep_temp: bool = False
+    warm: Optional[WarmWorker] = None  # run as a request to this warm worker, not a new process
 
     def __post_init__(self):
         self.worker: Optional[WorkerProcess] = None
+        self.request_id: Optional[str] = None  # with a warm worker
         self.state = "new"  # new -> running -> finished | failed | cancelled
         self.summary: Optional[dict] = None
         self.error: Optional[str] = None
@@ -162,11 +173,16 @@ class SegmentationRun:
         try:
             # Uncompressed: writing is then a plain copy, quick even for large CTs.
             input_path = volume_io.export_volume(self.input_volume, self._temp / "input.nii")
-            argv = build_command(self.request, input_path, self._temp / "output.nii.gz",
-                                 self.command_prefix)
-            self.callbacks.on_log("Running: " + " ".join(argv))
-            self.worker = WorkerProcess(argv, env=worker_environment(self.env),
-                                        log_dir=str(self._temp)).start()
+            if self.warm is not None:
+                args = segment_args(self.request, input_path, self._temp / "output.nii.gz")
+                self.callbacks.on_log("Running in the warm worker: tuckerseg segment " + " ".join(args))
+                self.request_id = self.warm.submit(args)
+            else:
+                argv = build_command(self.request, input_path, self._temp / "output.nii.gz",
+                                     self.command_prefix)
+                self.callbacks.on_log("Running: " + " ".join(argv))
+                self.worker = WorkerProcess(argv, env=worker_environment(self.env),
+                                            log_dir=str(self._temp)).start()
         except Exception:
             self._cleanup()
             raise
@@ -176,20 +192,36 @@ class SegmentationRun:
     # -- drive -----------------------------------------------------------------------------
     def poll(self) -> bool:
         """Handle the worker's new events; True while the run is still going."""
-        if self.state != "running" or self.worker is None:
+        if self.state != "running":
             return False
-        for event in self.worker.poll():
+        for event in self._new_events():
             self._handle(event)
             if self.done:
                 break
         return not self.done
+
+    def _new_events(self) -> List[dict]:
+        if self.warm is not None:
+            self.warm.poll()
+            return self.warm.take(self.request_id)
+        return self.worker.poll() if self.worker is not None else []
+
+    def _wait_events(self, seconds: float) -> List[dict]:
+        if self.warm is None:
+            return self.worker.wait_events(seconds)
+        deadline = time.monotonic() + seconds
+        while True:
+            events = self._new_events()
+            if events or time.monotonic() >= deadline:
+                return events
+            time.sleep(0.02)
 
     def run_to_end(self, poll_seconds: float = 0.1) -> dict:
         """Block until the run ends; return the summary or raise TuckerSegError / Cancelled."""
         if self.state == "new":
             self.start()
         while self.state == "running":
-            for event in self.worker.wait_events(poll_seconds):
+            for event in self._wait_events(poll_seconds):
                 self._handle(event)
                 if self.done:
                     break
@@ -204,7 +236,9 @@ class SegmentationRun:
         if self.state != "running":
             return
         self.callbacks.on_log("Cancelling...")
-        if self.worker is not None:
+        if self.warm is not None and self.request_id is not None:
+            self.warm.cancel(self.request_id)  # the warm worker stays up for the next run
+        elif self.worker is not None:
             self.worker.cancel()
         self.state = "cancelled"
         self._cleanup()
@@ -226,6 +260,8 @@ class SegmentationRun:
         elif kind == "error":
             self._error_event = str(event.get("message", "")).strip() or "segmentation failed"
         elif kind == "exit":
+            self._finish(int(event.get("returncode") or 0))
+        elif kind == "done":  # a warm worker's request ended; the worker goes on
             self._finish(int(event.get("returncode") or 0))
 
     def _finish(self, returncode: int) -> None:
@@ -261,7 +297,8 @@ class SegmentationRun:
         return ""
 
     def _crash_message(self, returncode: int) -> str:
-        tail = self.worker.last_stderr() if self.worker else ""
+        source = self.warm if self.warm is not None else self.worker
+        tail = source.last_stderr() if source is not None else ""
         if returncode == 0:
             return "the segmentation process ended without a result" + (f":\n{tail}" if tail else "")
         return (f"the segmentation process failed (exit code {returncode})"
@@ -294,6 +331,7 @@ class SegmentationRun:
             "macs": result.get("macs"),
             "params_original": result.get("params_original"),
             "macs_original": result.get("macs_original"),
+            "warm_models": sum(1 for m in result.get("models", []) if m.get("warm")),  # loaded before
             "quality": self.request.quality,
             "policy": self.request.policy,
             "output_node_id": node.GetID(),

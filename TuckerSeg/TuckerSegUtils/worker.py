@@ -67,8 +67,9 @@ class WorkerProcess:
     """One running command with machine-readable progress on stdout."""
 
     def __init__(self, argv: Sequence[str], env: Optional[Dict[str, str]] = None,
-                 cwd: Optional[str] = None, log_dir: Optional[str] = None):
+                 cwd: Optional[str] = None, log_dir: Optional[str] = None, stdin_pipe: bool = False):
         self.argv = [str(a) for a in argv]
+        self.stdin_pipe = stdin_pipe  # requests to a warm worker go in on its stdin (``send``)
         self.env = env
         self.cwd = cwd
         self.process: Optional[subprocess.Popen] = None
@@ -92,7 +93,8 @@ class WorkerProcess:
         handles = {name: open(path, "wb") for name, path in paths.items()}
         try:
             self.process = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=handles["stdout"],
+                self.argv, stdin=subprocess.PIPE if self.stdin_pipe else subprocess.DEVNULL,
+                stdout=handles["stdout"],
                 stderr=handles["stderr"], env=env, cwd=self.cwd, **_hidden_console_kwargs())
         except Exception:
             self._remove_logs()
@@ -102,6 +104,17 @@ class WorkerProcess:
                 handle.close()
         self._tails = {name: _Tail(path) for name, path in paths.items()}
         return self
+
+    def send(self, line: str) -> bool:
+        """Write one line to the child's stdin (``stdin_pipe``); False when the child is gone."""
+        if self.process is None or self.process.stdin is None or self.process.poll() is not None:
+            return False
+        try:
+            self.process.stdin.write((line.rstrip("\n") + "\n").encode("utf-8"))
+            self.process.stdin.flush()
+            return True
+        except OSError:  # broken pipe: the child ended
+            return False
 
     @property
     def running(self) -> bool:
