@@ -320,22 +320,32 @@ def test_single_case_runs_in_process_and_keeps_nnunet_signature(tmp_path):
 
 def test_parallel_argmax_gives_nnunets_labels():
     """The hook's argmax over classes (torch, all cores) equals nnU-Net's numpy one, ties included,
-    for numpy and torch inputs; region-based label managers are left alone."""
+    for numpy and torch inputs; region-based label managers keep nnU-Net's code; the class gets
+    its own method back when the hook ends."""
     import numpy as np
     import torch
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
     from TuckerSegLib.pipeline.nnunet_speedups import parallel_argmax
+    from TuckerSegLib.pipeline.predictor_hook import CompressedPredictorHook
+    from TuckerSegLib.specs import CompressionSpec, RunSpec
 
     labels = {"background": 0, **{f"c{i}": i for i in range(1, 12)}}
-    stock, fast = LabelManager(labels, None), parallel_argmax(LabelManager(labels, None))
+    stock = LabelManager(labels, None)
+    original = LabelManager.convert_probabilities_to_segmentation
+    fast = parallel_argmax(original)
     probs = np.random.default_rng(0).random((12, 9, 10, 11)).astype(np.float32)
     probs[3, 0, 0, :4] = probs[8, 0, 0, :4] = 2.0  # a tie: the first maximum wins in both
-    ours = fast.convert_probabilities_to_segmentation(probs)
+    ours = fast(stock, probs)
     theirs = stock.convert_probabilities_to_segmentation(probs)
     assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs) and (ours[0, 0, :4] == 3).all()
     t = torch.from_numpy(probs)
-    assert torch.equal(fast.convert_probabilities_to_segmentation(t), stock.convert_probabilities_to_segmentation(t))
-    assert np.array_equal(fast.convert_logits_to_segmentation(probs), stock.convert_logits_to_segmentation(probs))
+    assert torch.equal(fast(stock, t), stock.convert_probabilities_to_segmentation(t))
     regions = LabelManager({"background": 0, "a": [1, 2], "b": 2}, regions_class_order=[1, 2])
-    assert parallel_argmax(regions).convert_probabilities_to_segmentation == regions.convert_probabilities_to_segmentation
+    region_probs = probs[:2]
+    assert np.array_equal(fast(regions, region_probs), regions.convert_probabilities_to_segmentation(region_probs))
+    with CompressedPredictorHook(CompressionSpec(), RunSpec()):
+        assert LabelManager.convert_probabilities_to_segmentation is not original
+        # a label manager built anywhere (TotalSegmentator's export builds its own) uses it
+        assert np.array_equal(LabelManager(labels, None).convert_logits_to_segmentation(probs), theirs)
+    assert LabelManager.convert_probabilities_to_segmentation is original
