@@ -7,7 +7,8 @@ small CTs derived from ``example_ct`` (the CT, flips and crops), with test model
 TotalSegmentator's layout (random weights: times are representative, segmentations are not), and
 prints cases/hour side by side.
 
-    nice -n 10 python benchmarks/bench_batch.py --cases 6 --ratios 1.0 --json benchmarks/results/bench_batch.json
+    nice -n 10 python benchmarks/bench_batch.py --cases 8 --ratios 1.0 --engines auto openvino \
+        --json benchmarks/results/bench_batch.json
 
 Ratio 1.0 is the same network as stock (the same quality settings: ``--fast --ml``), so its
 speed-up is the pipeline's alone; lower ratios add compression's.
@@ -26,7 +27,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "Testing"))
 
 
 def make_cases(ct: Path, folder: Path, n: int) -> list:
@@ -58,12 +58,41 @@ def timed(cmds: list, env: dict) -> float:
     return time.perf_counter() - t0
 
 
+def run_variant(args, cases, workdir: Path, env: dict, ratio: float, engine: str, report) -> None:
+    """A shell loop of ``tuckerseg segment`` and one ``tuckerseg batch`` at one setting."""
+    common = ["--fast", "--ml", "--device", "cpu", "--ratio", str(ratio), "--policy", args.policy,
+              "--engine", engine]
+    label = f"ratio {ratio:g}" + ("" if engine == "auto" else f", {engine}")
+    tag = f"{ratio}-{engine}"
+    # cold run at this setting first (fills the compression and engine caches), not timed
+    warm = workdir / f"warm-{tag}"
+    warm.mkdir(exist_ok=True)
+    timed([[sys.executable, "-m", "TuckerSegLib", "segment", "-i", str(cases[0]), "-o",
+            str(warm / "seg.nii.gz"), *common, "--progress", "none"]], env)
+    out = workdir / f"segment-{tag}"
+    out.mkdir(exist_ok=True)
+    report(f"tuckerseg segment loop, {label}",
+           timed([[sys.executable, "-m", "TuckerSegLib", "segment", "-i", str(c), "-o",
+                   str(out / c.name), *common, "--progress", "none"] for c in cases], env))
+    out = workdir / f"batch-{tag}"
+    shutil.rmtree(out, ignore_errors=True)
+    extra = ["--workers", str(args.workers)] if args.workers else []
+    report(f"tuckerseg batch, {label}",
+           timed([[sys.executable, "-m", "TuckerSegLib", "batch", str(workdir / "cases"), "-o", str(out),
+                   *common, "--progress", "none", *extra]], env))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["done"] == len(cases), summary
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ct", type=Path, default=REPO.parent / "shared" / "data" / "example_ct.nii.gz")
     p.add_argument("--cases", type=int, default=6)
     p.add_argument("--ratios", type=float, nargs="+", default=[1.0])
     p.add_argument("--policy", default="budget")
+    p.add_argument("--engines", nargs="+", default=["auto"],
+                   help="run each ratio with each engine (auto at ratio 1.0 = PyTorch, voxel for voxel "
+                        "stock; openvino = the same network and precision on OpenVINO)")
     p.add_argument("--width-scale", type=float, default=1.0, help="1.0 = TotalSegmentator's widths")
     p.add_argument("--workers", type=int, default=None, help="tuckerseg batch --workers (default: auto)")
     p.add_argument("--workdir", type=Path, default=None)
@@ -71,7 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
-    import build_test_models
+    from TuckerSegLib.models.totalseg_layout import build_models
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tuckerseg-bench-batch-"))
     home = workdir / "totalseg_home"
@@ -79,7 +108,7 @@ def main(argv=None) -> int:
     (home / "config.json").write_text(json.dumps({"totalseg_id": "bench", "send_usage_stats": False,
                                                   "prediction_counter": 0,
                                                   "statistics_disclaimer_shown": True}))
-    build_test_models.build_models(home / "nnunet" / "results", [297], width_scale=args.width_scale)
+    build_models(home / "nnunet" / "results", [297], width_scale=args.width_scale)
     env = dict(os.environ, TOTALSEG_HOME_DIR=str(home), PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
     env.pop("TOTALSEG_WEIGHTS_PATH", None)
     cases = make_cases(args.ct, workdir / "cases", args.cases)
@@ -101,25 +130,8 @@ def main(argv=None) -> int:
                timed([[str(bindir / "TotalSegmentator"), "-i", str(c), "-o", str(out / c.name), "--fast",
                        "--ml", "-d", "cpu", "-q"] for c in cases], env))
     for ratio in args.ratios:
-        common = ["--fast", "--ml", "--device", "cpu", "--ratio", str(ratio), "--policy", args.policy]
-        # cold run at this ratio first (fills the compression and engine caches), not timed
-        warm = workdir / f"warm-{ratio}"
-        warm.mkdir(exist_ok=True)
-        timed([[sys.executable, "-m", "TuckerSegLib", "segment", "-i", str(cases[0]), "-o",
-                str(warm / "seg.nii.gz"), *common, "--progress", "none"]], env)
-        out = workdir / f"segment-{ratio}"
-        out.mkdir(exist_ok=True)
-        report(f"tuckerseg segment loop, ratio {ratio:g}",
-               timed([[sys.executable, "-m", "TuckerSegLib", "segment", "-i", str(c), "-o",
-                       str(out / c.name), *common, "--progress", "none"] for c in cases], env))
-        out = workdir / f"batch-{ratio}"
-        shutil.rmtree(out, ignore_errors=True)
-        extra = ["--workers", str(args.workers)] if args.workers else []
-        report(f"tuckerseg batch, ratio {ratio:g}",
-               timed([[sys.executable, "-m", "TuckerSegLib", "batch", str(workdir / "cases"), "-o", str(out),
-                       *common, "--progress", "none", *extra]], env))
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["done"] == len(cases), summary
+        for engine in args.engines:
+            run_variant(args, cases, workdir, env, ratio, engine, report)
 
     stock = next((r["seconds"] for r in results if r["method"].startswith("stock")), None)
     print(f"\n{'method':42s} {'total s':>8s} {'s/case':>7s} {'cases/h':>8s} {'vs stock':>8s}")
@@ -135,6 +147,7 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps({
             "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                         "python": platform.python_version(), "torch": torch.__version__},
+            "command": "python benchmarks/bench_batch.py " + " ".join(sys.argv[1:]),
             "ct": str(args.ct.name), "cases": len(cases), "width_scale": args.width_scale,
             "mode": "--fast --ml, cpu", "policy": args.policy, "results": results}, indent=2))
     return 0
