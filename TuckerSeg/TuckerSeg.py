@@ -31,7 +31,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from TuckerSegUtils import cost_readout, dependencies, structures, terminology
-from TuckerSegUtils.warm_worker import WarmWorker
+from TuckerSegUtils.warm_worker import WarmWorker, shared_worker
 from TuckerSegUtils.run import (DEFAULT_MIN_AGREEMENT, DEVICES, ENGINES, POLICIES, QUALITIES,
                                 QUALITY_SPACING_MM, RunCallbacks, SegmentationRequest, SegmentationRun,
                                 compression_choice)
@@ -365,9 +365,9 @@ class TuckerSegLogic(ScriptedLoadableModuleLogic):
     def __init__(self, warmWorker: bool = True) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._timers = {}
-        # One worker process for the module's life: the second run on another volume pays neither
-        # imports nor model loading. ``warmWorker=False``: a new process per run.
-        self.warmWorker: Optional[WarmWorker] = WarmWorker() if warmWorker else None
+        # One worker process for the session (shared by every logic): the second run on another
+        # volume pays neither imports nor model loading. ``warmWorker=False``: a new process per run.
+        self.warmWorker: Optional[WarmWorker] = shared_worker() if warmWorker else None
         # Segment entries point at our terminology context (65 of the 117 structures are not in
         # Slicer's DICOM master list): load it into the Terminologies module once.
         try:

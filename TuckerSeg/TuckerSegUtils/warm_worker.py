@@ -102,3 +102,15 @@ class WarmWorker:
         self._cancelled_at.clear()
         for events in self._events.values():
             events.append({"type": "exit", "returncode": -1})
+
+
+_shared: Optional[WarmWorker] = None
+
+
+def shared_worker() -> WarmWorker:
+    """The one warm worker of this Slicer session, whichever logic asks (so that a console logic
+    and the panel's do not start two)."""
+    global _shared
+    if _shared is None:
+        _shared = WarmWorker()
+    return _shared

@@ -59,9 +59,10 @@ class PeakRSS:
     sizes (PSS), so that pages forked workers share with their parent are counted once.
     """
 
-    def __init__(self, interval: float = 0.02, tree: bool = False):
+    def __init__(self, interval: float = 0.02, tree: bool = False, pid: Optional[int] = None):
         self.interval = interval
         self.tree = tree
+        self.pid = pid  # another process (and, with tree, its children) instead of this one
         self.peak = 0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -90,12 +91,15 @@ class PeakRSS:
         return kids
 
     def current(self) -> int:
-        own = self._rss("self", self.tree)
+        root = "self" if self.pid is None else str(self.pid)
+        own = self._rss(root, self.tree)
         if not own:
+            if self.pid is not None:
+                return 0  # ended
             import resource
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if self.tree:
-            todo, seen = self._children(str(os.getpid())), set()
+            todo, seen = self._children(str(os.getpid() if self.pid is None else self.pid)), set()
             while todo:
                 pid = todo.pop()
                 if pid not in seen:

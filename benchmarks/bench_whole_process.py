@@ -1,0 +1,208 @@
+"""Whole process, as users run it: stock TotalSegmentator, ``tuckerseg segment`` (cold and warm) and
+the warm worker (``tuckerseg serve``), with the time breakdown and peak memory, side by side.
+
+Why: per-patch and in-process speed-ups are not what a user feels. Each command here runs as a
+new process, exactly as typed on a command line (the warm worker: one process, two requests on
+two different CTs). Every ``tuckerseg`` setting runs cold first (an empty TuckerSeg cache: it
+compresses, converts, times layer forms and measures quality curves as needed), then warm
+(``--repeats`` fresh processes, minimum reported). The breakdown of a warm run comes from its own
+result event: process start and imports (wall time not spent inside ``segment``), input check,
+model load and engine preparation, and nnU-Net's prediction (preprocessing, network, export).
+Peak memory is the PSS of the process and its workers.
+
+    nice -n 5 python benchmarks/bench_whole_process.py --mode fast \\
+        --json benchmarks/results/bench_whole_process_fast.json
+    nice -n 5 python benchmarks/bench_whole_process.py --mode total --ct ../shared/data/example_ct_sm.nii.gz \\
+        --repeats 1 --json benchmarks/results/bench_whole_process_total.json
+
+Without ``--weights``, full-width test models with random weights in TotalSegmentator's layout are
+built (times are representative, quality targets are not); ``--weights ROOT`` uses a trained
+weights root (e.g. from ``python -m TuckerSegLib.models.train_totalseg_layout``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from TuckerSegLib.evaluation.engine_bench import PeakRSS
+from TuckerSegLib.progress import parse_event
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MODES = {"fast": ([297], ["--fast"]), "total": ([291, 292, 293, 294, 295], [])}
+SETTINGS = [  # (name, tuckerseg segment arguments)
+    ("ratio 1.0 (PyTorch, stock voxel for voxel)", ["--ratio", "1.0"]),
+    ("ratio 1.0, OpenVINO f32", ["--ratio", "1.0", "--engine", "openvino"]),
+    ("default quality target 0.95", []),
+]
+SERVE_SETTING = 1  # the warm worker runs this setting (index into SETTINGS)
+
+
+def run_process(cmd, env) -> dict:
+    """Run one command as a new process: wall seconds, peak PSS (MB), its result event."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    with PeakRSS(interval=0.05, tree=True, pid=proc.pid) as mem:
+        out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{err[-3000:]}")
+    events = [e for e in map(parse_event, out.splitlines()) if e]
+    result = next((e["result"] for e in events if e["type"] == "result"), None)
+    return {"wall": wall, "peak_mb": mem.peak / 2 ** 20, "result": result}
+
+
+def breakdown(wall: float, result: dict) -> dict:
+    """Where a run's wall time went, from its result event."""
+    t = result.get("timings", {})
+    load = sum(v for k, v in t.items() if k.endswith("_load"))
+    predict = sum(v for k, v in t.items() if k.endswith("_predict"))
+    return {"process start and imports": wall - result["seconds"], "input check": t.get("check", 0.0),
+            "model load and engine": load, "nnU-Net predict (preprocess, network, export)": predict,
+            "other TotalSegmentator steps": max(0.0, t.get("segment", 0.0) - load - predict)}
+
+
+def import_seconds(env) -> float:
+    code = "import TuckerSegLib.pipeline.segment, totalsegmentator.python_api"
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ct", type=Path, default=REPO.parent / "shared" / "data" / "example_ct.nii.gz")
+    p.add_argument("--mode", choices=sorted(MODES), default="fast")
+    p.add_argument("--weights", type=Path, default=None, help="trained TotalSegmentator weights root")
+    p.add_argument("--repeats", type=int, default=2, help="warm runs per setting (minimum reported)")
+    p.add_argument("--settings", type=int, nargs="+", default=list(range(len(SETTINGS))),
+                   help="indices into the settings list: " + "; ".join(f"{i}: {n}" for i, (n, _) in enumerate(SETTINGS)))
+    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-whole-"))
+    home = work / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.json").write_text(json.dumps({"totalseg_id": "bench", "send_usage_stats": False,
+                                                  "prediction_counter": 0, "statistics_disclaimer_shown": True}))
+    env = dict(os.environ, TOTALSEG_HOME_DIR=str(home), PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    ids, mode_flags = MODES[args.mode]
+    if args.weights:
+        env["TOTALSEG_WEIGHTS_PATH"] = str(args.weights)
+    else:
+        from TuckerSegLib.models.totalseg_layout import build_models
+
+        env.pop("TOTALSEG_WEIGHTS_PATH", None)
+        build_models(home / "nnunet" / "results", ids, width_scale=1.0)
+    img = nib.load(str(args.ct))
+    other = work / "other_ct.nii.gz"  # a second CT for the warm worker's second request
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(np.asarray(img.dataobj)[::-1]), img.affine, img.header), other)
+    cases = [args.ct, other]
+
+    rows = []
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    imports = import_seconds(env)
+    log(f"imports of a fresh process: {imports:.1f} s")
+    stock_cmd = [BIN / "TotalSegmentator", "-i", args.ct, "-o", work / "stock.nii.gz", *mode_flags, "--ml",
+                 "-d", "cpu", "-q"]
+    stock = [run_process(stock_cmd, env) for _ in range(1 + args.repeats)]
+    rows.append({"run": "stock TotalSegmentator", "cold_seconds": stock[0]["wall"],
+                 "warm_seconds": min(r["wall"] for r in stock[1:]),
+                 "peak_mb": max(r["peak_mb"] for r in stock)})
+    log(f"stock: {[round(r['wall'], 1) for r in stock]}")
+
+    for index in args.settings:
+        name, extra = SETTINGS[index]
+        cache = work / f"cache-{index}"
+
+        def cmd(ct, out):
+            return [sys.executable, "-m", "TuckerSegLib", "segment", "-i", ct, "-o", out, *mode_flags,
+                    "--device", "cpu", "--cache-dir", cache, "--progress", "json", *extra]
+
+        cold = run_process(cmd(args.ct, work / f"cold-{index}.nii.gz"), env)
+        warm = [run_process(cmd(args.ct, work / f"warm-{index}.nii.gz"), env) for _ in range(args.repeats)]
+        best = min(warm, key=lambda r: r["wall"])
+        res = best["result"]
+        rows.append({"run": f"tuckerseg segment, {name}", "args": extra, "cold_seconds": cold["wall"],
+                     "warm_seconds": best["wall"], "peak_mb": max(r["peak_mb"] for r in [cold, *warm]),
+                     "breakdown": {k: round(v, 2) for k, v in breakdown(best["wall"], res).items()},
+                     "macs_kept": round(res["macs"] / max(1, res["macs_original"]), 4),
+                     "predicted_agreement": res.get("predicted_agreement"),
+                     "agreement_source": res.get("agreement_source"),
+                     "engines": sorted({(m.get("engine") or {}).get("name", "torch") for m in res["models"]})})
+        log(f"{name}: cold {cold['wall']:.1f} s, warm {[round(r['wall'], 1) for r in warm]}")
+
+        if index == SERVE_SETTING:  # the warm worker: one process, two requests on two CTs
+            from TuckerSegLib.serve import ServeClient
+
+            fresh_other = run_process(cmd(other, work / f"fresh-other-{index}.nii.gz"), env)
+            t0 = time.perf_counter()
+            with ServeClient(env=env) as client:
+                with PeakRSS(interval=0.05, tree=True, pid=client.pid) as mem:
+                    ready = time.perf_counter() - t0
+                    seconds = []
+                    for i, ct in enumerate(cases):
+                        t1 = time.perf_counter()
+                        client.segment(cmd(ct, work / f"serve-{i}.nii.gz")[4:])
+                        seconds.append(time.perf_counter() - t1)
+            rows.append({"run": f"tuckerseg serve, {name}", "args": extra, "start_seconds": ready,
+                         "first_request_seconds": seconds[0], "second_request_seconds": seconds[1],
+                         "fresh_process_seconds_same_ct": fresh_other["wall"],
+                         "second_request_vs_fresh_process": fresh_other["wall"] / seconds[1],
+                         "peak_mb": mem.peak / 2 ** 20})
+            log(f"serve: ready {ready:.1f} s, requests {[round(s, 1) for s in seconds]}, "
+                f"fresh process on the second CT {fresh_other['wall']:.1f} s")
+
+    stock_warm = rows[0]["warm_seconds"]
+    print(f"\nTotalSegmentator {' '.join(mode_flags) or '(total, 1.5 mm)'} on {args.ct.name}, "
+          f"{'trained weights ' + str(args.weights) if args.weights else 'test models (random weights)'}, "
+          f"{os.cpu_count()} CPUs, imports of a fresh process {imports:.1f} s")
+    print(f"{'run':58s} {'cold s':>7s} {'warm s':>7s} {'vs stock':>8s} {'peak MB':>8s}")
+    for r in rows:
+        if "warm_seconds" in r:
+            r["speedup_warm_vs_stock"] = round(stock_warm / r["warm_seconds"], 2)
+            print(f"{r['run']:58s} {r['cold_seconds']:7.1f} {r['warm_seconds']:7.1f} "
+                  f"{r['speedup_warm_vs_stock']:7.2f}x {r['peak_mb']:8.0f}")
+        else:
+            r["second_request_vs_stock"] = round(stock_warm / r["second_request_seconds"], 2)
+            print(f"{r['run'] + ' (start / 1st / 2nd request)':58s} {r['start_seconds']:7.1f} "
+                  f"{r['first_request_seconds']:7.1f} {r['second_request_vs_stock']:7.2f}x {r['peak_mb']:8.0f}")
+            print(f"{'  2nd request vs a fresh process on the same CT':58s} "
+                  f"{r['fresh_process_seconds_same_ct']:7.1f} {r['second_request_seconds']:7.1f} "
+                  f"{r['second_request_vs_fresh_process']:7.2f}x")
+    for r in rows:
+        if "breakdown" in r:
+            print(f"\nbreakdown, warm: {r['run']}")
+            for k, v in r["breakdown"].items():
+                print(f"  {k:50s} {v:6.2f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "command": "python benchmarks/bench_whole_process.py " + " ".join(sys.argv[1:]),
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+            "ct": args.ct.name, "mode": args.mode, "weights": str(args.weights) if args.weights else None,
+            "imports_seconds": round(imports, 2), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
