@@ -378,3 +378,26 @@ def test_default_probe_batches_small_patches_from_different_phantoms():
     assert all(not torch.equal(probe[0], probe[i]) for i in range(1, len(probe)))
     assert torch.isfinite(probe).all() and probe.std() > 0.1
     assert torch.equal(default_probe(model), probe)  # deterministic: cached compressions reproduce
+
+
+def test_cache_probes_sensitivities_once_per_model_and_gives_the_same_ranks(tmp_path, monkeypatch):
+    """A model's second ratio reuses the layer sensitivities the first measured (they do not depend
+    on the ratio) and gets exactly the ranks a fresh cache gives it."""
+    from TuckerSegLib.compression import cache, sensitivity
+    from TuckerSegLib.demo.demo_model import materialize_demo_model
+    from TuckerSegLib.specs import CompressionSpec
+
+    folder = materialize_demo_model(tmp_path / "models")
+    probes = []
+    original = sensitivity.layer_sensitivities
+    monkeypatch.setattr(sensitivity, "layer_sensitivities",
+                        lambda *a, **k: probes.append(1) or original(*a, **k))
+    spec = lambda r: CompressionSpec(ratio=r, policy="budget", refine=False)
+    cache.get_compressed_model(folder, spec(0.5), cache_dir=tmp_path / "shared")
+    second = cache.get_compressed_model(folder, spec(0.3), cache_dir=tmp_path / "shared")
+    assert len(probes) == 1  # the second ratio did not probe
+    fresh = cache.get_compressed_model(folder, spec(0.3), cache_dir=tmp_path / "fresh")
+    assert len(probes) == 2
+    ranks = lambda m: [(e["name"], e["ranks"]) for e in m.manifest["report"]["layers"]]
+    assert ranks(second) == ranks(fresh)
+    assert any(r is not None for _, r in ranks(second))

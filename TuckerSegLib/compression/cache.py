@@ -5,12 +5,17 @@ Entries are compressed-model folders (``models.compressed_file``) under the mode
 (``storage.model_cache_dir``: the ``cache_dir`` argument, ``$TUCKERSEG_CACHE_DIR``, a
 ``tuckerseg_cache`` folder beside the weights when writable, else under ``~/.cache/tuckerseg``).
 
+The ``budget`` policy's layer sensitivities (``compression.sensitivity``) do not depend on the
+ratio: they are kept per model in ``layer_sensitivities.json`` beside the entries, so that a new
+ratio of a model (the quality target tries several) does not probe them again.
+
 Concurrency: a per-entry file lock serialises builders, and entries are written to a temporary
 folder and renamed into place, so two runs at once never see or leave a half-written entry. An
 entry whose source weights changed, or that fails to load (damaged), is rebuilt.
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -18,14 +23,17 @@ from typing import Optional, Tuple, Union
 from torch import nn
 
 from TuckerSegLib.compression import ALGORITHM_VERSION
-from TuckerSegLib.compression.compress import compress_model
+from TuckerSegLib.compression.compress import compress_model, default_data
+from TuckerSegLib.compression.probe_data import CompressionData
 from TuckerSegLib.errors import ModelError
 from TuckerSegLib.models.compressed_file import load_compressed, read_manifest, save_compressed
 from TuckerSegLib.models.nnunet_folder import DEFAULT_CHECKPOINT, NnUNetModel, load_model_folder
 from TuckerSegLib.network.cost import count_cost
 from TuckerSegLib.progress import NullProgress, Progress
 from TuckerSegLib.specs import CompressionSpec
-from TuckerSegLib.storage import model_cache_dir
+from TuckerSegLib.storage import merge_json, model_cache_dir, read_json
+
+SENSITIVITIES_FILE = "layer_sensitivities.json"
 
 
 def entry_name(fold, checkpoint_name: str, spec: CompressionSpec) -> str:
@@ -75,8 +83,26 @@ def get_compressed_model(model_folder: Union[str, Path], spec: CompressionSpec, 
         progress.log(f"compressing {model_folder.parent.name or model_folder.name} fold {fold}: "
                      f"{spec.policy} policy, ratio {spec.ratio:g} (once; cached in {entry})")
         model = load_model_folder(model_folder, fold, checkpoint_name)
-        save_compressed(entry, model, compress_model(model, spec, progress=progress, inplace=True))
+        data = default_data(model, spec)
+        store, key = _sensitivity_store(root, model, fold, checkpoint_name, data)
+        if key is not None:
+            data.sensitivities = read_json(store).get(key)
+        result = compress_model(model, spec, data, progress=progress, inplace=True)
+        if key is not None and data.sensitivities:
+            merge_json(store, {key: data.sensitivities})
+        save_compressed(entry, model, result)
     return load_compressed(entry, verify_hash=False)
+
+
+def _sensitivity_store(root: Path, model: NnUNetModel, fold, checkpoint_name: str, data: CompressionData
+                       ) -> Tuple[Path, Optional[str]]:
+    """Where this model's layer sensitivities are kept, and their key (weights, probe, algorithm):
+    probing them is most of a compression's time, and every ratio of the model needs the same ones."""
+    if data.probe is None:
+        return root / SENSITIVITIES_FILE, None
+    probe = hashlib.sha1(data.probe.numpy().tobytes()).hexdigest()[:16]
+    key = f"fold{fold}|{Path(checkpoint_name).stem}|{model.source_fingerprint}|probe{probe}|v{ALGORITHM_VERSION}"
+    return root / SENSITIVITIES_FILE, key
 
 
 def _load_valid(entry: Path, ckpt: Path, progress: Progress) -> Optional[NnUNetModel]:

@@ -117,8 +117,14 @@ def compress_network(network: nn.Module, spec: CompressionSpec, patch_size: Sequ
     if probe is not None and calibration is None and policy == "budget" and ratio < 1.0:
         from TuckerSegLib.compression.sensitivity import layer_sensitivities
 
-        sensitivity = layer_sensitivities(net, candidates, spectra, {s.name: s for s in find_sites(net)},
-                                          probe, progress)
+        known = data.sensitivities or {}
+        if all(layer.name in known for layer in candidates):
+            sensitivity = {layer.name: tuple(known[layer.name]) for layer in candidates}
+            progress.log("layer sensitivities: measured before for this model and probe")
+        else:
+            sensitivity = layer_sensitivities(net, candidates, spectra, {s.name: s for s in find_sites(net)},
+                                              probe, progress)
+            data.sensitivities = dict(sensitivity)
 
     rank_spectra = dict(spectra)
     if calibration is not None and ratio < 1.0:

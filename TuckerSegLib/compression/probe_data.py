@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import dataclass
-from typing import List, Optional, Protocol, Sequence, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -58,6 +58,10 @@ class CompressionData:
     probe: Optional[torch.Tensor] = None
     validation: Optional[ValidationSet] = None
     calibration: Optional[Calibration] = None
+    # ``{layer: (s_out, s_in)}`` measured on ``probe`` (``compression.sensitivity``). They do not
+    # depend on the ratio: given here, they are used instead of probing again; measured, they are
+    # stored here, so that a caller can keep them for the model's next ratio.
+    sensitivities: Optional[Dict[str, Tuple[float, float]]] = None
 
 
 MAX_PROBE_VOXELS = 80 ** 3
