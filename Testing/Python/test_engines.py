@@ -247,3 +247,27 @@ def test_torch_channels_last_layout_is_the_same_function(compressed, patch_input
     assert b.is_contiguous()
     assert compare_logits(b, a).argmax_agreement >= 0.9999
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_layer_form_timing_is_bounded_per_run_and_goes_on_later(compressed, tmp_path, monkeypatch):
+    """Over its budget a run times only the largest layers (the rest run factorised, the network's
+    forms are not remembered); the next run times only what is left, then remembers them."""
+    from TuckerSegLib.engines import layer_form_choice
+    from TuckerSegLib.engines.select import IMPLEMENTATIONS
+
+    timed = []
+    original = layer_form_choice.time_layer
+    monkeypatch.setattr(layer_form_choice, "time_layer",
+                        lambda engine, module, shape, *a, **k: timed.append((repr(module), tuple(shape)))
+                        or original(engine, module, shape, *a, **k))
+    args = (compressed, PATCH, 1, IMPLEMENTATIONS["torch"], torch.device("cpu"), "f32", tmp_path)
+    _, first = layer_form_choice.choose_layer_forms(*args, budget_seconds=0.0)
+    n_first = len(timed)
+    assert set(first) == set(factorised_layers(compressed))
+    assert 1 <= n_first < len(FORMS) * len(first)  # one layer's forms, not all
+    assert not (tmp_path / layer_form_choice.CHOICES_FILE).exists()
+    _, second = layer_form_choice.choose_layer_forms(*args)
+    assert len(set(timed)) == len(timed)  # nothing timed twice
+    assert len(timed) > n_first and (tmp_path / layer_form_choice.CHOICES_FILE).exists()
+    _, third = layer_form_choice.choose_layer_forms(*args)
+    assert third == second and len(timed) == len(set(timed))

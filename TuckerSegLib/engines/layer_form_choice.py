@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -32,6 +33,10 @@ from TuckerSegLib.progress import NullProgress, Progress
 from TuckerSegLib.storage import cache_root, merge_json, read_json
 
 MARGIN = 0.05  # another form must be this much faster than the factorised one to replace it
+# What one run may spend timing layer forms, per engine. Layers are timed from the most MACs
+# down; those left run factorised this time, and a later run times them (timings are cached, so
+# each run goes on where the last stopped). The network's forms are remembered only when complete.
+MEASURE_BUDGET_SECONDS = 30.0
 TIMINGS_FILE = "layer_timings.json"
 CHOICES_FILE = "layer_form_choices.json"
 
@@ -79,10 +84,12 @@ def time_layer(engine: Engine, module: nn.Module, input_shape: Sequence[int], de
 def choose_layer_forms(network: nn.Module, patch_size: Sequence[int], in_channels: int, engine: Engine,
                      device: torch.device, precision: str, cache_dir: Optional[Path],
                      device_name: Optional[str] = None, reps: int = 3,
-                     progress: Optional[Progress] = None) -> Tuple[nn.Module, Dict[str, str]]:
+                     progress: Optional[Progress] = None,
+                     budget_seconds: float = MEASURE_BUDGET_SECONDS) -> Tuple[nn.Module, Dict[str, str]]:
     """A copy of ``network`` with each ``TuckerConv`` in its fastest measured form, and the forms.
 
-    A network without factorised layers is returned as is (``{}``).
+    A network without factorised layers is returned as is (``{}``). Timing stops once it has
+    taken ``budget_seconds`` (at least one layer is timed); untimed layers stay factorised.
     """
     progress = progress or NullProgress()
     sites = [s for s in find_sites(network, include_factorised=True) if isinstance(s.module, TuckerConv)]
@@ -97,9 +104,13 @@ def choose_layer_forms(network: nn.Module, patch_size: Sequence[int], in_channel
     net_key = timing_key(engine.name, precision, device_name, network, (in_channels, *patch_size))
     forms = read_json(choices_path).get(net_key)
     if not (isinstance(forms, dict) and set(forms) == {s.name for s in sites}):
-        forms = _measure_forms(network, sites, in_channels, patch_size, engine, device, precision,
-                               device_name, multiple, path, reps, progress)
-        merge_json(choices_path, {net_key: forms}, indent=0)
+        forms, complete = _measure_forms(network, sites, in_channels, patch_size, engine, device, precision,
+                                         device_name, multiple, path, reps, progress, budget_seconds)
+        if complete:
+            merge_json(choices_path, {net_key: forms}, indent=0)
+        else:
+            progress.log(f"layer forms: timed the largest layers within {budget_seconds:g} s; the others run "
+                         "factorised until a later run times them")
     net = copy.deepcopy(network)
     for site in find_sites(net, include_factorised=True):
         choice = forms.get(site.name, "factorised")
@@ -108,17 +119,27 @@ def choose_layer_forms(network: nn.Module, patch_size: Sequence[int], in_channel
     return net.eval(), dict(forms)
 
 
+def _dense_macs(module: TuckerConv, in_shape: Sequence[int]) -> int:
+    """MACs of the dense layer a factorised one stands for (its timing priority)."""
+    kernel = int(torch.tensor(module.core.kernel_size).prod())
+    voxels = int(torch.tensor(in_shape[2:]).prod())
+    return voxels * kernel * module.first.in_channels * module.last.out_channels
+
+
 def _measure_forms(network: nn.Module, sites, in_channels: int, patch_size: Sequence[int], engine: Engine,
                    device: torch.device, precision: str, device_name: str, multiple: int, path: Path,
-                   reps: int, progress: Progress) -> Dict[str, str]:
-    """The fastest form of each factorised layer, timing only what ``path`` does not hold yet."""
+                   reps: int, progress: Progress, budget_seconds: float = MEASURE_BUDGET_SECONDS
+                   ) -> Tuple[Dict[str, str], bool]:
+    """The fastest form of each factorised layer, timing only what ``path`` does not hold yet,
+    largest layers first, within ``budget_seconds``; and whether every layer got its timings."""
     shapes = trace(network, (1, in_channels, *patch_size)).shapes
     known = read_json(path)
     new: Dict[str, float] = {}
     forms: Dict[str, str] = {}
-    for i, site in enumerate(sites):
-        if site.name not in shapes:
-            continue
+    ordered = sorted((s for s in sites if s.name in shapes),
+                     key=lambda s: -_dense_macs(s.module, shapes[s.name][0]))
+    spent, complete = 0.0, True
+    for i, site in enumerate(ordered):
         in_shape = shapes[site.name][0]
         seconds = {}
         for form in FORMS:
@@ -127,11 +148,19 @@ def _measure_forms(network: nn.Module, sites, in_channels: int, patch_size: Sequ
                 continue  # e.g. ranks already a multiple of the vector width
             key = timing_key(engine.name, precision, device_name, candidate, in_shape)
             if key not in known and key not in new:
+                if spent >= budget_seconds and i > 0:
+                    complete = False  # over budget: a later run times it
+                    continue
+                t0 = time.perf_counter()
                 new[key] = time_layer(engine, candidate, in_shape, device, precision, reps)
-            seconds[form] = known.get(key, new.get(key))
-        best = min(seconds, key=seconds.get)
-        forms[site.name] = best if seconds[best] < (1 - MARGIN) * seconds["factorised"] else "factorised"
-        progress.update((i + 1) / len(sites), f"timed {site.name}: {forms[site.name]}")
+                spent += time.perf_counter() - t0
+            seconds[form] = known[key] if key in known else new[key]
+        if "factorised" not in seconds:
+            forms[site.name] = "factorised"
+        else:
+            best = min(seconds, key=seconds.get)
+            forms[site.name] = best if seconds[best] < (1 - MARGIN) * seconds["factorised"] else "factorised"
+        progress.update((i + 1) / len(ordered), f"timed {site.name}: {forms[site.name]}")
     if new:
         merge_json(path, new, indent=0)
-    return forms
+    return {s.name: forms[s.name] for s in sites if s.name in forms}, complete
