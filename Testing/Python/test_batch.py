@@ -125,6 +125,9 @@ def test_bad_cases_are_recorded_and_good_cases_written(mixed_batch):
     assert summary["done"] == 3 and summary["failed"] == 2 and summary["cases_per_hour"] > 0
     assert not list((out / "cases").glob(".tmp-*"))
     assert all(n == 1 for n in Manifest(out).done_count.values())
+    # the first worker said when its engines were ready: the others did not wait for a whole case
+    from TuckerSegLib.cohort.worker import engines_ready_marker
+    assert engines_ready_marker(out).read_text().strip() in set(df["worker"])
 
 
 def test_outputs_equal_segment_case_by_case(mixed_batch, cohort, cache_dir, tmp_path):

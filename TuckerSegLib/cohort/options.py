@@ -56,6 +56,15 @@ class SegmentOptions:
                 "engine": self.run.engine, "precision": self.run.precision,
                 "compressed_models": list(self.compressed_models)}
 
+    @property
+    def fills_engine_caches(self) -> bool:
+        """Whether a worker's first case writes engine caches (OpenVINO IR, layer-form timings,
+        engine choice, INT8) the others should find ready; the original network on PyTorch writes
+        none, so its workers need not wait for one another."""
+        torch_original = (self.compression.is_original and self.run.engine in ("auto", "torch")
+                          and self.run.precision != "int8" and not self.compressed_models)
+        return not torch_original
+
     def segment_kwargs(self) -> Dict[str, Any]:
         """Arguments of ``TuckerSegLib.pipeline.segment.segment`` (input/output aside)."""
         return dict(compression=self.compression, run=self.run, task=self.task, mode=self.mode,

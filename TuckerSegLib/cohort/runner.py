@@ -19,6 +19,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 from TuckerSegLib.cohort.cases import Case
 from TuckerSegLib.cohort.manifest import CASES_DIR, LOGS_DIR, Manifest, check_settings
 from TuckerSegLib.cohort.options import ClusterOptions, SegmentOptions
+from TuckerSegLib.cohort.worker import engines_ready_marker
 from TuckerSegLib.cohort.table import build_table, summarize, summary_line, write_table
 from TuckerSegLib.errors import Cancelled, InputError, TuckerSegError
 from TuckerSegLib.progress import BarProgress, NullProgress, Progress
@@ -276,7 +277,8 @@ def _schedule(ray, todo: List[Case], outdir: Path, options: SegmentOptions, clus
     pending: Deque[Case] = deque(todo)
     attempts: Dict[str, int] = {}
     in_flight: Dict[Any, tuple] = {}  # ref -> (actor, case)
-    warming = cluster.warmup and len(todo) > 1 and n_workers > 1
+    warming = cluster.warmup and len(todo) > 1 and n_workers > 1 and options.fills_engine_caches
+    engines_ready_marker(outdir).unlink(missing_ok=True)  # this run's first worker writes it
     processed = 0
     bar = BatchProgress(progress, len(todo), skipped)
 
@@ -312,7 +314,10 @@ def _schedule(ray, todo: List[Case], outdir: Path, options: SegmentOptions, clus
             if not starting and not idle and not in_flight:
                 raise TuckerSegError("no worker could be started; see the Ray logs "
                                      "(/tmp/ray/session_latest/logs)")
-            # give work to idle workers (one at a time while warming up the caches)
+            # give work to idle workers (one at a time while warming up the caches, until the
+            # first worker has its engines prepared)
+            if warming and engines_ready_marker(outdir).exists():
+                warming = False
             while idle and pending and not (warming and in_flight):
                 actor = idle.pop()
                 case = pending.popleft()

@@ -14,6 +14,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -100,6 +101,13 @@ class SegmentWorker:
         """Who this worker is (the driver logs it; tests use the pid)."""
         return {"pid": os.getpid(), "node": socket.gethostname(), "cores": self.cores}
 
+    def _signal_ready(self, event: dict) -> None:
+        if event.get("type") == "stage" and event.get("stage") == "predict" and \
+                _LAST_MODEL.match(str(event.get("message", ""))):
+            marker = engines_ready_marker(self.outdir)
+            if not marker.exists():
+                marker.write_text(f"{socket.gethostname()}:{os.getpid()}\n")
+
     def run(self, case: Dict[str, str], attempt: int = 1) -> Dict[str, Any]:
         """Segment one case; return its result row (status ``done`` or ``failed``), never raise."""
         from TuckerSegLib.errors import TuckerSegError
@@ -123,7 +131,7 @@ class SegmentWorker:
             stream = _LogStream(log)
             handler = logging.StreamHandler(stream)
             logging.getLogger().addHandler(handler)
-            progress = CallbackProgress(callback=lambda e: _log_event(log, e))
+            progress = CallbackProgress(callback=lambda e: (_log_event(log, e), self._signal_ready(e)))
             try:
                 tmp.mkdir(parents=True)
                 with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
@@ -149,6 +157,15 @@ class SegmentWorker:
             log.write(f"=== {row['status']} in {row['seconds']:.1f} s"
                       + (f": {row['error']}" if row.get("error") else "") + "\n")
         return row
+
+
+def engines_ready_marker(outdir: Path) -> Path:
+    """The file a worker writes once its first case has every model loaded and its engine
+    prepared (the engine caches are then on disk): the driver stops holding the other workers."""
+    return Path(outdir) / LOGS_DIR / ".engines-ready"
+
+
+_LAST_MODEL = re.compile(r"^model (\d+)/(\1):")  # segment's stage message for its last model
 
 
 def _log_event(log, event: dict) -> None:
