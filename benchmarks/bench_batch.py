@@ -58,6 +58,23 @@ def timed(cmds: list, env: dict) -> float:
     return time.perf_counter() - t0
 
 
+def agreement_with_stock(workdir: Path, outputs: list) -> float:
+    """Mean over cases of the mean Dice (classes present, ``pooled_mean_dice``) against stock's output."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from TuckerSegLib.pipeline.quality_target import pooled_mean_dice
+
+    values = []
+    for out in outputs:
+        case = out.parent.name + ".nii.gz" if out.name == "segmentation.nii.gz" else out.name
+        stock = workdir / "stock" / case
+        a, b = (torch.from_numpy(np.asarray(nib.load(str(p)).dataobj).astype(np.int64)) for p in (stock, out))
+        values.append(pooled_mean_dice(a, b, int(max(a.max(), b.max())) + 1))
+    return round(float(np.mean(values)), 4)
+
+
 def run_variant(args, cases, workdir: Path, env: dict, ratio: float, engine: str, report) -> None:
     """A shell loop of ``tuckerseg segment`` and one ``tuckerseg batch`` at one setting."""
     common = ["--fast", "--ml", "--device", "cpu", "--ratio", str(ratio), "--policy", args.policy,
@@ -82,6 +99,11 @@ def run_variant(args, cases, workdir: Path, env: dict, ratio: float, engine: str
                    *common, "--progress", "none", *extra]], env))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["done"] == len(cases), summary
+    if not args.skip_stock:  # the same quality settings: agreement with stock, case by case
+        loop = [workdir / f"segment-{tag}" / c.name for c in cases]
+        batch = [out / "cases" / c.name.replace(".nii.gz", "") / "segmentation.nii.gz" for c in cases]
+        for name, outputs in ((f"tuckerseg segment loop, {label}", loop), (f"tuckerseg batch, {label}", batch)):
+            report.agreement(name, agreement_with_stock(workdir, outputs))
 
 
 def main(argv=None) -> int:
@@ -94,6 +116,9 @@ def main(argv=None) -> int:
                    help="run each ratio with each engine (auto at ratio 1.0 = PyTorch, voxel for voxel "
                         "stock; openvino = the same network and precision on OpenVINO)")
     p.add_argument("--width-scale", type=float, default=1.0, help="1.0 = TotalSegmentator's widths")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="a trained TotalSegmentator weights root (e.g. from train_totalseg_layout) instead of "
+                        "test models with random weights: the agreement with stock is then meaningful")
     p.add_argument("--workers", type=int, default=None, help="tuckerseg batch --workers (default: auto)")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--skip-stock", action="store_true")
@@ -108,9 +133,12 @@ def main(argv=None) -> int:
     (home / "config.json").write_text(json.dumps({"totalseg_id": "bench", "send_usage_stats": False,
                                                   "prediction_counter": 0,
                                                   "statistics_disclaimer_shown": True}))
-    build_models(home / "nnunet" / "results", [297], width_scale=args.width_scale)
     env = dict(os.environ, TOTALSEG_HOME_DIR=str(home), PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
     env.pop("TOTALSEG_WEIGHTS_PATH", None)
+    if args.weights:
+        env["TOTALSEG_WEIGHTS_PATH"] = str(args.weights)
+    else:
+        build_models(home / "nnunet" / "results", [297], width_scale=args.width_scale)
     cases = make_cases(args.ct, workdir / "cases", args.cases)
     bindir = Path(sys.executable).parent
     results = []
@@ -121,6 +149,11 @@ def main(argv=None) -> int:
                         "seconds_per_case": round(seconds / len(cases), 2),
                         "cases_per_hour": round(per_hour, 1)})
         print(f"  {name}: {seconds:.1f} s, {per_hour:.0f} cases/hour", file=sys.stderr, flush=True)
+
+    def agreement(name: str, value: float) -> None:
+        next(r for r in results if r["method"] == name)["agreement_with_stock"] = value
+
+    report.agreement = agreement
 
     print(f"{len(cases)} cases in {workdir}", file=sys.stderr)
     if not args.skip_stock:
@@ -134,12 +167,13 @@ def main(argv=None) -> int:
             run_variant(args, cases, workdir, env, ratio, engine, report)
 
     stock = next((r["seconds"] for r in results if r["method"].startswith("stock")), None)
-    print(f"\n{'method':42s} {'total s':>8s} {'s/case':>7s} {'cases/h':>8s} {'vs stock':>8s}")
+    print(f"\n{'method':42s} {'total s':>8s} {'s/case':>7s} {'cases/h':>8s} {'vs stock':>8s} {'Dice vs stock':>13s}")
     for r in results:
         r["speedup_vs_stock"] = round(stock / r["seconds"], 2) if stock else None
         sp = f"{r['speedup_vs_stock']:.2f}x" if stock else "-"
+        agree = r.get("agreement_with_stock", 1.0 if r["method"].startswith("stock") else None)
         print(f"{r['method']:42s} {r['seconds']:8.1f} {r['seconds_per_case']:7.2f} "
-              f"{r['cases_per_hour']:8.0f} {sp:>8s}")
+              f"{r['cases_per_hour']:8.0f} {sp:>8s} {('-' if agree is None else f'{agree:.4f}'):>13s}")
     if args.json:
         import torch
 
@@ -149,6 +183,7 @@ def main(argv=None) -> int:
                         "python": platform.python_version(), "torch": torch.__version__},
             "command": "python benchmarks/bench_batch.py " + " ".join(sys.argv[1:]),
             "ct": str(args.ct.name), "cases": len(cases), "width_scale": args.width_scale,
+            "weights": str(args.weights) if args.weights else "test models, random weights",
             "mode": "--fast --ml, cpu", "policy": args.policy, "results": results}, indent=2))
     return 0
 
