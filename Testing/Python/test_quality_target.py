@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
-from TuckerSegLib.compression.quality_curve import (MAX_FRACTION, QualityCurve, QualityPoint, curves,
-                                                   register_distilled)
+from TuckerSegLib.compression.quality_curve import (MAX_FRACTION, REFINE_STEPS, SEARCH_FRACTIONS, QualityCurve,
+                                                   QualityPoint, curves, next_fraction, register_distilled)
 from TuckerSegLib.errors import InputError
 from TuckerSegLib.pipeline.quality_target import choose_for_target, pooled_mean_dice
 from TuckerSegLib.specs import CompressionSpec
@@ -43,6 +43,24 @@ def test_envelope_is_monotone_and_target_picks_the_cheapest_point_that_meets_it(
     assert curve.predicted(0.5) is None
     back = QualityCurve.from_dict(json.loads(json.dumps(curve.as_dict())))
     assert back.best_for(0.90).macs_fraction == 0.7
+
+
+def test_search_walks_down_then_bisects_between_the_last_hit_and_the_first_miss():
+    """With agreement = MAC fraction and target 0.75: 0.9, 0.8 meet, 0.7 misses; then 0.75 meets
+    and 0.725 misses; the choice is 0.75. The top fraction missing, or none, stops at once."""
+    def search(agreement, target, fractions=SEARCH_FRACTIONS):
+        curve, order = QualityCurve({}), []
+        while (f := next_fraction(curve, target, fractions)) is not None:
+            order.append(f)
+            curve.points.append(QualityPoint(f, agreement(f), ratio=f))
+        return order, curve.best_for(target)
+
+    order, best = search(lambda f: f, 0.75)
+    assert order == [0.9, 0.8, 0.7, 0.75, 0.725] and best.ratio == 0.75
+    order, best = search(lambda f: 0.5, 0.9)
+    assert order == [0.9] and best is None  # only the original meets it: one point
+    order, best = search(lambda f: 1.0, 0.9, fractions=(0.9, 0.5))
+    assert order == [0.9, 0.5] and best.ratio == 0.5  # nothing missed: nothing to refine
 
 
 def test_distilled_points_compete_with_zero_shot():
@@ -87,9 +105,10 @@ def test_choice_is_measured_once_cached_and_falls_back_to_the_original(model_297
     measured = sorted(p.macs_fraction for p in curve.points)
     assert measured and curve.reference_seconds_per_patch > 0
     assert curve.validation["phantoms"] and curve.validation["patches"] == 4
-    # the search walks down until the first miss: every point but the lowest meets the target
+    # the search walks down until the first miss, then bisects: the hits come before the misses
     env = curve.envelope()
-    assert all(p.meets(0.5) for p in env[:-1]) and len(env) <= len(FRACTIONS)
+    hits = [p.meets(0.5) for p in env]
+    assert hits == sorted(hits, reverse=True) and len(env) <= len(FRACTIONS) + REFINE_STEPS
     if choice.fallback:
         assert not any(p.meets(0.5) for p in env if p.macs_fraction <= MAX_FRACTION)
     else:

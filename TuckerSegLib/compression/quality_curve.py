@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 from TuckerSegLib.storage import merge_json, model_cache_dir, read_json
 
@@ -29,6 +29,10 @@ MAX_FRACTION = 0.90
 # The fractions a target search tries, from the top down (it stops at the first that misses).
 SEARCH_FRACTIONS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 WARN_BELOW = 0.90  # the panel warns when the predicted agreement is below this
+# Bisections between the last fraction that met a target and the first that missed: a trained
+# network's agreement falls steeply (0.96 at 90 % of the MACs, 0.82 at 80 % on the full-width
+# 3 mm network), so the grid alone gives every target between those the same answer.
+REFINE_STEPS = 2
 
 
 @dataclass
@@ -100,6 +104,38 @@ class QualityCurve:
     def from_dict(cls, d: dict) -> "QualityCurve":
         return cls(d.get("validation", {}), d.get("reference_seconds_per_patch"),
                    [QualityPoint(**p) for p in d.get("points", [])])
+
+
+def next_fraction(curve: QualityCurve, min_agreement: float, fractions: Sequence[float] = SEARCH_FRACTIONS,
+                  refine_steps: int = REFINE_STEPS) -> Optional[float]:
+    """The next ratio a search for ``min_agreement`` measures; None once the choice is settled.
+
+    ``fractions`` from the top down until the first that misses, then ``refine_steps`` bisections
+    between the last that met and that miss (rounded to 4 decimals, so the same on every
+    machine). Nothing is refined when the top fraction misses (the original runs) or none does.
+    """
+    measured = {round(p.ratio, 4): p for p in curve.points if p.source == "zero-shot"}
+    hit, miss = None, None
+    for f in sorted(fractions, reverse=True):
+        point = measured.get(round(f, 4))
+        if point is None:
+            return f
+        if not point.meets(min_agreement):
+            miss = f
+            break
+        hit = f
+    if hit is None or miss is None:
+        return None
+    for _ in range(refine_steps):
+        mid = round((hit + miss) / 2, 4)
+        point = measured.get(mid)
+        if point is None:
+            return mid
+        if point.meets(min_agreement):
+            hit = mid
+        else:
+            miss = mid
+    return None
 
 
 def validation_id(description: dict) -> str:

@@ -10,7 +10,8 @@ Cost: the original's labels on the validation patches are computed once and cach
 compresses the network (cached too; the ``budget`` policy without its own refinement rounds, which
 would validate each candidate a second time at many times the cost) and runs it on the patches with the fastest engine that
 matches f32 (OpenVINO on a CPU, PyTorch on a GPU). The search walks the fractions from the top
-down and stops at the first that misses, so a target that only the original meets costs one point.
+down and stops at the first that misses (a target that only the original meets costs one point),
+then bisects twice between the last that met and that miss (``quality_curve.next_fraction``).
 Validation data: the built-in phantom CTs (the same on every machine, so the same inputs give the
 same choice everywhere) plus the user's CTs given with ``validate_on``; the result says which.
 """
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from TuckerSegLib.compression.quality_curve import (MAX_FRACTION, SEARCH_FRACTIONS, QualityCurve, QualityPoint,
-                                                   curve_key, load_curve, save_curve)
+                                                   curve_key, load_curve, next_fraction, save_curve)
 from TuckerSegLib.models.checkpoint import file_sha256
 from TuckerSegLib.models.nnunet_folder import NnUNetModel
 from TuckerSegLib.progress import NullProgress, Progress
@@ -172,7 +173,7 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
     """The cheapest network of ``model_folder`` whose validated agreement is at least
     ``spec.min_agreement`` (zero-shot at ``spec.policy``, or a registered distilled model); the
     original when none is, below ``MAX_FRACTION`` of the MACs. ``fractions``: the ratios tried,
-    from the top down, until one misses."""
+    from the top down until one misses, then bisected (``quality_curve.next_fraction``)."""
     from TuckerSegLib.compression.cache import get_compressed_model
     from TuckerSegLib.compression.quality_curve import distilled_models
     from TuckerSegLib.models.compressed_file import load_compressed
@@ -199,21 +200,20 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
         k = max(int(model.num_classes), int(reference[0].max()) + 1, int(labels.max()) + 1)
         return round(pooled_mean_dice(reference[0], labels, k), 4), seconds, engine
 
-    for f in sorted(fractions, reverse=True):
-        point = curve.point_at(f)
-        if point is None:
-            concrete = replace(spec, ratio=f, min_agreement=None, validate_on=(), refine=False)
-            progress.stage("quality", f"quality target {target:g}: measuring {100 * f:.0f} % of the MACs")
-            compressed = get_compressed_model(folder, concrete, fold, cache_dir, checkpoint_name, progress)
-            agreement, seconds, engine = measure(compressed.network)
-            point = QualityPoint(float(compressed.manifest["report"]["macs_ratio"]), agreement, "zero-shot",
-                                 spec.policy, f, None, round(seconds, 4), engine)
-            curve.points.append(point)
-            save_curve(folder, key, curve, cache_dir)
-            progress.log(f"quality curve {folder.parent.name}: {100 * point.macs_fraction:.1f} % MACs -> "
-                         f"agreement {agreement:.3f} ({seconds:.2f} s/patch, {engine})")
-        if not point.meets(target):
+    while True:
+        f = next_fraction(curve, target, fractions)
+        if f is None:
             break
+        concrete = replace(spec, ratio=f, min_agreement=None, validate_on=(), refine=False)
+        progress.stage("quality", f"quality target {target:g}: measuring {100 * f:.1f} % of the MACs")
+        compressed = get_compressed_model(folder, concrete, fold, cache_dir, checkpoint_name, progress)
+        agreement, seconds, engine = measure(compressed.network)
+        point = QualityPoint(float(compressed.manifest["report"]["macs_ratio"]), agreement, "zero-shot",
+                             spec.policy, f, None, round(seconds, 4), engine)
+        curve.points.append(point)
+        save_curve(folder, key, curve, cache_dir)
+        progress.log(f"quality curve {folder.parent.name}: {100 * point.macs_fraction:.1f} % MACs -> "
+                     f"agreement {agreement:.3f} ({seconds:.2f} s/patch, {engine})")
     for distilled in distilled_models(folder, cache_dir):
         if any(p.folder == distilled for p in curve.points) or not Path(distilled).is_dir():
             continue
