@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights", type=Path, required=True, help="TotalSegmentator weights root (trained 297)")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--skip", nargs="*", default=[], metavar="CONFIG",
+                   help="configurations to leave out, by name (stock and ratio 1.0 always run)")
     args = p.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-quality-"))
     parts = work / "parts"
@@ -78,6 +80,8 @@ def main(argv=None) -> int:
     rows = []
     outputs = {}
     for name, extra in CONFIGS:
+        if name in args.skip and name not in ("stock TotalSegmentator", "ratio 1.0"):
+            continue
         cache = work / f"cache-{len(rows)}"
         row = {"config": name, "runs": []}
         for attempt in ("cold", "warm"):
@@ -113,7 +117,8 @@ def main(argv=None) -> int:
         print(f"{row['config']:>30} {cold:7.1f} {warm:7.1f} {row['speedup_warm_vs_stock']:7.2f}x "
               f"{row.get('macs_kept', 1.0):6.3f} {('-' if pred is None else f'{pred:.3f}'):>9} "
               f"{row['agreement_heldout']:8.3f}")
-    result = {"weights": str(args.weights), "heldout": str(heldout), "validate_on": str(unlabelled),
+    result = {"command": "python benchmarks/bench_quality_target.py " + " ".join(sys.argv[1:]),
+              "weights": str(args.weights), "heldout": str(heldout), "validate_on": str(unlabelled),
               "cpu": os.cpu_count(), "rows": rows}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
