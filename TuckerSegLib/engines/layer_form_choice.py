@@ -33,9 +33,10 @@ from TuckerSegLib.progress import NullProgress, Progress
 from TuckerSegLib.storage import cache_root, merge_json, read_json
 
 MARGIN = 0.05  # another form must be this much faster than the factorised one to replace it
-# What one run may spend timing layer forms, per engine. Layers are timed from the most MACs
-# down; those left run factorised this time, and a later run times them (timings are cached, so
-# each run goes on where the last stopped). The network's forms are remembered only when complete.
+# What a network's first run may spend timing layer forms, per engine. Layers are timed from the
+# most MACs down; those left (the smallest) run factorised, the form they were built in. The forms
+# are remembered either way, so later runs neither trace nor time (a timing left out stays out:
+# spreading it over later runs made each of them pay up to this budget again).
 MEASURE_BUDGET_SECONDS = 30.0
 TIMINGS_FILE = "layer_timings.json"
 CHOICES_FILE = "layer_form_choices.json"
@@ -90,6 +91,7 @@ def choose_layer_forms(network: nn.Module, patch_size: Sequence[int], in_channel
 
     A network without factorised layers is returned as is (``{}``). Timing stops once it has
     taken ``budget_seconds`` (at least one layer is timed); untimed layers stay factorised.
+    Layers already timed (any network, same signature) cost nothing.
     """
     progress = progress or NullProgress()
     sites = [s for s in find_sites(network, include_factorised=True) if isinstance(s.module, TuckerConv)]
@@ -106,11 +108,10 @@ def choose_layer_forms(network: nn.Module, patch_size: Sequence[int], in_channel
     if not (isinstance(forms, dict) and set(forms) == {s.name for s in sites}):
         forms, complete = _measure_forms(network, sites, in_channels, patch_size, engine, device, precision,
                                          device_name, multiple, path, reps, progress, budget_seconds)
-        if complete:
-            merge_json(choices_path, {net_key: forms}, indent=0)
-        else:
+        merge_json(choices_path, {net_key: forms}, indent=0)
+        if not complete:
             progress.log(f"layer forms: timed the largest layers within {budget_seconds:g} s; the others run "
-                         "factorised until a later run times them")
+                         "factorised")
     net = copy.deepcopy(network)
     for site in find_sites(net, include_factorised=True):
         choice = forms.get(site.name, "factorised")
