@@ -349,3 +349,15 @@ def test_parallel_argmax_gives_nnunets_labels():
         # a label manager built anywhere (TotalSegmentator's export builds its own) uses it
         assert np.array_equal(LabelManager(labels, None).convert_logits_to_segmentation(probs), theirs)
     assert LabelManager.convert_probabilities_to_segmentation is original
+
+def test_last_model_stage_is_recognised_only_for_the_last_model():
+    """The batch releases its other workers on this event: it must fire once per run, at the last model."""
+    from TuckerSegLib.pipeline.segment import _model_stage_message, last_model_started
+
+    def stage(i, n):
+        return {"type": "stage", "stage": "predict", "message": _model_stage_message(i, n, "Dataset291_x")}
+
+    assert [last_model_started(stage(i, 5)) for i in range(5)] == [False] * 4 + [True]
+    assert last_model_started(stage(0, 1)) and last_model_started(stage(11, 12))
+    assert not last_model_started(stage(1, 12))
+    assert not last_model_started({**stage(0, 1), "type": "progress"})

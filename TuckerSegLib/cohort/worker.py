@@ -14,7 +14,6 @@ import datetime
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import tempfile
@@ -102,8 +101,9 @@ class SegmentWorker:
         return {"pid": os.getpid(), "node": socket.gethostname(), "cores": self.cores}
 
     def _signal_ready(self, event: dict) -> None:
-        if event.get("type") == "stage" and event.get("stage") == "predict" and \
-                _LAST_MODEL.match(str(event.get("message", ""))):
+        from TuckerSegLib.pipeline.segment import last_model_started
+
+        if last_model_started(event):
             marker = engines_ready_marker(self.outdir)
             if not marker.exists():
                 marker.write_text(f"{socket.gethostname()}:{os.getpid()}\n")
@@ -163,9 +163,6 @@ def engines_ready_marker(outdir: Path) -> Path:
     """The file a worker writes once its first case has every model loaded and its engine
     prepared (the engine caches are then on disk): the driver stops holding the other workers."""
     return Path(outdir) / LOGS_DIR / ".engines-ready"
-
-
-_LAST_MODEL = re.compile(r"^model (\d+)/(\1):")  # segment's stage message for its last model
 
 
 def _log_event(log, event: dict) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -173,6 +174,21 @@ def is_multilabel_path(output: Union[str, Path]) -> bool:
     return str(output).lower().endswith((".nii", ".nii.gz"))
 
 
+def _model_stage_message(index: int, count: int, name: str) -> str:
+    """The ``predict`` stage message as model ``index`` (from 0) of ``count`` starts to predict."""
+    return f"model {index + 1}/{count}: {name}"
+
+
+_LAST_MODEL_STAGE = re.compile(r"^model (\d+)/(\1): ")  # _model_stage_message's, for the last model
+
+
+def last_model_started(event: dict) -> bool:
+    """True for the progress event of a run's last model starting to predict: every model is then
+    loaded and its engine prepared (engine caches are on disk)."""
+    return event.get("type") == "stage" and event.get("stage") == "predict" and \
+        bool(_LAST_MODEL_STAGE.match(str(event.get("message", ""))))
+
+
 def segment(input: Union[str, Path], output: Union[str, Path],
             compression: CompressionSpec = CompressionSpec(), run: RunSpec = RunSpec(), *,
             task: str = "total", mode: str = "default", roi_subset: Optional[Sequence[str]] = None,
@@ -234,7 +250,7 @@ def segment(input: Union[str, Path], output: Union[str, Path],
     n_models = len(needed)
 
     def on_model(index: int, folder: Path) -> None:
-        progress.stage("predict", f"model {index + 1}/{n_models}: {folder.parent.name}")
+        progress.stage("predict", _model_stage_message(index, n_models, folder.parent.name))
         progress.update(0.05 + 0.9 * index / max(1, n_models), f"model {index + 1}/{n_models}",
                         stage="predict")
 
