@@ -31,10 +31,10 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from TuckerSegUtils import cost_readout, dependencies, structures, terminology
-from TuckerSegUtils.warm_worker import WarmWorker, shared_worker
 from TuckerSegUtils.run import (DEFAULT_MIN_AGREEMENT, DEVICES, ENGINES, POLICIES, QUALITIES,
                                 QUALITY_SPACING_MM, RunCallbacks, SegmentationRequest, SegmentationRun,
                                 compression_choice)
+from TuckerSegUtils.warm_worker import WarmWorker, shared_worker
 
 POLL_INTERVAL_MS = 100
 

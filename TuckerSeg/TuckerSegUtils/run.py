@@ -207,8 +207,6 @@ class SegmentationRun:
         return self.worker.poll() if self.worker is not None else []
 
     def _wait_events(self, seconds: float) -> List[dict]:
-        if self.warm is None:
-            return self.worker.wait_events(seconds)
         deadline = time.monotonic() + seconds
         while True:
             events = self._new_events()
@@ -259,9 +257,7 @@ class SegmentationRun:
             self._result = event.get("result") or {}
         elif kind == "error":
             self._error_event = str(event.get("message", "")).strip() or "segmentation failed"
-        elif kind == "exit":
-            self._finish(int(event.get("returncode") or 0))
-        elif kind == "done":  # a warm worker's request ended; the worker goes on
+        elif kind in ("exit", "done"):  # the process ended, or a warm worker's request (it goes on)
             self._finish(int(event.get("returncode") or 0))
 
     def _finish(self, returncode: int) -> None:

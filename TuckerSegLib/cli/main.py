@@ -117,5 +117,6 @@ def run_command(mod, args: argparse.Namespace, progress: Progress, debug: bool =
               f"traceback)", file=sys.stderr)
         return 1
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,8 +19,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 from TuckerSegLib.cohort.cases import Case
 from TuckerSegLib.cohort.manifest import CASES_DIR, LOGS_DIR, Manifest, check_settings
 from TuckerSegLib.cohort.options import ClusterOptions, SegmentOptions
-from TuckerSegLib.cohort.worker import engines_ready_marker
 from TuckerSegLib.cohort.table import build_table, summarize, summary_line, write_table
+from TuckerSegLib.cohort.worker import engines_ready_marker
 from TuckerSegLib.errors import Cancelled, InputError, TuckerSegError
 from TuckerSegLib.progress import BarProgress, NullProgress, Progress
 

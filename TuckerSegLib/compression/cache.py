@@ -84,7 +84,7 @@ def get_compressed_model(model_folder: Union[str, Path], spec: CompressionSpec, 
                      f"{spec.policy} policy, ratio {spec.ratio:g} (once; cached in {entry})")
         model = load_model_folder(model_folder, fold, checkpoint_name)
         data = default_data(model, spec)
-        store, key = _sensitivity_store(root, model, fold, checkpoint_name, data)
+        store, key = root / SENSITIVITIES_FILE, _sensitivity_key(model, fold, checkpoint_name, data)
         if key is not None:
             data.sensitivities = read_json(store).get(key)
         result = compress_model(model, spec, data, progress=progress, inplace=True)
@@ -94,15 +94,13 @@ def get_compressed_model(model_folder: Union[str, Path], spec: CompressionSpec, 
     return load_compressed(entry, verify_hash=False)
 
 
-def _sensitivity_store(root: Path, model: NnUNetModel, fold, checkpoint_name: str, data: CompressionData
-                       ) -> Tuple[Path, Optional[str]]:
-    """Where this model's layer sensitivities are kept, and their key (weights, probe, algorithm):
-    probing them is most of a compression's time, and every ratio of the model needs the same ones."""
+def _sensitivity_key(model: NnUNetModel, fold, checkpoint_name: str, data: CompressionData) -> Optional[str]:
+    """The key of this model's layer sensitivities (weights, probe, algorithm), None without a
+    probe: probing them is most of a compression's time, and every ratio needs the same ones."""
     if data.probe is None:
-        return root / SENSITIVITIES_FILE, None
+        return None
     probe = hashlib.sha1(data.probe.numpy().tobytes()).hexdigest()[:16]
-    key = f"fold{fold}|{Path(checkpoint_name).stem}|{model.source_fingerprint}|probe{probe}|v{ALGORITHM_VERSION}"
-    return root / SENSITIVITIES_FILE, key
+    return f"fold{fold}|{Path(checkpoint_name).stem}|{model.source_fingerprint}|probe{probe}|v{ALGORITHM_VERSION}"
 
 
 def _load_valid(entry: Path, ckpt: Path, progress: Progress) -> Optional[NnUNetModel]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -122,9 +123,8 @@ def choose_layer_forms(network: nn.Module, patch_size: Sequence[int], in_channel
 
 def _dense_macs(module: TuckerConv, in_shape: Sequence[int]) -> int:
     """MACs of the dense layer a factorised one stands for (its timing priority)."""
-    kernel = int(torch.tensor(module.core.kernel_size).prod())
-    voxels = int(torch.tensor(in_shape[2:]).prod())
-    return voxels * kernel * module.first.in_channels * module.last.out_channels
+    return (math.prod(module.core.kernel_size) * math.prod(in_shape[2:]) * module.first.in_channels
+            * module.last.out_channels)
 
 
 def _measure_forms(network: nn.Module, sites, in_channels: int, patch_size: Sequence[int], engine: Engine,
