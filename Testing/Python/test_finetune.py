@@ -461,3 +461,8 @@ def test_finetune_fast_with_phantoms_records_what_it_trained_and_validated_on(ti
     code = main(["finetune", str(tiny.folder), "--labels", str(tmp_path), "--ratio", "0.5", "-o",
                  str(tmp_path / "x"), "--progress", "none"])
     assert code == 2 and "--recipe classic" in capsys.readouterr().err
+    # a crop the U-Net cannot take (not a multiple of its stride) is refused before any work
+    code = main(["finetune", str(tiny.folder), "-i", str(cts[0]), "--ratio", "0.5", "--crop", "12x16x16",
+                 "-o", str(tmp_path / "y"), "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and "multiples of the network's stride" in err and not (tmp_path / "y").exists()

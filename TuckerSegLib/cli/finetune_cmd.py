@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=d.eval_every,
                         help=f"steps between agreement checks with --until-agreement (default {d.eval_every})")
     parser.add_argument("--crop", default=None, metavar="ZxYxX",
-                        help="training crop (fast recipe; default: half the model's patch per axis, "
-                             "a multiple of the network's stride)")
+                        help="training patch size, a multiple of the network's stride (default: the model's "
+                             "patch; smaller crops change what InstanceNorm sees and teach another function)")
     parser.add_argument("--pool", type=int, default=d.pool,
                         help=f"training patches whose original answers are stored (fast recipe; default {d.pool})")
     parser.add_argument("--topk", type=int, default=d.topk,

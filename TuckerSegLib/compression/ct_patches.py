@@ -275,16 +275,3 @@ def network_stride(network: torch.nn.Module, ndim: int = 3) -> Tuple[int, ...]:
         s = [int(s)] * ndim if np.isscalar(s) else [int(v) for v in s]
         total = [a * b for a, b in zip(total, s)]
     return tuple(total)
-
-
-def training_crop(patch_size: Sequence[int], stride: Sequence[int], fraction: float = 0.5,
-                  minimum: int = 32) -> Tuple[int, ...]:
-    """A training crop: ``fraction`` of the model's patch per axis, a multiple of the network's
-    total stride (so every stage sees whole voxels), at least ``minimum`` (or the stride) voxels
-    and at most the patch."""
-    crop = []
-    for p, s in zip(patch_size, stride):
-        c = int(round(p * fraction / s)) * s
-        c = max(c, int(np.ceil(minimum / s)) * s, s)
-        crop.append(min(c, int(p)) if p >= s else int(p))
-    return tuple(crop)

@@ -9,7 +9,7 @@ keep their names through Tucker surgery), and nnU-Net's Dice + CE against the te
 does not). With labels, nnU-Net's own Dice + CE loss is added.
 
 Two recipes. ``classic`` runs the teacher on every step on whole patches and adds the feature MSE.
-``fast`` (the default) draws a pool of smaller crops once, stores the teacher's top-k answers
+``fast`` (the default) draws a pool of patches once, stores the teacher's top-k answers
 (``teacher_cache``), then each step runs only the student, in bf16 autocast on a CUDA GPU (f32 on a CPU),
 optionally training only the factorised layers; it has no feature term (features are not
 cached). Both stop early at a held-out agreement (``until_agreement``) or a wall-time cap
@@ -67,7 +67,7 @@ class DistillConfig:
     seed: int = 0
     # -- the fast recipe (``recipe="fast"``; see the module docstring) ----------------------
     recipe: str = "fast"  # fast: cached pool of teacher answers; classic: teacher every step
-    pool: int = 64  # training patches in the teacher cache
+    pool: int = 32  # training patches in the teacher cache (~45 MB each for a 3 mm patch of 118 classes)
     topk: int = 0  # classes stored per voxel; 0: all up to 16 classes, else 8
     exact_cache: bool = False  # store log-probabilities in float32 (tests) instead of float16
     cache_teacher: bool = True  # False: rerun the teacher on the pool's patches every step
