@@ -13,6 +13,8 @@ phantom CTs (``--phantoms``) and augmentation (``--augment``).
 
 Agreement = mean Dice of the student's argmax against the uncompressed network's, over the
 foreground classes either finds, float32:
+- ``training region``: on ``--val-patches`` patches of the training part not drawn for training
+  (where the student was fitted),
 - ``patch``: on ``--val-patches`` patches of the held-out part (what ``--until-agreement`` checks),
 - ``volume``: the held-out part predicted alone by nnU-Net's predictor,
 - ``in_context``: the whole CT predicted by nnU-Net's predictor, scored on the held-out slices only.
@@ -39,8 +41,9 @@ import torch
 from TuckerSegLib.compression.calibration import collect_stats
 from TuckerSegLib.compression.compress import CompressionData, compress_model
 from TuckerSegLib.compression.ct_patches import PatchSampler, preprocess
-from TuckerSegLib.finetune.agreement import mean_dice
+from TuckerSegLib.finetune.agreement import label_agreement, mean_dice
 from TuckerSegLib.finetune.distill import DistillConfig
+from TuckerSegLib.finetune.teacher_cache import teacher_labels
 from TuckerSegLib.finetune.workflow import finetune
 from TuckerSegLib.models.compressed_file import load_compressed, save_compressed
 from TuckerSegLib.models.nnunet_folder import load_model_folder
@@ -115,7 +118,8 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument("--until-agreement", type=float, default=None, help="early stop target (patch level)")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--val-patches", type=int, default=2)
-    parser.add_argument("--phantoms", type=int, default=0)
+    parser.add_argument("--phantoms", type=int, nargs="+", default=[0],
+                        help="phantom CTs added to the transfer set (fast recipe); several values: one run each")
     parser.add_argument("--augment", action="store_true")
     parser.add_argument("--crop", type=int, nargs=3, default=None, help="fast recipe crop (default: half patch)")
     parser.add_argument("--pool", type=int, default=64)
@@ -144,6 +148,10 @@ def main(argv: Sequence[str] = None) -> int:
     print(f"teacher {args.model} ({n_classes} outputs, patch {teacher.patch_size}); train {train_ct.name}, "
           f"held out {heldout_ct.name} (slices {slices.start}..{slices.stop - 1})", flush=True)
     cases = preprocess(teacher, [train_ct])
+    # Patches of the training part, not drawn for training: where distillation fits (against the
+    # held-out slab, another body region, where it must generalise).
+    fit_patches = PatchSampler(cases, teacher.patch_size).fixed_patches(args.val_patches, seed=30_000)
+    fit_labels = teacher_labels(teacher.network, fit_patches, torch.device("cpu"))
     rows: List[dict] = []
     for ratio in args.ratios:
         t0 = time.perf_counter()
@@ -158,25 +166,27 @@ def main(argv: Sequence[str] = None) -> int:
         zero = volume_agreements(predictor, result.network, refs, heldout_ct, args.ct, slices, n_classes)
         print(f"ratio {ratio:g}: zero-shot volume agreement {zero['volume']:.3f}, in context {zero['in_context']:.3f}",
               flush=True)
-        for recipe in args.recipes:
+        fit_before = label_agreement(result.network, fit_patches, fit_labels)["mean_dice"]
+        for recipe, phantoms in [(r, n) for r in args.recipes for n in (args.phantoms if r == "fast" else [0])]:
             batch = args.classic_batch_size if (recipe == "classic" and args.classic_batch_size) else args.batch_size
             config = DistillConfig(steps=args.steps, lr=args.lr, batch_size=batch, recipe=recipe,
                                    pool=args.pool, precision=args.precision, train_params=args.train_params,
                                    compile=args.compile, max_minutes=args.minutes,
                                    until_agreement=args.until_agreement, eval_every=args.eval_every,
                                    checkpoint_every=1_000_000)
-            out = args.out / f"distilled_{ratio:g}_{recipe}"
-            tag = f"{ratio:g} {recipe}"
+            out = args.out / f"distilled_{ratio:g}_{recipe}_p{phantoms}"
+            tag = f"{ratio:g} {recipe}" + (f" +{phantoms} phantoms" if phantoms else "")
             cpu0, t1 = time.process_time(), time.perf_counter()
             summary = finetune(start, [train_ct], out, config=config, device=args.device,
                                val_images=[heldout_ct], val_patches=args.val_patches,
-                               work_dir=args.out / f".work_{ratio:g}_{recipe}",
-                               phantoms=args.phantoms if recipe == "fast" else 0,
+                               work_dir=args.out / f".work_{ratio:g}_{recipe}_p{phantoms}",
+                               phantoms=phantoms,
                                augment=args.augment and recipe == "fast",
                                crop=args.crop if recipe == "fast" else None, progress=_Log(tag))
             wall, cpu = time.perf_counter() - t1, time.process_time() - cpu0
-            after = volume_agreements(predictor, load_compressed(out).network, refs, heldout_ct, args.ct,
-                                      slices, n_classes)
+            student = load_compressed(out).network
+            after = volume_agreements(predictor, student, refs, heldout_ct, args.ct, slices, n_classes)
+            fit_after = label_agreement(student.float().eval(), fit_patches, fit_labels)["mean_dice"]
             val = summary["validation"]
             row = {"ratio": ratio, "macs_ratio": result.report["macs_ratio"], "recipe": recipe,
                    "steps": summary["steps"], "stopped": summary["stopped"], "wall_s": round(wall, 1),
@@ -188,6 +198,7 @@ def main(argv: Sequence[str] = None) -> int:
                    "patch_before": val["before"]["mean_dice"], "patch_after": val["after"]["mean_dice"],
                    "volume_before": zero["volume"], "volume_after": after["volume"],
                    "in_context_before": zero["in_context"], "in_context_after": after["in_context"],
+                   "train_region_before": fit_before, "train_region_after": fit_after, "phantoms": phantoms,
                    "loss_first": summary["loss_curve"][0], "loss_last": summary["loss_curve"][-1],
                    "agreement_curve": summary["agreement_curve"]}
             rows.append(row)
@@ -199,12 +210,14 @@ def main(argv: Sequence[str] = None) -> int:
     lines = [f"Command: `python benchmarks/bench_distill.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
              f"total {time.perf_counter() - t_all:.0f} s", "",
-             "| MACs kept | recipe | batch | steps | stopped | wall s | steps/s | CPU s/step | patch before -> after | "
-             "volume before -> after | in context before -> after |",
-             "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | --- | --- | --- |"]
+             "| MACs kept | recipe | phantoms | batch | steps | stopped | wall s | steps/s | CPU s/step | "
+             "training region before -> after | patch before -> after | volume before -> after | "
+             "in context before -> after |",
+             "| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {100 * r['macs_ratio']:.1f} % | {r['recipe']} ({r['precision']}) | {r['batch']} | {r['steps']} | "
-                     f"{r['stopped']} | {r['wall_s']:.0f} | {r['steps_per_s']} | {r['cpu_s_per_step']} | "
+        lines.append(f"| {100 * r['macs_ratio']:.1f} % | {r['recipe']} ({r['precision']}) | {r['phantoms']} | {r['batch']} | "
+                     f"{r['steps']} | {r['stopped']} | {r['wall_s']:.0f} | {r['steps_per_s']} | {r['cpu_s_per_step']} | "
+                     f"{r['train_region_before']:.3f} -> {r['train_region_after']:.3f} | "
                      f"{r['patch_before']:.3f} -> {r['patch_after']:.3f} | "
                      f"{r['volume_before']:.3f} -> {r['volume_after']:.3f} | "
                      f"{r['in_context_before']:.3f} -> {r['in_context_after']:.3f} |")
