@@ -106,6 +106,20 @@ def volume_agreements(predictor, network, refs: dict, heldout: Path, whole: Path
                                     torch.from_numpy(ref_w.astype(np.int64)), num_classes)}
 
 
+def original_outputs(predictor, network, heldout: Path, whole: Path) -> dict:
+    """The uncompressed network's label maps of the held-out part alone and of the whole CT."""
+    return {"heldout": predict_volume(predictor, heldout, network=copy.deepcopy(network)),
+            "whole": predict_volume(predictor, whole, network=copy.deepcopy(network))}
+
+
+def compress_calibrated(teacher, cases, ratio: float, source: str, patches: int = 4):
+    """``(compression result, calibration patches)``: budget policy, data-aware factors from
+    ``patches`` patches of ``cases`` (the starting student of every distillation run)."""
+    x = PatchSampler(cases, teacher.patch_size, seed=20_000).sample(patches)[0]
+    stats = collect_stats(teacher.network, x, sources=[source])
+    return compress_model(teacher, CompressionSpec(ratio, "budget"), CompressionData(calibration=stats)), x
+
+
 def main(argv: Sequence[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="trained nnU-Net model folder (the teacher)")
@@ -121,8 +135,8 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument("--phantoms", type=int, nargs="+", default=[0],
                         help="phantom CTs added to the transfer set (fast recipe); several values: one run each")
     parser.add_argument("--augment", action="store_true")
-    parser.add_argument("--crop", type=int, nargs=3, default=None, help="fast recipe crop (default: half patch)")
-    parser.add_argument("--pool", type=int, default=64)
+    parser.add_argument("--crop", type=int, nargs=3, default=None, help="fast recipe crop (default: the model's patch)")
+    parser.add_argument("--pool", type=int, default=DistillConfig.pool)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--classic-batch-size", type=int, default=None,
@@ -143,8 +157,7 @@ def main(argv: Sequence[str] = None) -> int:
     teacher = load_model_folder(args.model)
     n_classes = teacher.num_classes
     predictor = load_predictor(args.model, device=args.device)
-    refs = {"heldout": predict_volume(predictor, heldout_ct, network=copy.deepcopy(teacher.network)),
-            "whole": predict_volume(predictor, args.ct, network=copy.deepcopy(teacher.network))}
+    refs = original_outputs(predictor, teacher.network, heldout_ct, args.ct)
     print(f"teacher {args.model} ({n_classes} outputs, patch {teacher.patch_size}); train {train_ct.name}, "
           f"held out {heldout_ct.name} (slices {slices.start}..{slices.stop - 1})", flush=True)
     cases = preprocess(teacher, [train_ct])
@@ -155,9 +168,7 @@ def main(argv: Sequence[str] = None) -> int:
     rows: List[dict] = []
     for ratio in args.ratios:
         t0 = time.perf_counter()
-        patches = PatchSampler(cases, teacher.patch_size, seed=20_000).sample(4)[0]
-        stats = collect_stats(teacher.network, patches, sources=[train_ct.name])
-        result = compress_model(teacher, CompressionSpec(ratio, "budget"), CompressionData(calibration=stats))
+        result, _ = compress_calibrated(teacher, cases, ratio, train_ct.name)
         start = args.out / f"compressed_{ratio:g}"
         save_compressed(start, teacher, result)
         print(f"ratio {ratio:g}: {100 * result.report['macs_ratio']:.1f} % of MACs, "

@@ -32,17 +32,15 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_distill import split_example_ct, volume_agreements  # noqa: E402
+from bench_distill import compress_calibrated, original_outputs, split_example_ct, volume_agreements  # noqa: E402
 
 from TuckerSegLib.compression.calibration import (CalibrationStats, LayerStats,  # noqa: E402
-                                                  _followed_by_instance_norm, collect_stats)
-from TuckerSegLib.compression.compress import CompressionData, compress_model  # noqa: E402
-from TuckerSegLib.compression.ct_patches import PatchSampler, preprocess  # noqa: E402
+                                                  _followed_by_instance_norm)
+from TuckerSegLib.compression.ct_patches import preprocess  # noqa: E402
 from TuckerSegLib.models.nnunet_folder import load_model_folder  # noqa: E402
 from TuckerSegLib.network.surgery import factorised_layers, find_sites  # noqa: E402
 from TuckerSegLib.network.tucker_conv import TuckerConv, conv_layout_weight  # noqa: E402
-from TuckerSegLib.pipeline.nnunet_predict import load_predictor, predict_volume  # noqa: E402
-from TuckerSegLib.specs import CompressionSpec  # noqa: E402
+from TuckerSegLib.pipeline.nnunet_predict import load_predictor  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,12 +124,9 @@ def main(argv: Sequence[str] = None) -> int:
     train_ct, heldout_ct, slices = split_example_ct(args.ct, args.out)
     teacher = load_model_folder(args.model)
     predictor = load_predictor(args.model, device="cpu")
-    refs = {"heldout": predict_volume(predictor, heldout_ct, network=copy.deepcopy(teacher.network)),
-            "whole": predict_volume(predictor, args.ct, network=copy.deepcopy(teacher.network))}
+    refs = original_outputs(predictor, teacher.network, heldout_ct, args.ct)
     cases = preprocess(teacher, [train_ct])
-    patches = PatchSampler(cases, teacher.patch_size, seed=20_000).sample(args.patches)[0]
-    stats = collect_stats(teacher.network, patches, sources=[train_ct.name])
-    result = compress_model(teacher, CompressionSpec(args.ratio, "budget"), CompressionData(calibration=stats))
+    result, patches = compress_calibrated(teacher, cases, args.ratio, train_ct.name, args.patches)
     student = result.network.eval()
     n = teacher.num_classes
     rows = [{"round": 0, **volume_agreements(predictor, student, refs, heldout_ct, args.ct, slices, n)}]

@@ -118,8 +118,8 @@ def finetune(model: PathLike, images: Sequence[PathLike], output: PathLike,
     CTs, optionally augmented (``augment``); the teacher labels all of it. ``crop`` is the training
     patch (default: the model's patch; smaller crops change what InstanceNorm sees). Agreement is
     measured on ``val_patches`` patches (the model's patch size) of ``val_images`` (held out), else
-    of the training CTs. Returns the summary
-    that is also stored as the report's ``finetune``; its ``validation`` is the validated agreement.
+    of the training CTs. Returns the summary that is also stored as the report's ``finetune``; its
+    ``validation`` is the validated agreement.
     """
     from TuckerSegLib.compression.calibration import collect_stats
     from TuckerSegLib.finetune.plots import save_loss_curve
