@@ -126,6 +126,30 @@ def test_choice_is_measured_once_cached_and_falls_back_to_the_original(model_297
     assert "running the original network" in strict.summary(1.0)
 
 
+def test_with_the_users_ct_each_point_is_judged_by_its_worst_source(model_297, tmp_path):
+    """Phantoms can agree more than a real CT; a choice validated on the user's CT must hold there
+    too, so a point's agreement is the worst of its sources and the result names them."""
+    from TuckerSegLib.compression.phantom import make_phantom, write_phantom
+
+    ct, _ = write_phantom(make_phantom(seed=77, shape=(60, 56, 48)), tmp_path / "mine.nii.gz")
+    cache = tmp_path / "cache"
+    spec = CompressionSpec(min_agreement=0.5, policy="paper", validate_on=(str(ct),))
+    choice = choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS)
+    (curve,) = curves(model_297, cache).values()
+    assert curve.validation["agreement"] == "worst source" and curve.validation["cts"] == ["mine.nii.gz"]
+    assert curve.points
+    for point in curve.points:
+        assert set(point.by_source) == {"phantoms", "mine.nii.gz"}
+        assert point.agreement == min(point.by_source.values())
+    if not choice.fallback:
+        assert "worst of phantoms" in choice.source and "mine.nii.gz" in choice.source
+    # phantoms alone: one source, pooled as before, a curve of its own
+    choose_for_target(model_297, CompressionSpec(min_agreement=0.5, policy="paper"), cache_dir=cache,
+                      fractions=FRACTIONS)
+    alone = [c for c in curves(model_297, cache).values() if not c.validation["cts"]]
+    assert alone and all(p.by_source is None for p in alone[0].points)
+
+
 def test_registered_distilled_model_is_validated_and_chosen_when_it_meets_the_target(model_297, tmp_path):
     """A model that reproduces the original (here: the original itself, saved as a compressed
     folder at full rank) is measured on the same patches and wins at fewer MACs than offered."""

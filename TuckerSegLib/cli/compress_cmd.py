@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "measured on validation patches (phantom CTs plus --validate-on), is at least A; "
                              "prints the model's quality curve")
     parser.add_argument("--validate-on", nargs="+", default=[], metavar="CT",
-                        help="your CTs (NIfTI) the quality target is also measured on")
+                        help="your CTs (NIfTI) the quality target is also measured on; each point must then meet "
+                             "the target on the phantoms and on each CT")
     parser.add_argument("--device", default="auto", help="device for the target's measurements (auto, cpu, gpu)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="compressed-model folder to write")
     parser.add_argument("--fold", default="0", help="fold to compress (default 0)")

@@ -22,7 +22,8 @@ def add_quality_arguments(p) -> None:
                    help="experts: compress at this ratio instead of a quality target, in (0, 1]; 1.0 = stock "
                         "TotalSegmentator's networks; its meaning depends on --policy")
     p.add_argument("--validate-on", nargs="+", default=[], metavar="CT",
-                   help="your CTs (NIfTI) that the quality target is also measured on (never the CT you evaluate)")
+                   help="your CTs (NIfTI) that the quality target is also measured on (never the CT you evaluate); "
+                        "each point must then meet the target on the phantoms and on each CT")
     p.add_argument("--policy", default="budget", choices=POLICIES,
                    help="how ranks are chosen (default budget: ratio = fraction of MACs kept)")
 

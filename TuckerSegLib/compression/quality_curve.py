@@ -40,13 +40,16 @@ class QualityPoint:
     """One measured configuration of a model."""
 
     macs_fraction: float  # MACs kept / original MACs, per patch
-    agreement: float  # mean Dice of the argmax against the original's, pooled over the validation patches
+    agreement: float  # mean Dice of the argmax against the original's, voxels pooled per source, worst source
     source: str = "zero-shot"  # zero-shot | distilled
     policy: str = "budget"
     ratio: float = 1.0  # the CompressionSpec ratio that builds it (zero-shot)
     folder: Optional[str] = None  # a compressed-model folder that holds it (distilled)
     seconds_per_patch: Optional[float] = None  # measured here, with ``engine``
     engine: Optional[str] = None
+    # agreement per data source (the phantoms, each of the user's CTs) where there are several:
+    # ``agreement`` is then the worst of them
+    by_source: Optional[Dict[str, float]] = None
 
     def meets(self, min_agreement: float) -> bool:
         return round(self.agreement, AGREEMENT_DECIMALS) >= round(min_agreement, AGREEMENT_DECIMALS)
