@@ -112,10 +112,15 @@ def original_outputs(predictor, network, heldout: Path, whole: Path) -> dict:
             "whole": predict_volume(predictor, whole, network=copy.deepcopy(network))}
 
 
+def calibration_patches(teacher, cases, patches: int = 4) -> torch.Tensor:
+    """The seeded patches of ``cases`` that data-aware factors are calibrated on."""
+    return PatchSampler(cases, teacher.patch_size, seed=20_000).sample(patches)[0]
+
+
 def compress_calibrated(teacher, cases, ratio: float, source: str, patches: int = 4):
     """``(compression result, calibration patches)``: budget policy, data-aware factors from
     ``patches`` patches of ``cases`` (the starting student of every distillation run)."""
-    x = PatchSampler(cases, teacher.patch_size, seed=20_000).sample(patches)[0]
+    x = calibration_patches(teacher, cases, patches)
     stats = collect_stats(teacher.network, x, sources=[source])
     return compress_model(teacher, CompressionSpec(ratio, "budget"), CompressionData(calibration=stats)), x
 

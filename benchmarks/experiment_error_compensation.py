@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_distill import compress_calibrated, original_outputs, split_example_ct, volume_agreements  # noqa: E402
+from bench_distill import (calibration_patches, compress_calibrated, original_outputs,  # noqa: E402
+                           split_example_ct, volume_agreements)
 
 from TuckerSegLib.compression.calibration import (CalibrationStats, LayerStats,  # noqa: E402
                                                   _followed_by_instance_norm)
@@ -139,11 +140,13 @@ def main(argv: Sequence[str] = None) -> int:
     predictor = load_predictor(args.model, device="cpu")
     refs = original_outputs(predictor, teacher.network, heldout_ct, args.ct)
     cases = preprocess(teacher, [train_ct])
-    result, patches = compress_calibrated(teacher, cases, args.ratio, train_ct.name, args.patches)
     if args.start == "default":
+        patches = calibration_patches(teacher, cases, args.patches)
         compressed = get_compressed_model(args.model, CompressionSpec(args.ratio, refine=False),
                                           cache_dir=args.out / "cache")
         result = CompressionResult(compressed.network, {}, compressed.manifest["report"])
+    else:
+        result, patches = compress_calibrated(teacher, cases, args.ratio, train_ct.name, args.patches)
     student = result.network.eval()
     n = teacher.num_classes
     rows = [{"round": 0, **volume_agreements(predictor, student, refs, heldout_ct, args.ct, slices, n)}]
