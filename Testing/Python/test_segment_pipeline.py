@@ -350,6 +350,74 @@ def test_parallel_argmax_gives_nnunets_labels():
         assert np.array_equal(LabelManager(labels, None).convert_logits_to_segmentation(probs), theirs)
     assert LabelManager.convert_probabilities_to_segmentation is original
 
+def _cpu_predictor(classes: int, patch, scale: float = 1.0, use_gaussian: bool = True):
+    """nnU-Net's own predictor around a small real network, initialised by hand."""
+    import types
+
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 6, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv3d(6, classes, 3, padding=1))
+    with torch.no_grad():
+        net[2].weight.mul_(scale)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=use_gaussian, use_mirroring=True,
+                                perform_everything_on_device=False, device=torch.device("cpu"),
+                                verbose=False, allow_tqdm=False)
+    predictor.network = net.eval()
+    predictor.allowed_mirroring_axes = (0, 1)
+    predictor.label_manager = types.SimpleNamespace(num_segmentation_heads=classes)
+    predictor.configuration_manager = types.SimpleNamespace(patch_size=list(patch))
+    return predictor
+
+
+@pytest.mark.parametrize("use_gaussian", [True, False])
+def test_cpu_sliding_window_gives_nnunets_float16_logits_bit_for_bit(use_gaussian):
+    """Overlapping tiles, mirroring, more classes than one pass holds: the same float16 bits as
+    nnU-Net's own accumulation; logits that overflow float16 raise nnU-Net's error in both."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    import TuckerSegLib.pipeline.nnunet_speedups as speedups
+
+    original = nnUNetPredictor._internal_predict_sliding_window_return_logits
+    fast = speedups.cpu_sliding_window(original)
+    patch, shape = (16, 12, 20), (29, 12, 37)  # 3 x 1 x 3 tiles
+    data = torch.randn((1, *shape), generator=torch.Generator().manual_seed(1))
+    for chunk in (speedups._CHUNK_VALUES, 16 * 12 * 20 * 2):  # one pass; 2 classes per pass
+        speedups_chunk = speedups._CHUNK_VALUES
+        speedups._CHUNK_VALUES = chunk
+        try:
+            predictor = _cpu_predictor(7, patch, use_gaussian=use_gaussian)
+            slicers = predictor._internal_get_sliding_window_slicers(shape)
+            assert len(slicers) == 9
+            theirs = original(predictor, data, slicers, False)
+            ours = fast(predictor, data, slicers, False)
+        finally:
+            speedups._CHUNK_VALUES = speedups_chunk
+        assert ours.dtype == theirs.dtype == torch.float16 and ours.shape == theirs.shape
+        assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+    loud = _cpu_predictor(7, patch, scale=1e5, use_gaussian=use_gaussian)
+    for run in (original, fast):
+        with pytest.raises(RuntimeError, match="inf in predicted array"):
+            run(loud, data, loud._internal_get_sliding_window_slicers(shape), False)
+
+
+def test_trainer_found_by_source_is_nnunets_class():
+    """The trainer module found from its source text gives the class nnU-Net's own search finds;
+    a name no module defines is left to nnU-Net (None)."""
+    import totalsegmentator.nnunet  # noqa: F401  (as in a run: the trainer base is imported)
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from TuckerSegLib.models.nnunet_folder import _trainer_class_by_source
+
+    for name in ("nnUNetTrainer_4000epochs_NoMirroring", "nnUNetTrainerNoMirroring",
+                 "nnUNetTrainer_2000epochs_NoMirroring"):
+        assert _trainer_class_by_source(name) is recursive_find_trainer_class_by_name(name)
+    assert _trainer_class_by_source("nnUNetTrainer_NoSuchTrainer") is None
+
+
 def test_last_model_stage_is_recognised_only_for_the_last_model():
     """The batch releases its other workers on this event: it must fire once per run, at the last model."""
     from TuckerSegLib.pipeline.segment import _model_stage_message, last_model_started

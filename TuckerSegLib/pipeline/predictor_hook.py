@@ -26,7 +26,7 @@ from torch import nn
 from TuckerSegLib.engines.base import EngineInfo
 from TuckerSegLib.errors import EngineError
 from TuckerSegLib.pipeline.model_loading import LoadedModel, load_model
-from TuckerSegLib.pipeline.nnunet_speedups import in_process_predict_from_files, parallel_argmax
+from TuckerSegLib.pipeline.nnunet_speedups import cpu_sliding_window, in_process_predict_from_files, parallel_argmax
 from TuckerSegLib.progress import NullProgress, Progress
 from TuckerSegLib.specs import CompressionSpec, RunSpec
 from TuckerSegLib.storage import model_cache_dir
@@ -125,6 +125,7 @@ class CompressedPredictorHook:
         self._original = None
         self._original_predict = None
         self._original_argmax = None
+        self._original_window = None
         self._t_last: Optional[float] = None
         self._patch_checks: list = []  # forward pre-hooks removed on exit (prepared modules stay warm)
 
@@ -236,6 +237,8 @@ class CompressedPredictorHook:
 
         self._original_argmax = LabelManager.convert_probabilities_to_segmentation
         LabelManager.convert_probabilities_to_segmentation = parallel_argmax(self._original_argmax)
+        self._original_window = nnUNetPredictor._internal_predict_sliding_window_return_logits
+        nnUNetPredictor._internal_predict_sliding_window_return_logits = cpu_sliding_window(self._original_window)
         if self.in_process:
             try:  # TotalSegmentator patches predict_from_files on import: wrap its version, not under it
                 import totalsegmentator.nnunet  # noqa: F401
@@ -263,6 +266,9 @@ class CompressedPredictorHook:
         if self._original_predict is not None:
             nnUNetPredictor.predict_from_files = self._original_predict
             self._original_predict = None
+        if self._original_window is not None:
+            nnUNetPredictor._internal_predict_sliding_window_return_logits = self._original_window
+            self._original_window = None
 
 
 @contextmanager
