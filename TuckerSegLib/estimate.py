@@ -267,7 +267,7 @@ def _seconds_near(curve, fraction: float):
     (the original's time at 1.0), else (None, None)."""
     if fraction >= 1.0 - 1e-9 and curve.reference_seconds_per_patch:
         return float(curve.reference_seconds_per_patch), None
-    near = [p for p in curve.points if p.seconds_per_patch and abs(p.macs_fraction - fraction) <= SPEED_TOLERANCE]
+    near = [p for p in curve.f32() if p.seconds_per_patch and abs(p.macs_fraction - fraction) <= SPEED_TOLERANCE]
     if not near:
         return None, None
     p = min(near, key=lambda p: abs(p.macs_fraction - fraction))
@@ -289,7 +289,7 @@ def quality_readout(task: str = "total", quality: str = "default", ratio: float 
     curve), ``seconds_per_patch`` / ``reference_seconds_per_patch`` (None: not measured),
     ``engine``, ``macs_fraction``, ``warn`` (below ``WARN_BELOW``), ``combine``, ``models``.
     """
-    from TuckerSegLib.compression.quality_curve import WARN_BELOW
+    from TuckerSegLib.compression.quality_curve import TARGET_PRECISIONS, WARN_BELOW
     from TuckerSegLib.totalseg_ids import TASK_DATASETS
 
     key = task if task != "total" else QUALITIES.get(quality, "")
@@ -313,10 +313,11 @@ def quality_readout(task: str = "total", quality: str = "default", ratio: float 
         if curve is not None:
             m["reference_seconds_per_patch"] = curve.reference_seconds_per_patch
             if min_agreement is not None:
-                best = curve.best_for(float(min_agreement))
+                best = curve.fastest_for(float(min_agreement), TARGET_PRECISIONS)
                 fraction = 1.0 if best is None else best.macs_fraction
                 m.update(macs_fraction=fraction, predicted_agreement=1.0 if best is None else best.agreement,
-                         fallback=best is None)
+                         fallback=best is None or best.source == "original",
+                         precision="f32" if best is None else best.precision)
                 if best is not None and best.seconds_per_patch:
                     m["seconds_per_patch"], m["engine"] = best.seconds_per_patch, best.engine
                 else:

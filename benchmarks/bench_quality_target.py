@@ -100,6 +100,9 @@ def main(argv=None) -> int:
                 row.update(macs_kept=round(result["macs"] / result["macs_original"], 4),
                            predicted_agreement=result.get("predicted_agreement"),
                            agreement_source=result.get("agreement_source"),
+                           engines=sorted({f"{(m.get('engine') or {}).get('name', 'torch')} "
+                                           f"{(m.get('engine') or {}).get('precision', 'f32')}"
+                                           for m in result.get("models", [])}),
                            said=[m for m in logs if "quality target" in m or "original network" in m
                                  or "MACs, predicted" in m])
             print(f"{name:>30} {attempt}: {seconds:6.1f} s", flush=True)
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
     stock = min(r["seconds"] for r in rows[0]["runs"])
     k = int(max(int(_labels(o).max()) for o in outputs.values())) + 1
     print(f"\n{'configuration':>30} {'cold s':>7} {'warm s':>7} {'vs stock':>8} {'MACs':>6} "
-          f"{'predicted':>9} {'held-out':>8}")
+          f"{'predicted':>9} {'held-out':>8}  engine")
     for row in rows:
         row["agreement_heldout"] = round(pooled_mean_dice(reference, _labels(outputs[row["config"]]), k), 4)
         cold, warm = (r["seconds"] for r in row["runs"])
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
         pred = row.get("predicted_agreement")
         print(f"{row['config']:>30} {cold:7.1f} {warm:7.1f} {row['speedup_warm_vs_stock']:7.2f}x "
               f"{row.get('macs_kept', 1.0):6.3f} {('-' if pred is None else f'{pred:.3f}'):>9} "
-              f"{row['agreement_heldout']:8.3f}")
+              f"{row['agreement_heldout']:8.3f}  {', '.join(row.get('engines', [])) or 'stock'}")
     result = {"command": "python benchmarks/bench_quality_target.py " + " ".join(sys.argv[1:]),
               "weights": str(args.weights), "heldout": str(heldout), "validate_on": str(unlabelled),
               "cpu": os.cpu_count(), "rows": rows}

@@ -69,6 +69,50 @@ def test_distilled_points_compete_with_zero_shot():
     assert curve.best_for(0.95).folder == "/x"
 
 
+def test_a_lower_precision_runs_only_where_it_meets_the_target_and_is_faster_here():
+    """bf16 points never move the ranks (the f32 curve alone chooses them); a target runs the
+    chosen network or the original at bf16 only where that run's own agreement meets the target
+    and it was timed faster than f32 here."""
+    curve = _curve((0.9, 0.96), (0.8, 0.85))
+    curve.reference_seconds_per_patch = 6.0
+    curve.points[0].seconds_per_patch = 5.5
+    assert curve.fastest_for(0.95, ("f32", "bf16")) == curve.points[0]  # nothing measured in bf16 yet
+    curve.points.append(QualityPoint(1.0, 0.97, source="original", seconds_per_patch=3.5, precision="bf16"))
+    curve.points.append(QualityPoint(0.9, 0.94, ratio=0.9, seconds_per_patch=3.2, precision="bf16"))
+    curve.points.append(QualityPoint(0.8, 0.99, ratio=0.8, seconds_per_patch=2.0, precision="bf16"))
+    assert curve.best_for(0.95).macs_fraction == 0.9 and curve.best_for(0.90).macs_fraction == 0.9
+    assert [p.macs_fraction for p in curve.envelope()] == [0.9, 0.8]  # f32 only
+    assert curve.predicted(0.8) == 0.85
+    # 0.95: 90 % in bf16 misses (0.94); the original in bf16 meets it and beats 90 % in f32
+    chosen = curve.fastest_for(0.95, ("f32", "bf16"))
+    assert (chosen.source, chosen.precision) == ("original", "bf16")
+    # 0.90: 90 % in bf16 meets it and is fastest; 80 % in bf16 is no candidate (the ranks are f32's)
+    chosen = curve.fastest_for(0.90, ("f32", "bf16"))
+    assert (chosen.macs_fraction, chosen.precision) == (0.9, "bf16")
+    assert curve.fastest_for(0.90) == curve.best_for(0.90)  # f32 only when bf16 is not allowed
+    assert curve.fastest_for(0.98, ("f32", "bf16")) is None  # only the original f32 meets it
+    # slower in bf16 here (a CPU without native bf16 arithmetic): f32 stays
+    for p in curve.points:
+        if p.precision == "bf16":
+            p.seconds_per_patch = 9.0
+    assert curve.fastest_for(0.95, ("f32", "bf16")) == curve.points[0]
+    back = QualityCurve.from_dict(json.loads(json.dumps(curve.as_dict())))
+    assert [p.precision for p in back.points] == [p.precision for p in curve.points]
+
+
+def test_lower_precisions_only_where_the_user_left_the_choice_to_us():
+    from TuckerSegLib.engines.select import why_not
+    from TuckerSegLib.pipeline.quality_target import lower_precisions
+    from TuckerSegLib.specs import RunSpec
+
+    native = not why_not("openvino", torch.device("cpu"), "bf16")
+    assert lower_precisions(RunSpec(), "cpu") == (("f32", "bf16") if native else ("f32",))
+    assert lower_precisions(RunSpec(engine="openvino"), "cpu") == lower_precisions(RunSpec(), "cpu")
+    for run in (RunSpec(precision="f32"), RunSpec(engine="torch"), RunSpec(precision="bf16")):
+        assert lower_precisions(run, "cpu") == ("f32",)
+    assert lower_precisions(RunSpec(), "cuda") == ("f32",)
+
+
 def test_pooled_mean_dice():
     ref = torch.tensor([[0, 1, 1, 2], [0, 0, 2, 2]])
     assert pooled_mean_dice(ref, ref.clone(), 3) == 1.0
@@ -148,6 +192,33 @@ def test_with_the_users_ct_each_point_is_judged_by_its_worst_source(model_297, t
                       fractions=FRACTIONS)
     alone = [c for c in curves(model_297, cache).values() if not c.validation["cts"]]
     assert alone and all(p.by_source is None for p in alone[0].points)
+
+
+def test_bf16_runs_are_measured_against_the_f32_reference_and_chosen_by_their_own_agreement(model_297, tmp_path):
+    """Where this CPU runs bf16 natively: the chosen network and the original are measured in bf16
+    once (stored in the curve, not measured again), and the choice is the curve's fastest."""
+    from TuckerSegLib.engines.select import why_not
+
+    if why_not("openvino", torch.device("cpu"), "bf16"):
+        pytest.skip(f"no native bf16 here: {why_not('openvino', torch.device('cpu'), 'bf16')}")
+    cache = tmp_path / "cache"
+    spec = CompressionSpec(min_agreement=0.5, policy="paper")
+    choice = choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS, precisions=("f32", "bf16"))
+    (curve,) = curves(model_297, cache).values()
+    low = [p for p in curve.points if p.precision == "bf16"]
+    best = curve.best_for(0.5)
+    assert {p.source for p in low} >= {"original"} and len(low) == (1 if best is None else 2)
+    assert all(0 <= p.agreement <= 1 and p.seconds_per_patch > 0 and p.engine == "openvino" for p in low)
+    assert curve.fastest_for(0.5, ("f32", "bf16")) == choice.point or (choice.point is None and
+                                                                       curve.fastest_for(0.5, ("f32", "bf16")) is None)
+    assert choice.precision == (choice.point.precision if choice.point is not None else "f32")
+    before = (cache / "quality_curve.json").stat().st_mtime_ns
+    again = choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS, precisions=("f32", "bf16"))
+    assert (again.spec, again.precision) == (choice.spec, choice.precision)
+    assert (cache / "quality_curve.json").stat().st_mtime_ns == before
+    # the f32-only choice of the same curve keeps its ranks
+    assert choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS).spec.ratio == \
+        (1.0 if best is None else best.ratio)
 
 
 def test_registered_distilled_model_is_validated_and_chosen_when_it_meets_the_target(model_297, tmp_path):

@@ -17,7 +17,9 @@ def add_quality_arguments(p) -> None:
                    help=f"quality target (the default, A = {DEFAULT_MIN_AGREEMENT:g}): each network is the cheapest "
                         "whose mean Dice agreement with the original, measured once per model on validation "
                         "patches (built-in phantom CTs, plus --validate-on), is at least A; the original runs "
-                        "where nothing below 90 %% of the MACs does")
+                        "where nothing below 90 %% of the MACs does. With --precision auto on a CPU with native "
+                        "bf16, that network and the original are also measured in bf16, and the fastest here "
+                        "whose own agreement is at least A runs")
     p.add_argument("--ratio", type=float, default=None,
                    help="experts: compress at this ratio instead of a quality target, in (0, 1]; 1.0 = stock "
                         "TotalSegmentator's networks; its meaning depends on --policy")
@@ -61,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "which keeps stock output voxel for voxel), torch, openvino")
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="auto (default) = stock TotalSegmentator's precision on the device (f32 on "
-                        "CPU, fp16 autocast on CUDA); bf16/fp16 are faster, their argmax agreement "
+                        "CPU, fp16 autocast on CUDA), or bf16 where a quality target measured it faster here "
+                        "and meeting the target; bf16/fp16 are faster, their argmax agreement "
                         "with f32 is measured and reported; int8 (OpenVINO, CPUs with VNNI or AMX): "
                         "quantised once per model with NNCF on phantom CTs (and --int8-calibrate CTs), "
                         "layers kept in f32 until --int8-min-agreement is met; cached beside the model")

@@ -28,6 +28,10 @@ AGREEMENT_DECIMALS = 3
 MAX_FRACTION = 0.90
 # The fractions a target search tries, from the top down (it stops at the first that misses).
 SEARCH_FRACTIONS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+# The precisions a quality target may run a chosen network at where the engine runs them faster
+# here (measured): bf16 on CPUs with native bf16 (OpenVINO); GPUs already run fp16 autocast as
+# stock TotalSegmentator does.
+TARGET_PRECISIONS = ("f32", "bf16")
 WARN_BELOW = 0.90  # the panel warns when the predicted agreement is below this
 # Bisections between the last fraction that met a target and the first that missed: a trained
 # network's agreement falls steeply (0.96 at 90 % of the MACs, 0.82 at 80 % on the full-width
@@ -50,6 +54,10 @@ class QualityPoint:
     # agreement per data source (the phantoms, each of the user's CTs) where there are several:
     # ``agreement`` is then the worst of them
     by_source: Optional[Dict[str, float]] = None
+    # the engine precision it ran at: f32 points make the curve and choose the ranks (the same on
+    # every machine); a lower precision point (source "original" for the uncompressed network) is
+    # this machine's faster way to run a chosen network, measured against the same f32 reference
+    precision: str = "f32"
 
     def meets(self, min_agreement: float) -> bool:
         return round(self.agreement, AGREEMENT_DECIMALS) >= round(min_agreement, AGREEMENT_DECIMALS)
@@ -63,9 +71,13 @@ class QualityCurve:
     reference_seconds_per_patch: Optional[float] = None
     points: List[QualityPoint] = field(default_factory=list)
 
+    def f32(self) -> List[QualityPoint]:
+        """The points that make the curve (f32)."""
+        return [p for p in self.points if p.precision == "f32"]
+
     def point_at(self, ratio: float) -> Optional[QualityPoint]:
         """The zero-shot point built at ``ratio`` (the spec's ratio), if measured."""
-        return next((p for p in self.points if p.source == "zero-shot" and round(p.ratio, 4) == round(ratio, 4)),
+        return next((p for p in self.f32() if p.source == "zero-shot" and round(p.ratio, 4) == round(ratio, 4)),
                     None)
 
     def envelope(self) -> List[QualityPoint]:
@@ -73,7 +85,7 @@ class QualityCurve:
         fewer MACs never promise more agreement (a point measured above a miss is not trusted)."""
         out: List[QualityPoint] = []
         best = 1.0
-        for p in sorted((p for p in self.points if p.source == "zero-shot"), key=lambda p: -p.macs_fraction):
+        for p in sorted((p for p in self.f32() if p.source == "zero-shot"), key=lambda p: -p.macs_fraction):
             best = min(best, p.agreement)
             out.append(replace(p, agreement=best))
         return out
@@ -81,11 +93,42 @@ class QualityCurve:
     def best_for(self, min_agreement: float, max_fraction: float = MAX_FRACTION) -> Optional[QualityPoint]:
         """The cheapest point (fewest MACs; the faster measured one on ties) that meets the target,
         zero-shot points judged by their envelope."""
-        candidates = self.envelope() + [p for p in self.points if p.source != "zero-shot"]
+        candidates = self.envelope() + [p for p in self.f32() if p.source == "distilled"]
         ok = [p for p in candidates if p.meets(min_agreement) and p.macs_fraction <= max_fraction + 1e-9]
         if not ok:
             return None
         return min(ok, key=lambda p: (round(p.macs_fraction, 3), p.seconds_per_patch or float("inf")))
+
+    def variant(self, base: Optional[QualityPoint], precision: str) -> Optional[QualityPoint]:
+        """The measured ``precision`` run of ``base`` (None: the original network), if any."""
+        for p in self.points:
+            if p.precision != precision:
+                continue
+            if base is None and p.source == "original":
+                return p
+            if base is not None and (p.source, round(p.ratio, 4), p.folder) == (base.source, round(base.ratio, 4),
+                                                                                base.folder):
+                return p
+        return None
+
+    def fastest_for(self, min_agreement: float, precisions: Sequence[str] = ("f32",),
+                    max_fraction: float = MAX_FRACTION) -> Optional[QualityPoint]:
+        """What a target runs on this machine: ``best_for``'s network (the original where none),
+        or the original, at whichever of ``precisions`` measured fastest per patch here among
+        those whose own agreement meets the target. None: the original network at f32."""
+        best = self.best_for(min_agreement, max_fraction)
+        f32_seconds = self.reference_seconds_per_patch if best is None else best.seconds_per_patch
+        options = [(f32_seconds, 0, best)]
+        for precision in precisions:
+            if precision == "f32":
+                continue
+            for base in ([None] if best is None else [best, None]):
+                p = self.variant(base, precision)
+                if p is not None and p.meets(min_agreement) and p.seconds_per_patch:
+                    options.append((p.seconds_per_patch, 1, p))
+        if f32_seconds is None:  # nothing to compare with: the f32 choice
+            return best
+        return min(options, key=lambda o: (o[0], o[1]))[2]
 
     def predicted(self, macs_fraction: float) -> Optional[float]:
         """Agreement at ``macs_fraction`` interpolated between the zero-shot points around it
@@ -117,7 +160,7 @@ def next_fraction(curve: QualityCurve, min_agreement: float, fractions: Sequence
     between the last that met and that miss (rounded to 4 decimals, so the same on every
     machine). Nothing is refined when the top fraction misses (the original runs) or none does.
     """
-    measured = {round(p.ratio, 4): p for p in curve.points if p.source == "zero-shot"}
+    measured = {round(p.ratio, 4): p for p in curve.f32() if p.source == "zero-shot"}
     hit, miss = None, None
     for f in sorted(fractions, reverse=True):
         point = measured.get(round(f, 4))

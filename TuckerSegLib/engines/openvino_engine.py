@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -223,18 +224,16 @@ class OpenVINOEngine(Engine):
         base = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="tuckerseg-ov-"))
         if cache_dir is None:
             info.notes.append("no cache folder given: OpenVINO IR converted into a temporary folder")
-        ir, key = self._f32_ir(network, input_shape, base, info)
-        config = dict(self.config(precision))
-        config["CACHE_DIR"] = str(base / "openvino" / "compiled")
-        report = None
-        if precision == "int8":
-            ir, report = self._int8_ir(ir, key, base, config, info, int8_data, int8_min_agreement, log_fn)
         try:
-            module = OpenVINOModule(ir, input_shape, ov_device_name(), config,
-                                    state_fingerprint(network.state_dict()))
-        except RuntimeError as exc:
-            raise EngineError(f"OpenVINO could not compile the network for {ov_device_name()} at "
-                              f"{precision}: {' '.join(str(exc).split())[:200]}") from None
+            module, report, config = self._compiled_module(network, input_shape, base, precision, info,
+                                                           int8_data, int8_min_agreement, log_fn,
+                                                           blob_cache=cache_dir is not None)
+        except BaseException:
+            if cache_dir is None:
+                shutil.rmtree(base, ignore_errors=True)
+            raise
+        if cache_dir is None:  # the folder lives as long as the module (it re-reads the IR to reshape)
+            weakref.finalize(module, shutil.rmtree, str(base), True)
         got = module.execution_precision()
         info.notes.append(f"OpenVINO {ov_device_name()} inference precision {got}, "
                           f"{config.get('INFERENCE_NUM_THREADS', 'default')} threads")
@@ -249,6 +248,26 @@ class OpenVINOEngine(Engine):
                 + ("" if report.get("meets_target") else
                    f"; BELOW the target {report['min_agreement']:g} even so"))
         return module
+
+    def _compiled_module(self, network: nn.Module, input_shape: Tuple[int, ...], base: Path, precision: str,
+                         info: EngineInfo, int8_data, int8_min_agreement: float, log_fn, blob_cache: bool = True
+                         ) -> Tuple["OpenVINOModule", Optional[dict], dict]:
+        """The IR (converted, or quantised, once into ``base``) compiled for ``precision``; the
+        compiled blob is kept for the next process only where ``blob_cache``."""
+        ir, key = self._f32_ir(network, input_shape, base, info)
+        config = dict(self.config(precision))
+        if blob_cache:
+            config["CACHE_DIR"] = str(base / "openvino" / "compiled")
+        report = None
+        if precision == "int8":
+            ir, report = self._int8_ir(ir, key, base, config, info, int8_data, int8_min_agreement, log_fn)
+        try:
+            module = OpenVINOModule(ir, input_shape, ov_device_name(), config,
+                                    state_fingerprint(network.state_dict()))
+        except RuntimeError as exc:
+            raise EngineError(f"OpenVINO could not compile the network for {ov_device_name()} at "
+                              f"{precision}: {' '.join(str(exc).split())[:200]}") from None
+        return module, report, config
 
     def _int8_ir(self, f32_ir: Path, f32_key: str, base: Path, config: dict, info: EngineInfo,
                  data, min_agreement: float, log_fn) -> Tuple[Path, dict]:

@@ -142,13 +142,16 @@ class CompressedPredictorHook:
             return (*_warm[key], True)
         spec, run, quality = self.spec, self.run, _known_quality(folder, self.spec, given)
         if spec.is_target and given is None:
-            from TuckerSegLib.pipeline.quality_target import choose_for_target
+            from TuckerSegLib.pipeline.quality_target import choose_for_target, lower_precisions
 
             choice = choose_for_target(folder, spec, folds[0], checkpoint_name, predictor.device,
-                                       self.cache_dir, self.progress)
+                                       self.cache_dir, self.progress,
+                                       precisions=lower_precisions(run, predictor.device))
             self.progress.log(f"{folder.parent.name}: {choice.summary(spec.min_agreement)}")
             spec, given, quality = choice.spec, choice.compressed_folder, (choice.agreement, choice.source)
-            if choice.fallback and run.engine == "auto" and run.precision != "int8":
+            if choice.precision != "f32":  # measured faster here, and its own agreement meets the target
+                run = replace(run, engine="openvino", precision=choice.precision)
+            elif choice.fallback and run.engine == "auto" and run.precision != "int8":
                 run = replace(run, engine="torch")  # the original, exactly as stock runs it
         loaded = load_model(folder, folds, checkpoint_name, spec, self.cache_dir, given, self.progress)
         module, info = loaded.network, None
