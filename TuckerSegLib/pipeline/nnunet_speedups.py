@@ -136,7 +136,12 @@ def cpu_sliding_window(original: Callable) -> Callable:
             for sl in slicers:
                 tile = torch.clone(data[sl][None], memory_format=torch.contiguous_format)
                 prediction = predictor._internal_maybe_mirror_and_predict(tile)[0].to(results_device)
-                prediction = prediction.float() if prediction.dtype != torch.float32 else prediction
+                if prediction.dtype != torch.float32:  # another network output type: nnU-Net's own steps
+                    if gaussian is not None:
+                        prediction *= gaussian
+                    logits[sl] += prediction
+                    n_predictions[sl[1:]] += gaussian if gaussian is not None else 1
+                    continue
                 for c in range(0, classes, step):
                     part = prediction[c:c + step]
                     if weight is not None:
