@@ -118,6 +118,8 @@ class QualityCurve:
         those whose own agreement meets the target. None: the original network at f32."""
         best = self.best_for(min_agreement, max_fraction)
         f32_seconds = self.reference_seconds_per_patch if best is None else best.seconds_per_patch
+        if f32_seconds is None:  # nothing to compare with: the f32 choice
+            return best
         options = [(f32_seconds, 0, best)]
         for precision in precisions:
             if precision == "f32":
@@ -126,8 +128,6 @@ class QualityCurve:
                 p = self.variant(base, precision)
                 if p is not None and p.meets(min_agreement) and p.seconds_per_patch:
                     options.append((p.seconds_per_patch, 1, p))
-        if f32_seconds is None:  # nothing to compare with: the f32 choice
-            return best
         return min(options, key=lambda o: (o[0], o[1]))[2]
 
     def predicted(self, macs_fraction: float) -> Optional[float]:

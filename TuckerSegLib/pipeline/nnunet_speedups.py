@@ -140,16 +140,15 @@ def cpu_sliding_window(original: Callable) -> Callable:
                     if gaussian is not None:
                         prediction *= gaussian
                     logits[sl] += prediction
-                    n_predictions[sl[1:]] += gaussian if gaussian is not None else 1
-                    continue
-                for c in range(0, classes, step):
-                    part = prediction[c:c + step]
-                    if weight is not None:
-                        part.mul_(weight)
-                    target = logits[(slice(c, c + step), *sl[1:])]
-                    b = buffer[:target.shape[0]].view(target.shape)
-                    b.copy_(target).add_(part)
-                    target.copy_(b)
+                else:
+                    for c in range(0, classes, step):
+                        part = prediction[c:c + step]
+                        if weight is not None:
+                            part.mul_(weight)
+                        target = logits[(slice(c, c + step), *sl[1:])]
+                        b = buffer[:target.shape[0]].view(target.shape)
+                        b.copy_(target).add_(part)
+                        target.copy_(b)
                 n_predictions[sl[1:]] += gaussian if gaussian is not None else 1
             divisor = n_predictions.float()
             infinite = False

@@ -93,10 +93,8 @@ class TargetChoice:
         """', 1.6x faster per patch here than f32' for a lower precision, where both were timed."""
         if self.point is None or self.precision == "f32" or self.curve is None or not self.point.seconds_per_patch:
             return ""
-        f32 = (self.curve.reference_seconds_per_patch if self.point.source == "original"
-               else next((p.seconds_per_patch for p in self.curve.f32()
-                          if (p.source, p.ratio, p.folder) == (self.point.source, self.point.ratio, self.point.folder)),
-                         None))
+        twin = None if self.point.source == "original" else self.curve.variant(self.point, "f32")
+        f32 = self.curve.reference_seconds_per_patch if twin is None else twin.seconds_per_patch
         return f", {f32 / self.point.seconds_per_patch:.1f}x faster per patch here than f32" if f32 else ""
 
 
@@ -295,11 +293,9 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
                 network = get_compressed_model(folder, concrete, fold, cache_dir, checkpoint_name, progress).network
                 engine_cache = None
             agreement, by_source, seconds, engine = measure(network, precision, engine_cache)
-            curve.points.append(QualityPoint(1.0 if base is None else base.macs_fraction, agreement,
-                                             "original" if base is None else base.source, spec.policy,
-                                             1.0 if base is None else base.ratio,
-                                             None if base is None else base.folder, round(seconds, 4), engine,
-                                             by_source, precision))
+            runs = base or QualityPoint(1.0, 1.0, "original", spec.policy)
+            curve.points.append(replace(runs, agreement=agreement, seconds_per_patch=round(seconds, 4),
+                                        engine=engine, by_source=by_source, precision=precision))
             save_curve(folder, key, curve, cache_dir)
             progress.log(f"quality curve {folder.parent.name}: {what} in {precision} -> agreement "
                          f"{agreement:.3f} ({seconds:.2f} s/patch, {engine})")
