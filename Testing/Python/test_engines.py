@@ -67,6 +67,23 @@ def test_openvino_f32_matches_torch_f32(compressed, cache_dir, patch_input):
     assert "inference precision f32" in " ".join(info.notes)
 
 
+def test_conversion_without_trace_check_is_openvinos_own_conversion(compressed, patch_input):
+    """Skipping torch's check_trace changes the time of a conversion, not the IR."""
+    import numpy as np
+    import openvino as ov
+
+    from TuckerSegLib.engines.openvino_engine import convert_static
+
+    ours = convert_static(compressed, patch_input.shape)
+    with torch.no_grad():
+        theirs = ov.convert_model(compressed, example_input=patch_input)
+    assert [o.get_type_name() for o in ours.get_ordered_ops()] == [o.get_type_name() for o in theirs.get_ordered_ops()]
+    core = ov.Core()
+    x = patch_input.numpy()
+    a, b = (np.asarray(core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x)[0]) for m in (ours, theirs))
+    assert np.array_equal(a, b)
+
+
 def test_openvino_bf16_agreement_is_measured_and_reported(compressed, cache_dir, patch_input):
     mod, info = prepare_network(compressed, PATCH, 1, "cpu", RunSpec("openvino", "bf16", "as-is"), cache_dir)
     assert info.precision == "bf16"

@@ -89,3 +89,25 @@ def test_per_class_and_mean():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError):
         dice(_empty((3, 3, 3)), _empty((3, 3, 4)))
+
+
+def test_argmax_labels_is_torchs_argmax():
+    """The fast class argmax gives torch's labels: first maximum on ties, NaN where torch points
+    at NaN, any class axis, GPU-free fallbacks for integers and too many classes."""
+    import torch
+
+    from TuckerSegLib.evaluation.labels import argmax_labels
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 5, 6, 4, generator=g)
+    assert torch.equal(argmax_labels(x), x.argmax(1))
+    assert torch.equal(argmax_labels(x, 2), x.argmax(2))
+    ties = torch.randint(0, 3, (1, 9, 8, 8, 8), generator=g).float()
+    assert torch.equal(argmax_labels(ties), ties.argmax(1))
+    assert torch.equal(argmax_labels(ties.half(), dtype=torch.uint8), ties.argmax(1).to(torch.uint8))
+    x[1, 3, 2, 2, 2] = float("nan")
+    assert torch.equal(argmax_labels(x), x.argmax(1))
+    many = torch.randn(1, 300, 3, 3, 3, generator=g)
+    assert torch.equal(argmax_labels(many), many.argmax(1))
+    ints = torch.randint(0, 5, (1, 4, 3, 3, 3), generator=g)
+    assert torch.equal(argmax_labels(ints), ints.argmax(1))

@@ -11,6 +11,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from TuckerSegLib.evaluation.labels import argmax_labels
+
 
 def mean_dice(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> float:
     """Mean Dice over the foreground classes present in ``pred`` or ``ref`` (1.0 if none): the
@@ -29,7 +31,7 @@ def label_agreement(student: nn.Module, patches: torch.Tensor, teacher_labels: t
     was = student.training
     student.eval()
     try:
-        s = torch.cat([student(patches[i:i + batch_size].to(device)).argmax(1).cpu()
+        s = torch.cat([argmax_labels(student(patches[i:i + batch_size].to(device))).cpu()
                        for i in range(0, len(patches), batch_size)])
     finally:
         student.train(was)

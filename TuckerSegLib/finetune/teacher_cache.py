@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from TuckerSegLib.evaluation.labels import argmax_labels
+
 CACHE_DIR = "teacher_cache"
 LOGP_FLOOR = -1e4  # stored log-probabilities are at least this (finite in float16)
 
@@ -202,7 +204,7 @@ def teacher_labels(teacher: nn.Module, patches: torch.Tensor, device: torch.devi
     try:
         for i in range(0, len(patches), batch_size):
             logits = teacher(patches[i:i + batch_size].to(device))
-            out.append(logits.argmax(1).to(torch.int16).cpu())
+            out.append(argmax_labels(logits, 1, torch.int16).cpu())
     finally:
         teacher.train(was)
     return torch.cat(out)

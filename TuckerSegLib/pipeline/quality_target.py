@@ -34,6 +34,7 @@ from torch import nn
 
 from TuckerSegLib.compression.quality_curve import (MAX_FRACTION, SEARCH_FRACTIONS, QualityCurve, QualityPoint,
                                                    curve_key, load_curve, next_fraction, save_curve)
+from TuckerSegLib.evaluation.labels import argmax_labels
 from TuckerSegLib.models.checkpoint import file_sha256
 from TuckerSegLib.models.nnunet_folder import NnUNetModel
 from TuckerSegLib.progress import NullProgress, Progress
@@ -183,7 +184,7 @@ def _run(network: nn.Module, model: NnUNetModel, patches: torch.Tensor, device: 
         for x in patches:
             t0 = time.perf_counter()
             logits = module(x[None].to(device))
-            labels.append(logits.argmax(1).to(torch.uint8 if logits.shape[1] <= 256 else torch.int16).cpu())
+            labels.append(argmax_labels(logits, 1, torch.uint8 if logits.shape[1] <= 256 else torch.int16).cpu())
             seconds.append(time.perf_counter() - t0)
     return torch.cat(labels), float(np.median(seconds)), info.name
 
