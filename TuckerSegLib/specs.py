@@ -38,6 +38,10 @@ RANK_MULTIPLE = 8
 # The quality target users get unless they ask otherwise: mean Dice of the compressed network's
 # argmax against the original's, on the validation data (``pipeline.quality_target``).
 DEFAULT_MIN_AGREEMENT = 0.95
+# When a quality target's curve is not measured yet on this machine (``pipeline.background_search``):
+# "now" measures it before the run (minutes, once per model); "background" runs the original network
+# now (stock's output) and measures the curve in a detached low-priority process for later runs.
+SEARCH_MODES: Tuple[str, ...] = ("now", "background")
 # INT8: layers are kept in f32 until the argmax agreement (mean Dice) with f32 on the validation
 # data reaches this (``--int8-min-agreement``).
 INT8_MIN_AGREEMENT = 0.99
@@ -91,6 +95,8 @@ class CompressionSpec:
     ``paper`` policies' rank floor (None: the policy's own). ``validate_on``: the user's CTs that
     the agreement is measured on, besides the built-in phantoms. ``refine`` False skips the
     ``budget`` policy's refinement rounds (quality targets validate each candidate themselves).
+    ``search``: with ``min_agreement``, what a run does when the model's quality curve is not
+    measured yet (``SEARCH_MODES``); it does not change which network a measured curve chooses.
     """
 
     ratio: float = 0.5
@@ -101,6 +107,7 @@ class CompressionSpec:
     min_agreement: Optional[float] = None
     validate_on: Tuple[str, ...] = ()
     refine: bool = True  # budget: closed-loop refinement on probe and phantom volumes (small models)
+    search: str = "now"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", check_ratio(self.ratio))
@@ -111,6 +118,7 @@ class CompressionSpec:
             if not os.path.exists(path):
                 raise InputError(f"validation CT not found: {path}")
         _check_choice("policy", self.policy, POLICIES)
+        _check_choice("quality search", self.search, SEARCH_MODES)
         _check_choice("method", self.method, METHODS)
         if int(self.rank_multiple) < 1:
             raise InputError(f"rank multiple must be at least 1, got {self.rank_multiple}")

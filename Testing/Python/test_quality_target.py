@@ -144,6 +144,9 @@ def model_297(tmp_path_factory):
 def test_choice_is_measured_once_cached_and_falls_back_to_the_original(model_297, tmp_path):
     cache = tmp_path / "cache"
     spec = CompressionSpec(min_agreement=0.5, policy="paper")
+    # not measured yet, and not allowed to measure (a background search will): no choice
+    assert choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS, measure=False) is None
+    assert not (cache / "quality_curve.json").exists()
     choice = choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS)
     (curve,) = curves(model_297, cache).values()
     measured = sorted(p.macs_fraction for p in curve.points)
@@ -163,6 +166,8 @@ def test_choice_is_measured_once_cached_and_falls_back_to_the_original(model_297
     before = (cache / "quality_curve.json").stat().st_mtime_ns
     again = choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS)
     assert again.spec == choice.spec and (cache / "quality_curve.json").stat().st_mtime_ns == before
+    settled = choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS, measure=False)
+    assert settled is not None and settled.spec == choice.spec
     # a target nothing compressed meets: the original, said in one line
     strict = choose_for_target(model_297, CompressionSpec(min_agreement=1.0, policy="paper"), cache_dir=cache,
                                fractions=FRACTIONS)

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -154,7 +155,8 @@ def test_quality_target_is_the_default_and_an_unmet_target_runs_the_original(sto
     out = tmp_path / "t.nii.gz"
     proc = _cli(["-i", shared_data / "example_ct_sm.nii.gz", "-o", out, "--fast", "--min-agreement", "0.999",
                  "--policy", "paper",  # quick to compress (budget refines at length on small models)
-                 "--precision", "f32", "--device", "cpu", "--cache-dir", cache, "--progress", "json"])
+                 "--precision", "f32", "--device", "cpu", "--cache-dir", cache, "--progress", "json",
+                 "--quality-search", "now"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     evs = [e for e in map(parse_event, proc.stdout.splitlines()) if e]
     res = [e for e in evs if e["type"] == "result"][0]["result"]
@@ -177,6 +179,42 @@ def test_quality_target_is_the_default_and_an_unmet_target_runs_the_original(sto
     assert compression_spec().min_agreement == 0.95 and compression_spec(ratio=0.5).min_agreement is None
     with pytest.raises(Exception, match="not both"):
         compression_spec(ratio=0.5, min_agreement=0.9)
+
+
+@pytest.mark.slow
+def test_first_run_of_a_target_runs_the_original_and_measures_the_curve_in_the_background(
+        stock_fast, shared_data, tmp_path):
+    """The command line's default (--quality-search background): a target whose curve is not
+    measured yet does not make the user wait for it. The run gives stock's output at once, says so,
+    and a detached process measures the curve; the next run uses it, without measuring."""
+    cache = tmp_path / "cache"
+    args = ["-i", shared_data / "example_ct_sm.nii.gz", "--fast", "--min-agreement", "0.999", "--policy", "paper",
+            "--precision", "f32", "--device", "cpu", "--cache-dir", cache, "--progress", "json"]
+
+    def run(out):
+        proc = _cli([*args, "-o", out])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        evs = [e for e in map(parse_event, proc.stdout.splitlines()) if e]
+        return evs, [e for e in evs if e["type"] == "result"][0]["result"]
+
+    evs, res = run(tmp_path / "first.nii.gz")
+    assert not [e for e in evs if e.get("stage") == "quality"]  # nothing measured in this run
+    assert res["predicted_agreement"] == 1.0 and "measured in the background" in res["agreement_source"]
+    said = [e["message"] for e in evs if e["type"] == "log" and "in the background" in e["message"]]
+    assert len(said) == 1 and "quality_search.log" in said[0]
+    assert np.array_equal(_data(tmp_path / "first.nii.gz"), _data(stock_fast))
+    log = cache / "quality_search.log"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not (log.exists() and "done in" in log.read_text()):
+        time.sleep(1)
+    lines = [parse_event(line) for line in log.read_text().splitlines()]
+    assert any(e and e["type"] == "log" and e["message"].startswith("done in") for e in lines), log.read_text()[-2000:]
+    (entry,) = json.loads((cache / "quality_curve.json").read_text()).values()
+    assert entry["points"]
+    evs, res = run(tmp_path / "second.nii.gz")
+    assert not [e for e in evs if e.get("stage") == "quality"]  # read, not measured again
+    assert "background" not in res["agreement_source"] and "original network" in res["agreement_source"]
+    assert np.array_equal(_data(tmp_path / "second.nii.gz"), _data(stock_fast))
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output folder: cases/<case_id>/, logs/, manifest.jsonl, results.csv/.parquet; "
                         "rerunning into it continues the batch")
     seg = p.add_argument_group("segmentation (as tuckerseg segment)")
-    add_quality_arguments(seg)
+    add_quality_arguments(seg, quality_search=None)
     seg.add_argument("-ta", "--task", default="total", help="TotalSegmentator task (default total)")
     mode = seg.add_mutually_exclusive_group()
     mode.add_argument("-f", "--fast", action="store_true", help="3 mm model (dataset 297)")

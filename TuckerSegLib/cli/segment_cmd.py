@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
 
 from TuckerSegLib.progress import JsonProgress, Progress
 from TuckerSegLib.specs import (DEFAULT_MIN_AGREEMENT, ENGINES, INT8_MIN_AGREEMENT, LAYER_FORMS, POLICIES,
-                                PRECISION_CHOICES, RunSpec, check_mode)
+                                PRECISION_CHOICES, SEARCH_MODES, RunSpec, check_mode)
 
 HELP = "segment a CT with compressed TotalSegmentator models"
 
 
-def add_quality_arguments(p) -> None:
-    """``--min-agreement``, ``--ratio``, ``--validate-on``, ``--policy`` (segment and batch alike)."""
+def add_quality_arguments(p, quality_search: Optional[str] = "background") -> None:
+    """``--min-agreement``, ``--ratio``, ``--validate-on``, ``--policy`` (segment and batch alike),
+    and ``--quality-search`` with ``quality_search`` as its default (None: no such flag; batch
+    measures a curve before its first case, for all cases)."""
     p.add_argument("--min-agreement", type=float, default=None, metavar="A",
                    help=f"quality target (the default, A = {DEFAULT_MIN_AGREEMENT:g}): each network is the cheapest "
                         "whose mean Dice agreement with the original, measured once per model on validation "
@@ -28,6 +31,13 @@ def add_quality_arguments(p) -> None:
                         "each point must then meet the target on the phantoms and on each CT")
     p.add_argument("--policy", default="budget", choices=POLICIES,
                    help="how ranks are chosen (default budget: ratio = fraction of MACs kept)")
+    if quality_search is None:
+        return
+    p.add_argument("--quality-search", default=quality_search, choices=SEARCH_MODES,
+                   help=f"when a quality target's curve is not measured on this machine yet (default "
+                        f"{quality_search}): now = measure it before this run (minutes, once per model); "
+                        "background = run the original network now (stock's output) and measure the curve in "
+                        "a detached low-priority process; later runs use it")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,7 +101,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
 
     # With JSON events on stdout, TotalSegmentator's own prints go to stderr (quiet mode).
     quiet = bool(args.quiet or isinstance(progress, JsonProgress))
-    compression = compression_spec(args.ratio, args.min_agreement, args.policy, args.validate_on)
+    compression = compression_spec(args.ratio, args.min_agreement, args.policy, args.validate_on, args.quality_search)
     run_spec = RunSpec(engine=args.engine, precision=args.precision, layer_forms=args.layer_forms,
                        device=args.device, int8_min_agreement=args.int8_min_agreement,
                        int8_calibration=tuple(args.int8_calibrate))

@@ -141,18 +141,32 @@ class CompressedPredictorHook:
             _warm.move_to_end(key)
             return (*_warm[key], True)
         spec, run, quality = self.spec, self.run, _known_quality(folder, self.spec, given)
+        provisional = False  # the original runs while the curve is measured elsewhere: not kept warm
         if spec.is_target and given is None:
+            from TuckerSegLib.pipeline import background_search
             from TuckerSegLib.pipeline.quality_target import choose_for_target, lower_precisions
 
+            precisions = lower_precisions(run, predictor.device)
             choice = choose_for_target(folder, spec, folds[0], checkpoint_name, predictor.device,
-                                       self.cache_dir, self.progress,
-                                       precisions=lower_precisions(run, predictor.device))
-            self.progress.log(f"{folder.parent.name}: {choice.summary(spec.min_agreement)}")
-            spec, given, quality = choice.spec, choice.compressed_folder, (choice.agreement, choice.source)
-            if choice.precision != "f32":  # measured faster here, and its own agreement meets the target
-                run = replace(run, engine="openvino", precision=choice.precision)
-            elif choice.fallback and run.engine == "auto" and run.precision != "int8":
-                run = replace(run, engine="torch")  # the original, exactly as stock runs it
+                                       self.cache_dir, self.progress, precisions=precisions,
+                                       measure=spec.search == "now")
+            if choice is None:  # search "background": stock's network now, the curve for later runs
+                log = background_search.start(folder, spec, folds[0], checkpoint_name, str(predictor.device),
+                                              self.cache_dir, precisions)
+                self.progress.log(f"{folder.parent.name}: quality target {spec.min_agreement:g} not measured on "
+                                  f"this machine yet: running the original network; its quality curve is "
+                                  f"measured in the background (log: {log}), later runs use it")
+                spec, provisional = replace(spec, ratio=1.0, min_agreement=None, validate_on=(), refine=False), True
+                quality = (1.0, "original network (the quality target's curve is being measured in the background)")
+                if run.engine == "auto" and run.precision != "int8":
+                    run = replace(run, engine="torch")  # the original, exactly as stock runs it
+            else:
+                self.progress.log(f"{folder.parent.name}: {choice.summary(spec.min_agreement)}")
+                spec, given, quality = choice.spec, choice.compressed_folder, (choice.agreement, choice.source)
+                if choice.precision != "f32":  # measured faster here, and its own agreement meets the target
+                    run = replace(run, engine="openvino", precision=choice.precision)
+                elif choice.fallback and run.engine == "auto" and run.precision != "int8":
+                    run = replace(run, engine="torch")  # the original, exactly as stock runs it
         loaded = load_model(folder, folds, checkpoint_name, spec, self.cache_dir, given, self.progress)
         module, info = loaded.network, None
         if len(loaded.parameters) > 1:
@@ -177,9 +191,10 @@ class CompressedPredictorHook:
             loaded.parameters = [module.state_dict()]  # {}: the weights are compiled into the engine
         if quality[0] is None and not spec.is_original:
             quality = _curve_quality(folder, loaded, self.cache_dir, folder / f"fold_{folds[0]}" / checkpoint_name)
-        _warm[key] = (loaded, module, info, quality)
-        while len(_warm) > WARM_MODELS:
-            _warm.popitem(last=False)
+        if not provisional:
+            _warm[key] = (loaded, module, info, quality)
+            while len(_warm) > WARM_MODELS:
+                _warm.popitem(last=False)
         return loaded, module, info, quality, False
 
     # -- the replacement of nnUNetPredictor.initialize_from_trained_model_folder ----------------

@@ -212,7 +212,7 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
                       checkpoint_name: str = "checkpoint_final.pth", device: Union[str, torch.device] = "cpu",
                       cache_dir: Optional[Union[str, Path]] = None, progress: Optional[Progress] = None,
                       fractions: Sequence[float] = SEARCH_FRACTIONS,
-                      precisions: Sequence[str] = ("f32",)) -> TargetChoice:
+                      precisions: Sequence[str] = ("f32",), measure: bool = True) -> Optional[TargetChoice]:
     """The cheapest network of ``model_folder`` whose validated agreement is at least
     ``spec.min_agreement`` (zero-shot at ``spec.policy``, or a registered distilled model); the
     original when none is, below ``MAX_FRACTION`` of the MACs. ``fractions``: the ratios tried,
@@ -221,7 +221,10 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
     ``precisions`` other than f32 (``lower_precisions``): that network and the original are also
     measured at each (agreement with the same f32 reference, time per patch here), and the
     fastest that meets the target runs (``QualityCurve.fastest_for``). The ranks come from the f32
-    curve alone, so they are the same on every machine; the precision is this machine's."""
+    curve alone, so they are the same on every machine; the precision is this machine's.
+
+    ``measure`` False: None where the choice needs a measurement the cached curve does not hold
+    (``pipeline.background_search`` then measures it in another process)."""
     from TuckerSegLib.compression.cache import get_compressed_model
     from TuckerSegLib.compression.quality_curve import distilled_models
     from TuckerSegLib.models.compressed_file import load_compressed
@@ -239,8 +242,8 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
     cache = model_cache_dir(folder, cache_dir)
     reference: List[torch.Tensor] = []  # computed on first need
 
-    def measure(network: nn.Module, precision: str = "f32", engine_cache: Optional[Path] = None
-                ) -> Tuple[float, Optional[dict], float, str]:
+    def measured(network: nn.Module, precision: str = "f32", engine_cache: Optional[Path] = None
+                 ) -> Tuple[float, Optional[dict], float, str]:
         """``(agreement, agreement per source or None, seconds per patch, engine)``."""
         if not reference:
             labels, seconds = _reference(model, data, key, cache, device, progress)
@@ -256,10 +259,12 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
         f = next_fraction(curve, target, fractions)
         if f is None:
             break
+        if not measure:
+            return None
         concrete = replace(spec, ratio=f, min_agreement=None, validate_on=(), refine=False)
         progress.stage("quality", f"quality target {target:g}: measuring {100 * f:.1f} % of the MACs")
         compressed = get_compressed_model(folder, concrete, fold, cache_dir, checkpoint_name, progress)
-        agreement, by_source, seconds, engine = measure(compressed.network)
+        agreement, by_source, seconds, engine = measured(compressed.network)
         point = QualityPoint(float(compressed.manifest["report"]["macs_ratio"]), agreement, "zero-shot",
                              spec.policy, f, None, round(seconds, 4), engine, by_source)
         curve.points.append(point)
@@ -269,8 +274,10 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
     for distilled in distilled_models(folder, cache_dir):
         if any(p.folder == distilled for p in curve.points) or not Path(distilled).is_dir():
             continue
+        if not measure:
+            return None
         student = load_compressed(distilled)
-        agreement, by_source, seconds, engine = measure(student.network)
+        agreement, by_source, seconds, engine = measured(student.network)
         curve.points.append(QualityPoint(float(student.manifest["report"]["macs_ratio"]), agreement,
                                          "distilled", spec.policy, 1.0, str(distilled), round(seconds, 4), engine,
                                          by_source))
@@ -283,6 +290,8 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
         for base in ([None] if best is None else [best, None]):  # None: the original network
             if curve.variant(base, precision) is not None:
                 continue
+            if not measure:
+                return None
             what = "the original network" if base is None else f"{100 * base.macs_fraction:.1f} % of the MACs"
             progress.stage("quality", f"quality target {target:g}: measuring {what} in {precision}")
             if base is None:
@@ -293,7 +302,7 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
                 concrete = replace(spec, ratio=base.ratio, min_agreement=None, validate_on=(), refine=False)
                 network = get_compressed_model(folder, concrete, fold, cache_dir, checkpoint_name, progress).network
                 engine_cache = None
-            agreement, by_source, seconds, engine = measure(network, precision, engine_cache)
+            agreement, by_source, seconds, engine = measured(network, precision, engine_cache)
             runs = base or QualityPoint(1.0, 1.0, "original", spec.policy)
             curve.points.append(replace(runs, agreement=agreement, seconds_per_patch=round(seconds, 4),
                                         engine=engine, by_source=by_source, precision=precision))

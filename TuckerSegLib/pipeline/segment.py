@@ -310,14 +310,16 @@ def segment(input: Union[str, Path], output: Union[str, Path],
 
 
 def compression_spec(ratio: Optional[float] = None, min_agreement: Optional[float] = None,
-                     policy: str = "budget", validate_on: Sequence[Union[str, Path]] = ()) -> CompressionSpec:
-    """The spec of ``--ratio`` or ``--min-agreement`` (one of them; neither: the default target)."""
+                     policy: str = "budget", validate_on: Sequence[Union[str, Path]] = (),
+                     quality_search: str = "now") -> CompressionSpec:
+    """The spec of ``--ratio`` or ``--min-agreement`` (one of them; neither: the default target);
+    ``quality_search``: what a target does before its curve is measured (``specs.SEARCH_MODES``)."""
     if ratio is not None and min_agreement is not None:
         raise InputError("give either a ratio or a minimum agreement, not both")
     if ratio is None and min_agreement is None:
         min_agreement = DEFAULT_MIN_AGREEMENT
     return CompressionSpec(ratio=1.0 if ratio is None else ratio, policy=policy, min_agreement=min_agreement,
-                           validate_on=tuple(str(p) for p in validate_on))
+                           validate_on=tuple(str(p) for p in validate_on), search=quality_search)
 
 
 def segment_api(input: Union[str, Path], output: Union[str, Path], ratio: Optional[float] = None,
@@ -326,9 +328,11 @@ def segment_api(input: Union[str, Path], output: Union[str, Path], ratio: Option
                 ml: Optional[bool] = None, device: str = "auto", engine: str = "auto", precision: str = "auto",
                 layer_forms: str = "auto", validate_on: Sequence[Union[str, Path]] = (),
                 int8_min_agreement: float = INT8_MIN_AGREEMENT, int8_calibration: Sequence[str] = (),
-                **kwargs: Any) -> SegmentResult:
-    """``segment`` with plain options, validated into specs here (the Python API's entry point)."""
-    return segment(input, output, compression_spec(ratio, min_agreement, policy, validate_on),
+                quality_search: str = "now", **kwargs: Any) -> SegmentResult:
+    """``segment`` with plain options, validated into specs here (the Python API's entry point).
+    ``quality_search="background"``: a target whose curve is not measured yet runs the original
+    now and measures the curve in a detached process (the command line's default)."""
+    return segment(input, output, compression_spec(ratio, min_agreement, policy, validate_on, quality_search),
                    RunSpec(engine=engine, precision=precision, layer_forms=layer_forms, device=device,
                            int8_min_agreement=int8_min_agreement, int8_calibration=tuple(int8_calibration)),
                    task=task, mode=check_mode(fast, fastest), roi_subset=roi_subset, ml=ml, **kwargs)
