@@ -100,6 +100,43 @@ def test_a_lower_precision_runs_only_where_it_meets_the_target_and_is_faster_her
     assert [p.precision for p in back.points] == [p.precision for p in curve.points]
 
 
+def test_candidates_prefer_f32_on_ties_and_a_copy_updates_its_stored_point():
+    curve = _curve((0.9, 0.96), (0.8, 0.85))
+    curve.reference_seconds_per_patch = 6.0
+    curve.points[0].seconds_per_patch = 3.0
+    curve.points.append(QualityPoint(1.0, 0.97, source="original", seconds_per_patch=3.0, precision="bf16"))
+    cands = curve.candidates(0.95, ("f32", "bf16"))
+    assert [(t, p.source, p.precision) for t, p in cands] == [(3.0, "zero-shot", "f32"), (3.0, "original", "bf16")]
+    assert curve.fastest_for(0.95, ("f32", "bf16")).precision == "f32"  # equal times: the f32 choice
+    best = curve.best_for(0.95)  # a copy (the envelope caps agreements)
+    curve.update(best, seconds_per_patch=2.5, timed_together=True)
+    assert curve.points[0].seconds_per_patch == 2.5 and curve.points[0].timed_together
+    assert curve.points[0].agreement == 0.96  # only the asked fields change
+    with pytest.raises(KeyError):
+        curve.update(QualityPoint(0.5, 0.5, ratio=0.5), seconds_per_patch=1.0)
+
+
+def test_timed_in_turns_gives_each_module_its_fastest_call():
+    import time as _time
+
+    from TuckerSegLib.pipeline.quality_target import timed_in_turns
+
+    class Sleep(torch.nn.Module):
+        def __init__(self, seconds):
+            super().__init__()
+            self.seconds, self.calls = seconds, 0
+
+        def forward(self, x):
+            self.calls += 1
+            _time.sleep(self.seconds)
+            return x
+
+    slow, fast = Sleep(0.03), Sleep(0.005)
+    t_slow, t_fast = timed_in_turns([slow, fast], torch.zeros(1), rounds=3)
+    assert t_slow >= 0.03 and 0.005 <= t_fast < t_slow
+    assert slow.calls == fast.calls == 4  # one warm-up, three timed
+
+
 def test_lower_precisions_only_where_the_user_left_the_choice_to_us():
     from TuckerSegLib.engines.select import why_not
     from TuckerSegLib.pipeline.quality_target import lower_precisions
@@ -224,6 +261,30 @@ def test_bf16_runs_are_measured_against_the_f32_reference_and_chosen_by_their_ow
     # the f32-only choice of the same curve keeps its ranks
     assert choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS).spec.ratio == \
         (1.0 if best is None else best.ratio)
+
+
+def test_close_ways_to_run_a_target_are_timed_again_in_turns_once(model_297, tmp_path, monkeypatch):
+    """Times measured alone minutes apart decide nothing within their noise: the candidates within
+    RACE_MARGIN of the fastest are timed again together, once (stored), and the choice is the
+    fastest of those times."""
+    from TuckerSegLib.engines.select import why_not
+    from TuckerSegLib.pipeline import quality_target
+
+    if why_not("openvino", torch.device("cpu"), "bf16"):
+        pytest.skip(f"no native bf16 here: {why_not('openvino', torch.device('cpu'), 'bf16')}")
+    monkeypatch.setattr(quality_target, "RACE_MARGIN", 1e9)  # every candidate is "close"
+    cache = tmp_path / "cache"
+    spec = CompressionSpec(min_agreement=0.01, policy="energy")  # below 90 % of the MACs here
+    choice = choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS, precisions=("f32", "bf16"))
+    (curve,) = curves(model_297, cache).values()
+    raced = [p for t, p in curve.candidates(0.01, ("f32", "bf16")) if p is not None and t]
+    assert len(raced) >= 2 and all(p.timed_together and p.seconds_per_patch > 0 for p in raced)
+    assert choice.point == curve.fastest_for(0.01, ("f32", "bf16"))
+    before = (cache / "quality_curve.json").stat().st_mtime_ns
+    again = choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS, precisions=("f32", "bf16"),
+                              measure=False)
+    assert again is not None and again.point == choice.point
+    assert (cache / "quality_curve.json").stat().st_mtime_ns == before
 
 
 def test_registered_distilled_model_is_validated_and_chosen_when_it_meets_the_target(model_297, tmp_path):

@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from TuckerSegLib.storage import merge_json, model_cache_dir, read_json
 
@@ -58,6 +58,9 @@ class QualityPoint:
     # every machine); a lower precision point (source "original" for the uncompressed network) is
     # this machine's faster way to run a chosen network, measured against the same f32 reference
     precision: str = "f32"
+    # True when ``seconds_per_patch`` was timed in turns with the other ways to run a target that
+    # were within measurement noise of it (``pipeline.quality_target``), not alone at another moment
+    timed_together: bool = False
 
     def meets(self, min_agreement: float) -> bool:
         return round(self.agreement, AGREEMENT_DECIMALS) >= round(min_agreement, AGREEMENT_DECIMALS)
@@ -111,24 +114,40 @@ class QualityCurve:
                 return p
         return None
 
-    def fastest_for(self, min_agreement: float, precisions: Sequence[str] = ("f32",),
-                    max_fraction: float = MAX_FRACTION) -> Optional[QualityPoint]:
-        """What a target runs on this machine: ``best_for``'s network (the original where none),
-        or the original, at whichever of ``precisions`` measured fastest per patch here among
-        those whose own agreement meets the target. None: the original network at f32."""
+    def update(self, point: QualityPoint, **changes) -> None:
+        """Change the stored point that ``point`` is (or is a copy of, e.g. from ``envelope``)."""
+        same = (point.source, round(point.ratio, 4), point.folder, point.precision)
+        for i, p in enumerate(self.points):
+            if (p.source, round(p.ratio, 4), p.folder, p.precision) == same:
+                self.points[i] = replace(p, **changes)
+                return
+        raise KeyError(f"no such point on the curve: {same}")
+
+    def candidates(self, min_agreement: float, precisions: Sequence[str] = ("f32",),
+                   max_fraction: float = MAX_FRACTION) -> List[Tuple[Optional[float], Optional[QualityPoint]]]:
+        """``(seconds per patch here, point)`` of each way to run a target here, preferred first on
+        equal times: ``best_for``'s network at f32 (None: the original), then the measured
+        ``precisions`` runs of it and of the original whose own agreement meets the target."""
         best = self.best_for(min_agreement, max_fraction)
-        f32_seconds = self.reference_seconds_per_patch if best is None else best.seconds_per_patch
-        if f32_seconds is None:  # nothing to compare with: the f32 choice
-            return best
-        options = [(f32_seconds, 0, best)]
+        out: List[Tuple[Optional[float], Optional[QualityPoint]]] = [
+            (self.reference_seconds_per_patch if best is None else best.seconds_per_patch, best)]
         for precision in precisions:
             if precision == "f32":
                 continue
             for base in ([None] if best is None else [best, None]):
                 p = self.variant(base, precision)
                 if p is not None and p.meets(min_agreement) and p.seconds_per_patch:
-                    options.append((p.seconds_per_patch, 1, p))
-        return min(options, key=lambda o: (o[0], o[1]))[2]
+                    out.append((p.seconds_per_patch, p))
+        return out
+
+    def fastest_for(self, min_agreement: float, precisions: Sequence[str] = ("f32",),
+                    max_fraction: float = MAX_FRACTION) -> Optional[QualityPoint]:
+        """What a target runs on this machine: the fastest of ``candidates`` measured here (the
+        first on equal times; the f32 choice where that was not timed). None: the original at f32."""
+        options = self.candidates(min_agreement, precisions, max_fraction)
+        if options[0][0] is None:  # nothing to compare with: the f32 choice
+            return options[0][1]
+        return min(enumerate(options), key=lambda o: (o[1][0], o[0]))[1][1]
 
     def predicted(self, macs_fraction: float) -> Optional[float]:
         """Agreement at ``macs_fraction`` interpolated between the zero-shot points around it
