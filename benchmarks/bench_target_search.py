@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from TuckerSegLib.devices import torch_device
-from TuckerSegLib.pipeline.quality_target import choose_for_target
+from TuckerSegLib.pipeline.quality_target import choose_for_target, lower_precisions
 from TuckerSegLib.progress import make_progress
-from TuckerSegLib.specs import CompressionSpec
+from TuckerSegLib.specs import CompressionSpec, RunSpec
 
 
 def main(argv=None) -> int:
@@ -31,31 +31,40 @@ def main(argv=None) -> int:
     p.add_argument("--policy", default="budget")
     p.add_argument("--device", default="cpu")
     p.add_argument("--validate-on", nargs="*", default=[])
+    p.add_argument("--precisions", nargs="+", default=None,
+                   help="precisions the target may choose (default: what `tuckerseg segment` allows here, "
+                        "f32 plus bf16 on CPUs with native bf16)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch_device(args.device)
+    precisions = tuple(args.precisions or lower_precisions(RunSpec(), device))
     cache = Path(tempfile.mkdtemp(prefix="target-search-"))
     rows = []
     for target in args.targets:
         spec = CompressionSpec(min_agreement=target, policy=args.policy, validate_on=tuple(args.validate_on))
         t0 = time.perf_counter()
         choice = choose_for_target(args.model_dir, spec, device=device, cache_dir=cache,
-                                   progress=make_progress("none"))
+                                   progress=make_progress("none"), precisions=precisions)
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
-        choose_for_target(args.model_dir, spec, device=device, cache_dir=cache, progress=make_progress("none"))
+        choose_for_target(args.model_dir, spec, device=device, cache_dir=cache, progress=make_progress("none"),
+                          precisions=precisions)
         again = time.perf_counter() - t0
-        points = [{"macs_fraction": round(q.macs_fraction, 4), "agreement": q.agreement,
-                   "seconds_per_patch": q.seconds_per_patch, "engine": q.engine} for q in choice.curve.points]
+        points = [{"macs_fraction": round(q.macs_fraction, 4), "agreement": q.agreement, "source": q.source,
+                   "precision": q.precision, "seconds_per_patch": q.seconds_per_patch, "engine": q.engine,
+                   "timed_together": q.timed_together, "by_source": q.by_source} for q in choice.curve.points]
         rows.append({"target": target, "seconds_first": round(first, 1), "seconds_again": round(again, 2),
                      "choice": choice.summary(target), "points": points,
                      "reference_seconds_per_patch": choice.curve.reference_seconds_per_patch})
         print(f"target {target:g}: {first:6.1f} s first (curve so far reused), {again:5.2f} s again -> "
               f"{choice.summary(target)}", flush=True)
         for q in points:
-            print(f"    {100 * q['macs_fraction']:5.1f} % MACs  agreement {q['agreement']:.3f}  "
-                  f"{q['seconds_per_patch']:.2f} s/patch ({q['engine']})")
-    result = {"model": str(args.model_dir), "device": str(device), "validation": choice.validation, "rows": rows}
+            print(f"    {100 * q['macs_fraction']:5.1f} % MACs {q['source']:>9} {q['precision']:>4}  agreement "
+                  f"{q['agreement']:.3f}  {q['seconds_per_patch']:.2f} s/patch ({q['engine']})"
+                  f"{'  timed in turns' if q['timed_together'] else ''}")
+    result = {"command": "python benchmarks/bench_target_search.py " + " ".join(sys.argv[1:]),
+              "model": str(args.model_dir), "device": str(device), "precisions": list(precisions),
+              "validation": choice.validation, "rows": rows}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
