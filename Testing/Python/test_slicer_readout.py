@@ -69,7 +69,7 @@ def test_readout_says_not_measured_yet_without_a_curve(tmp_path, monkeypatch):
     assert "Agreement not measured yet" in text and "Speed not measured yet" in text
     assert "speed-up" not in text
     target = cost_readout.readout("total", "fast", 0.5, "budget", min_agreement=0.95, weights_root=tmp_path)
-    assert "Agreement not measured yet: the first run measures it" in target
+    assert "Agreement not measured yet: the first run runs the original and measures it in the background" in target
     # other weights (a new checkpoint) or another policy: their curves do not count
     _write_curve(tmp_path, 297, CURVE, policy="uniform")
     assert "not measured yet" in cost_readout.readout("total", "fast", 0.8, "budget", weights_root=tmp_path)

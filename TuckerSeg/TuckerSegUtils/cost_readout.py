@@ -90,7 +90,7 @@ def _agreement_text(q: Optional[dict], target_mode: bool) -> str:
     if bound is not None:
         return f"Predicted agreement at most {float(bound):.3f}{where} (not measured this low)"
     if target_mode:
-        return "Agreement not measured yet: the first run measures it"
+        return "Agreement not measured yet: the first run runs the original and measures it in the background"
     return "Agreement not measured yet: a run with a quality target measures it"
 
 
@@ -101,7 +101,7 @@ def format_readout(cost: Optional[dict], quality_info: Optional[dict] = None,
     the curves say it picks), else the fixed ratio's."""
     target_mode = min_agreement is not None
     if target_mode and (quality_info or {}).get("predicted_agreement") is None:
-        sizes = "Params and MACs: chosen by the first run"
+        sizes = "Params and MACs: chosen once the curve is measured"
     elif not cost:
         sizes = "Params: n/a   MACs: n/a"
     else:
