@@ -24,6 +24,10 @@ from TuckerSegLib.progress import make_progress
 from TuckerSegLib.specs import CompressionSpec, RunSpec
 
 
+def _turns(seconds) -> str:
+    return "" if seconds is None else f"; {seconds:.2f} s timed in turns"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model_dir", type=Path)
@@ -52,7 +56,7 @@ def main(argv=None) -> int:
         again = time.perf_counter() - t0
         points = [{"macs_fraction": round(q.macs_fraction, 4), "agreement": q.agreement, "source": q.source,
                    "precision": q.precision, "seconds_per_patch": q.seconds_per_patch, "engine": q.engine,
-                   "timed_together": q.timed_together, "by_source": q.by_source} for q in choice.curve.points]
+                   "seconds_in_turns": q.seconds_in_turns, "by_source": q.by_source} for q in choice.curve.points]
         rows.append({"target": target, "seconds_first": round(first, 1), "seconds_again": round(again, 2),
                      "choice": choice.summary(target), "points": points,
                      "reference_seconds_per_patch": choice.curve.reference_seconds_per_patch})
@@ -61,7 +65,7 @@ def main(argv=None) -> int:
         for q in points:
             print(f"    {100 * q['macs_fraction']:5.1f} % MACs {q['source']:>9} {q['precision']:>4}  agreement "
                   f"{q['agreement']:.3f}  {q['seconds_per_patch']:.2f} s/patch ({q['engine']})"
-                  f"{'  timed in turns' if q['timed_together'] else ''}")
+                  f"{_turns(q['seconds_in_turns'])}")
     result = {"command": "python benchmarks/bench_target_search.py " + " ".join(sys.argv[1:]),
               "model": str(args.model_dir), "device": str(device), "precisions": list(precisions),
               "validation": choice.validation, "rows": rows}

@@ -109,11 +109,20 @@ def test_candidates_prefer_f32_on_ties_and_a_copy_updates_its_stored_point():
     assert [(t, p.source, p.precision) for t, p in cands] == [(3.0, "zero-shot", "f32"), (3.0, "original", "bf16")]
     assert curve.fastest_for(0.95, ("f32", "bf16")).precision == "f32"  # equal times: the f32 choice
     best = curve.best_for(0.95)  # a copy (the envelope caps agreements)
-    curve.update(best, seconds_per_patch=2.5, timed_together=True)
-    assert curve.points[0].seconds_per_patch == 2.5 and curve.points[0].timed_together
+    curve.update(best, seconds_in_turns=2.5)
+    assert curve.points[0].seconds_in_turns == 2.5 and curve.points[0].seconds_per_patch == 3.0
     assert curve.points[0].agreement == 0.96  # only the asked fields change
+    # close candidates all timed in turns are compared by those times, not by their lone times
+    curve.update(curve.points[-1], seconds_in_turns=2.0)
+    assert curve.fastest_for(0.95, ("f32", "bf16")).source == "original"
+    # a candidate far slower alone is no contender, whatever the others were timed at in turns
+    curve.update(curve.points[-1], seconds_per_patch=9.0)
+    assert curve.fastest_for(0.95, ("f32", "bf16")).precision == "f32"
     with pytest.raises(KeyError):
         curve.update(QualityPoint(0.5, 0.5, ratio=0.5), seconds_per_patch=1.0)
+    stored = curve.as_dict()
+    stored["points"][0]["field_of_a_later_version"] = 1
+    assert QualityCurve.from_dict(stored).points == curve.points
 
 
 def test_timed_in_turns_gives_each_module_its_fastest_call():
@@ -267,18 +276,18 @@ def test_close_ways_to_run_a_target_are_timed_again_in_turns_once(model_297, tmp
     """Times measured alone minutes apart decide nothing within their noise: the candidates within
     RACE_MARGIN of the fastest are timed again together, once (stored), and the choice is the
     fastest of those times."""
+    from TuckerSegLib.compression import quality_curve
     from TuckerSegLib.engines.select import why_not
-    from TuckerSegLib.pipeline import quality_target
 
     if why_not("openvino", torch.device("cpu"), "bf16"):
         pytest.skip(f"no native bf16 here: {why_not('openvino', torch.device('cpu'), 'bf16')}")
-    monkeypatch.setattr(quality_target, "RACE_MARGIN", 1e9)  # every candidate is "close"
+    monkeypatch.setattr(quality_curve, "RACE_MARGIN", 1e9)  # every candidate is "close"
     cache = tmp_path / "cache"
     spec = CompressionSpec(min_agreement=0.01, policy="energy")  # below 90 % of the MACs here
     choice = choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS, precisions=("f32", "bf16"))
     (curve,) = curves(model_297, cache).values()
-    raced = [p for t, p in curve.candidates(0.01, ("f32", "bf16")) if p is not None and t]
-    assert len(raced) >= 2 and all(p.timed_together and p.seconds_per_patch > 0 for p in raced)
+    raced = [p for t, p in curve.close_candidates(0.01, ("f32", "bf16"))]
+    assert len(raced) >= 2 and all(p is not None and p.seconds_in_turns > 0 for p in raced)
     assert choice.point == curve.fastest_for(0.01, ("f32", "bf16"))
     before = (cache / "quality_curve.json").stat().st_mtime_ns
     again = choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS, precisions=("f32", "bf16"),

@@ -44,12 +44,7 @@ from TuckerSegLib.storage import model_cache_dir
 PATCHES_PER_PHANTOM = 1
 PATCHES_PER_CT = 2
 PATCH_SEED = 4242
-# Ways to run a target whose times per patch lie within this factor of the fastest are timed
-# again in turns (``timed_in_turns``): times measured alone, minutes apart, differ by up to 25 % on
-# a busy 2-core CPU (the original in bf16: 3.35, 4.28 and 3.54 s in three searches), more than
-# 90 % of the MACs saves, so which one ran first decided between them.
-RACE_MARGIN = 1.3
-RACE_ROUNDS = 3
+RACE_ROUNDS = 3  # timed calls of each close candidate (``QualityCurve.close_candidates``)
 
 
 @dataclass
@@ -341,9 +336,8 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
             progress.log(f"quality curve {folder.parent.name}: {what} in {precision} -> agreement "
                          f"{agreement:.3f} ({seconds:.2f} s/patch, {engine})")
 
-    options = [(t, p) for t, p in curve.candidates(target, precisions) if p is not None and t]
-    close = [p for t, p in options if t <= RACE_MARGIN * min(t for t, _ in options)]
-    if len(close) > 1 and not all(p.timed_together for p in close):
+    close = [p for _, p in curve.close_candidates(target, precisions)]
+    if len(close) > 1 and None not in close and not all(p.seconds_in_turns for p in close):
         if not measure:
             return None
         progress.stage("quality", f"quality target {target:g}: timing the {len(close)} fastest ways to run it in turns")
@@ -354,7 +348,7 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
         seconds = timed_in_turns(modules, data.patches[:1].to(device))
         del modules
         for p, t in zip(close, seconds):
-            curve.update(p, seconds_per_patch=round(t, 4), timed_together=True)
+            curve.update(p, seconds_in_turns=round(t, 4))
         save_curve(folder, key, curve, cache_dir)
         progress.log(f"quality curve {folder.parent.name}: timed in turns: " + ", ".join(
             f"{'the original' if p.source == 'original' else f'{100 * p.macs_fraction:.1f} % of the MACs'} "
