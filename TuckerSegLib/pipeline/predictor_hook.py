@@ -104,6 +104,50 @@ def _weights_stamp(folder: Path, folds, checkpoint_name: str) -> tuple:
     return tuple(stamps)
 
 
+def original_run(run: RunSpec) -> RunSpec:
+    """How the original network runs when a target falls back to it: exactly as stock runs it
+    (PyTorch) unless the user chose the engine or INT8."""
+    return replace(run, engine="torch") if run.engine == "auto" and run.precision != "int8" else run
+
+
+def how_choice_runs(choice, run: RunSpec) -> Tuple[CompressionSpec, Optional[Path], RunSpec]:
+    """``(spec, compressed folder or None, run)`` of a quality target's ``TargetChoice``: a lower
+    precision measured faster here and meeting the target runs on OpenVINO; the original at f32
+    runs as stock does. The hook runs this; a background search prepares it for the next run."""
+    if choice.precision != "f32":
+        return choice.spec, choice.compressed_folder, replace(run, engine="openvino", precision=choice.precision)
+    return choice.spec, choice.compressed_folder, original_run(run) if choice.fallback else run
+
+
+def prepare_for_run(folder: Path, folds: list, checkpoint_name: str, spec: CompressionSpec, run: RunSpec,
+                    device, cache_dir: Optional[Path], given: Optional[Path] = None,
+                    progress: Optional[Progress] = None) -> Tuple[LoadedModel, nn.Module, Optional[EngineInfo]]:
+    """The model loaded as ``spec`` asks and the module that runs it (an engine's, with its files
+    cached beside the model; several folds: PyTorch eager, the weights swapped per fold)."""
+    progress = progress or NullProgress()
+    loaded = load_model(folder, folds, checkpoint_name, spec, cache_dir, given, progress)
+    if len(loaded.parameters) > 1:
+        # several folds: nnU-Net loads each fold's weights into the network in turn, which
+        # engines with compiled-in weights cannot do; PyTorch eager runs them
+        if run.engine not in ("auto", "torch") or run.precision == "int8":
+            raise EngineError(f"engine {run.engine} ({run.precision}) runs one fold; "
+                              f"{folder} asks for {len(loaded.parameters)}")
+        return loaded, loaded.network, None
+    from TuckerSegLib.engines import prepare_network
+
+    int8_data = None
+    if run.precision == "int8":  # phantoms (and the user's CTs) through the model's plans
+        from TuckerSegLib.engines.int8_data import model_int8_data
+
+        int8_data = model_int8_data(loaded.plans_manager.plans, loaded.configuration,
+                                    loaded.dataset_json, loaded.in_channels, loaded.patch_size,
+                                    run.int8_calibration)
+    module, info = prepare_network(loaded.network, loaded.patch_size, loaded.in_channels, device, run,
+                                   model_cache_dir(folder, cache_dir), progress=progress, int8_data=int8_data)
+    loaded.parameters = [module.state_dict()]  # {}: the weights are compiled into the engine
+    return loaded, module, info
+
+
 class CompressedPredictorHook:
     """Context manager: while active, nnU-Net predictors initialise with compressed networks."""
 
@@ -128,6 +172,8 @@ class CompressedPredictorHook:
         self._original_window = None
         self._t_last: Optional[float] = None
         self._patch_checks: list = []  # forward pre-hooks removed on exit (prepared modules stay warm)
+        # quality curves to measure in the background once the run has ended (search "background")
+        self.pending_searches: list = []
 
     def _prepared(self, predictor, folder: Path, folds: list, checkpoint_name: str
                   ) -> Tuple[LoadedModel, nn.Module, Optional[EngineInfo], Tuple[Optional[float], str], bool]:
@@ -151,44 +197,21 @@ class CompressedPredictorHook:
                                        self.cache_dir, self.progress, precisions=precisions,
                                        measure=spec.search == "now")
             if choice is None:  # search "background": stock's network now, the curve for later runs
-                log = background_search.start(folder, spec, folds[0], checkpoint_name, str(predictor.device),
-                                              self.cache_dir, precisions)
+                log = background_search.log_path(folder, self.cache_dir)
+                self.pending_searches.append(background_search.SearchRequest(
+                    folder, spec, folds[0], checkpoint_name, str(predictor.device), self.cache_dir, precisions, run))
                 self.progress.log(f"{folder.parent.name}: quality target {spec.min_agreement:g} not measured on "
                                   f"this machine yet: running the original network; its quality curve is "
-                                  f"measured in the background (log: {log}), later runs use it")
+                                  f"measured in the background once this run ends (log: {log}), later runs use it")
                 spec, provisional = replace(spec, ratio=1.0, min_agreement=None, validate_on=(), refine=False), True
                 quality = (1.0, "original network (the quality target's curve is being measured in the background)")
-                if run.engine == "auto" and run.precision != "int8":
-                    run = replace(run, engine="torch")  # the original, exactly as stock runs it
+                run = original_run(run)
             else:
                 self.progress.log(f"{folder.parent.name}: {choice.summary(spec.min_agreement)}")
-                spec, given, quality = choice.spec, choice.compressed_folder, (choice.agreement, choice.source)
-                if choice.precision != "f32":  # measured faster here, and its own agreement meets the target
-                    run = replace(run, engine="openvino", precision=choice.precision)
-                elif choice.fallback and run.engine == "auto" and run.precision != "int8":
-                    run = replace(run, engine="torch")  # the original, exactly as stock runs it
-        loaded = load_model(folder, folds, checkpoint_name, spec, self.cache_dir, given, self.progress)
-        module, info = loaded.network, None
-        if len(loaded.parameters) > 1:
-            # several folds: nnU-Net loads each fold's weights into the network in turn, which
-            # engines with compiled-in weights cannot do; PyTorch eager runs them
-            if run.engine not in ("auto", "torch") or run.precision == "int8":
-                raise EngineError(f"engine {run.engine} ({run.precision}) runs one fold; "
-                                  f"{folder} asks for {len(loaded.parameters)}")
-        else:
-            from TuckerSegLib.engines import prepare_network
-
-            int8_data = None
-            if run.precision == "int8":  # phantoms (and the user's CTs) through the model's plans
-                from TuckerSegLib.engines.int8_data import model_int8_data
-
-                int8_data = model_int8_data(loaded.plans_manager.plans, loaded.configuration,
-                                            loaded.dataset_json, loaded.in_channels, loaded.patch_size,
-                                            run.int8_calibration)
-            module, info = prepare_network(loaded.network, loaded.patch_size, loaded.in_channels,
-                                           predictor.device, run, model_cache_dir(folder, self.cache_dir),
-                                           progress=self.progress, int8_data=int8_data)
-            loaded.parameters = [module.state_dict()]  # {}: the weights are compiled into the engine
+                spec, given, run = how_choice_runs(choice, run)
+                quality = (choice.agreement, choice.source)
+        loaded, module, info = prepare_for_run(folder, folds, checkpoint_name, spec, run, predictor.device,
+                                               self.cache_dir, given, self.progress)
         if quality[0] is None and not spec.is_original:
             quality = _curve_quality(folder, loaded, self.cache_dir, folder / f"fold_{folds[0]}" / checkpoint_name)
         if not provisional:
@@ -266,9 +289,15 @@ class CompressedPredictorHook:
             nnUNetPredictor.predict_from_files = in_process_predict_from_files(self._original_predict)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+        if exc_type is None:  # after the run, not during it: the search would compete for the CPU
+            from TuckerSegLib.pipeline import background_search
+
+            for request in self.pending_searches:
+                background_search.start(request)
+        self.pending_searches.clear()
         self._close_previous()
         for handle in self._patch_checks:
             handle.remove()
