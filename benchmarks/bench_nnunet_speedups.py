@@ -13,9 +13,6 @@ what a run pays (one case per process: a fresh process per measurement, so fresh
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -23,6 +20,7 @@ import types
 from pathlib import Path
 
 import torch
+from bench_common import write_result
 
 
 def _best(fn, repeats: int) -> float:
@@ -115,12 +113,7 @@ def main(argv=None) -> int:
     print(f"trainer lookup {lookup['trainer']}: nnU-Net {lookup['nnunet_seconds']:.3f} s, TuckerSeg "
           f"{lookup['tuckerseg_seconds']:.4f} s, same class: {lookup['same_class']}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "command": "python benchmarks/bench_nnunet_speedups.py " + " ".join(sys.argv[1:]),
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads()},
-            "accumulation": rows, "trainer_lookup": lookup}, indent=1))
+        write_result(args.json, __file__, {"accumulation": rows, "trainer_lookup": lookup})
     return 0
 
 

@@ -15,9 +15,6 @@ model folder, else random weights: conversion and argmax cost the same).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 import warnings
@@ -25,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_common import write_result
 
 
 def _best(fn, repeats: int):
@@ -94,13 +92,9 @@ def main(argv=None) -> int:
           f"TuckerSeg {conv['tuckerseg_seconds']:.2f} s, same ops: {conv['same_ops']}, "
           f"identical f32 output: {conv['identical_output']}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "command": "python benchmarks/bench_search_steps.py " + " ".join(sys.argv[1:]),
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads()},
+        write_result(args.json, __file__, {
             "weights": str(args.weights) if args.weights else "random (dataset 297 architecture, full width)",
-            "argmax": arg, "conversion": conv}, indent=1))
+            "argmax": arg, "conversion": conv})
     return 0
 
 
