@@ -1,5 +1,5 @@
 """Two steps every quality-target point pays, each against the library's own way in one run:
-the class argmax of a patch's logits (``evaluation.labels.argmax_labels`` against ``torch.argmax``)
+the class argmax of a patch's logits (``network.labels.argmax_labels`` against ``torch.argmax``)
 and the network's conversion to OpenVINO (``engines.openvino_engine.convert_static``, traced
 without torch's ``check_trace``, against ``openvino.convert_model`` as documented), with the
 outputs compared.
@@ -35,7 +35,7 @@ def _best(fn, repeats: int):
 
 
 def argmax_row(classes: int, patch, repeats: int) -> dict:
-    from TuckerSegLib.evaluation.labels import argmax_labels
+    from TuckerSegLib.network.labels import argmax_labels
 
     logits = torch.randn((1, classes, *patch), generator=torch.Generator().manual_seed(0))
     theirs_s, theirs = _best(lambda: logits.argmax(1), repeats)

@@ -96,7 +96,7 @@ def test_argmax_labels_is_torchs_argmax():
     at NaN, any class axis, GPU-free fallbacks for integers and too many classes."""
     import torch
 
-    from TuckerSegLib.evaluation.labels import argmax_labels
+    from TuckerSegLib.network.labels import argmax_labels
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 7, 5, 6, 4, generator=g)

@@ -11,7 +11,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from TuckerSegLib.evaluation.labels import argmax_labels
+from TuckerSegLib.network.labels import argmax_labels
 
 
 def mean_dice(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> float:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from TuckerSegLib.evaluation.labels import argmax_labels
+from TuckerSegLib.network.labels import argmax_labels
 
 CACHE_DIR = "teacher_cache"
 LOGP_FLOOR = -1e4  # stored log-probabilities are at least this (finite in float16)

@@ -34,9 +34,9 @@ from torch import nn
 
 from TuckerSegLib.compression.quality_curve import (MAX_FRACTION, SEARCH_FRACTIONS, QualityCurve, QualityPoint,
                                                    curve_key, load_curve, next_fraction, save_curve)
-from TuckerSegLib.evaluation.labels import argmax_labels
 from TuckerSegLib.models.checkpoint import file_sha256
 from TuckerSegLib.models.nnunet_folder import NnUNetModel
+from TuckerSegLib.network.labels import argmax_labels
 from TuckerSegLib.progress import NullProgress, Progress
 from TuckerSegLib.specs import CompressionSpec, RunSpec
 from TuckerSegLib.storage import model_cache_dir
