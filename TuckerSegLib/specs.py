@@ -141,6 +141,12 @@ class CompressionSpec:
     def with_ratio(self, ratio: float) -> "CompressionSpec":
         return replace(self, ratio=ratio)
 
+    def concrete(self, ratio: float) -> "CompressionSpec":
+        """The fixed-ratio spec a quality target measures or chose at ``ratio`` (1.0: the
+        original): no target, no validation CTs, and no ``budget`` refinement (the target
+        validates each candidate itself)."""
+        return replace(self, ratio=ratio, min_agreement=None, validate_on=(), refine=False)
+
     def as_dict(self) -> dict:
         return asdict(self)
 

@@ -150,11 +150,7 @@ class QualityCurve:
                          max_fraction: float = MAX_FRACTION) -> List[Tuple[Optional[float], Optional[QualityPoint]]]:
         """The ``candidates`` timed within ``RACE_MARGIN`` of the fastest (all of them where
         any was not timed): those whose order the noise of lone timings may have decided."""
-        options = self.candidates(min_agreement, precisions, max_fraction)
-        if any(t is None for t, _ in options):
-            return options
-        fastest = min(t for t, _ in options)
-        return [(t, p) for t, p in options if t <= RACE_MARGIN * fastest]
+        return _close(self.candidates(min_agreement, precisions, max_fraction))
 
     def fastest_for(self, min_agreement: float, precisions: Sequence[str] = ("f32",),
                     max_fraction: float = MAX_FRACTION) -> Optional[QualityPoint]:
@@ -164,7 +160,7 @@ class QualityCurve:
         options = self.candidates(min_agreement, precisions, max_fraction)
         if options[0][0] is None:  # nothing to compare with: the f32 choice
             return options[0][1]
-        close = self.close_candidates(min_agreement, precisions, max_fraction)
+        close = _close(options)
         if len(close) > 1 and all(p is not None and p.seconds_in_turns for _, p in close):
             return min(enumerate(close), key=lambda o: (o[1][1].seconds_in_turns, o[0]))[1][1]
         return min(enumerate(options), key=lambda o: (o[1][0], o[0]))[1][1]
@@ -190,6 +186,15 @@ class QualityCurve:
         known = {f.name for f in fields(QualityPoint)}  # a curve written by another version may hold more
         return cls(d.get("validation", {}), d.get("reference_seconds_per_patch"),
                    [QualityPoint(**{k: v for k, v in p.items() if k in known}) for p in d.get("points", [])])
+
+
+def _close(options: List[Tuple[Optional[float], Optional[QualityPoint]]]
+           ) -> List[Tuple[Optional[float], Optional[QualityPoint]]]:
+    """Those of ``options`` within ``RACE_MARGIN`` of the fastest (all where any was not timed)."""
+    if any(t is None for t, _ in options):
+        return options
+    fastest = min(t for t, _ in options)
+    return [(t, p) for t, p in options if t <= RACE_MARGIN * fastest]
 
 
 def next_fraction(curve: QualityCurve, min_agreement: float, fractions: Sequence[float] = SEARCH_FRACTIONS,

@@ -68,15 +68,19 @@ def log_path(model_folder: Union[str, Path], cache_dir: Optional[Union[str, Path
 
 def lock_path(model_folder: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> Path:
     """The model's search lock (named after the model: a shared cache folder holds several)."""
+    return _lock_in(model_cache_dir(model_folder, cache_dir), model_folder)
+
+
+def _lock_in(cache: Path, model_folder: Union[str, Path]) -> Path:
     digest = hashlib.sha1(str(Path(model_folder).resolve()).encode()).hexdigest()[:10]
-    return model_cache_dir(model_folder, cache_dir) / f"quality_search-{digest}.lock"
+    return cache / f"quality_search-{digest}.lock"
 
 
-def running(model_folder: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> bool:
-    """True while a search of this model's curve holds its lock."""
+def _held(lock_file: Path) -> bool:
+    """True while a search holds ``lock_file``."""
     from filelock import FileLock, Timeout
 
-    lock = FileLock(str(lock_path(model_folder, cache_dir)))
+    lock = FileLock(str(lock_file))
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -89,8 +93,8 @@ def start(request: SearchRequest) -> Path:
     """Start the search in a detached process (none when one runs already); its log's path."""
     cache = model_cache_dir(request.model_folder, request.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    log = log_path(request.model_folder, request.cache_dir)
-    if running(request.model_folder, request.cache_dir):
+    log = cache / LOG_FILE
+    if _held(_lock_in(cache, request.model_folder)):
         return log
     path = cache / f".quality_search-{os.getpid()}-{time.time_ns()}.json"
     path.write_text(json.dumps(request.as_dict()))

@@ -203,7 +203,7 @@ class CompressedPredictorHook:
                 self.progress.log(f"{folder.parent.name}: quality target {spec.min_agreement:g} not measured on "
                                   f"this machine yet: running the original network; its quality curve is "
                                   f"measured in the background once this run ends (log: {log}), later runs use it")
-                spec, provisional = replace(spec, ratio=1.0, min_agreement=None, validate_on=(), refine=False), True
+                spec, provisional = spec.concrete(1.0), True
                 quality = (1.0, "original network (the quality target's curve is being measured in the background)")
                 run = original_run(run)
             else:

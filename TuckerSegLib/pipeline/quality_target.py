@@ -284,7 +284,7 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
             break
         if not measure:
             return None
-        concrete = replace(spec, ratio=f, min_agreement=None, validate_on=(), refine=False)
+        concrete = spec.concrete(f)
         progress.stage("quality", f"quality target {target:g}: measuring {100 * f:.1f} % of the MACs")
         compressed = get_compressed_model(folder, concrete, fold, cache_dir, checkpoint_name, progress)
         agreement, by_source, seconds, engine = measured(compressed.network)
@@ -313,7 +313,7 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
             return model.network, cache
         if point.folder:
             return load_compressed(point.folder).network, None
-        concrete = replace(spec, ratio=point.ratio, min_agreement=None, validate_on=(), refine=False)
+        concrete = spec.concrete(point.ratio)
         return get_compressed_model(folder, concrete, fold, cache_dir, checkpoint_name, progress).network, None
 
     best = curve.best_for(target)
@@ -356,10 +356,10 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
 
     chosen = curve.fastest_for(target, precisions)
     if chosen is None or chosen.source == "original":
-        return TargetChoice(replace(spec, ratio=1.0, min_agreement=None, validate_on=(), refine=False),
+        return TargetChoice(spec.concrete(1.0),
                             1.0 if chosen is None else chosen.agreement, data.description, fallback=True,
                             point=chosen, precision="f32" if chosen is None else chosen.precision, curve=curve)
-    return TargetChoice(replace(spec, ratio=chosen.ratio, min_agreement=None, validate_on=(), refine=False),
+    return TargetChoice(spec.concrete(chosen.ratio),
                         chosen.agreement, data.description, Path(chosen.folder) if chosen.folder else None, False,
                         chosen, chosen.precision, curve)
 
