@@ -1,13 +1,17 @@
-"""What every benchmark's JSON result starts with: the command that made it and the machine."""
+"""What benchmarks share: the head of every JSON result (the command and the machine), and waiting
+for the quality search that a default run leaves to a detached process."""
 from __future__ import annotations
 
 import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
+
+from TuckerSegLib.progress import parse_event
 
 
 def write_result(path: Path, script: str, payload: dict) -> None:
@@ -18,3 +22,15 @@ def write_result(path: Path, script: str, payload: dict) -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads()},
         **payload}, indent=1))
+
+
+def wait_for_background_search(log: Path, timeout: float = 3600) -> dict:
+    """Block until the detached search that a run started has finished; its log's last lines."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        events = [e for e in map(parse_event, log.read_text().splitlines()) if e] if log.exists() else []
+        done = [e for e in events if e["type"] == "error" or (e["type"] == "log" and e["message"].startswith("done in"))]
+        if done:
+            return {"waited_seconds": round(time.perf_counter() - t0, 1), "said": done[-1].get("message")}
+        time.sleep(2)
+    raise SystemExit(f"the background search did not finish within {timeout:.0f} s (log {log})")

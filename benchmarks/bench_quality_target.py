@@ -32,6 +32,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from bench_common import wait_for_background_search
 from TuckerSegLib.models.train_totalseg_layout import write_part
 from TuckerSegLib.pipeline.quality_target import pooled_mean_dice
 from TuckerSegLib.progress import parse_event
@@ -47,18 +48,6 @@ CONFIGS = [  # (name, tuckerseg segment arguments; None = stock TotalSegmentator
     ("target 0.90 + validate-on CT", ["--min-agreement", "0.90", "--validate-on", "{unlabelled}", *NOW]),
     ("target 0.999 (unmet)", ["--min-agreement", "0.999", *NOW]),
 ]
-
-
-def _wait_for_background_search(log: Path, timeout: float = 3600) -> dict:
-    """Block until the detached search that a run started has finished; its log's last lines."""
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        events = [e for e in map(parse_event, log.read_text().splitlines()) if e] if log.exists() else []
-        done = [e for e in events if e["type"] == "error" or (e["type"] == "log" and e["message"].startswith("done in"))]
-        if done:
-            return {"waited_seconds": round(time.perf_counter() - t0, 1), "said": done[-1].get("message")}
-        time.sleep(2)
-    raise SystemExit(f"the background search did not finish within {timeout:.0f} s (log {log})")
 
 
 def _run(cmd, env) -> tuple:
@@ -114,7 +103,7 @@ def main(argv=None) -> int:
             row["runs"].append({"attempt": attempt, "seconds": round(seconds, 2)})
             if attempt == "cold" and extra is not None and "now" not in extra and "--ratio" not in extra:
                 # a first run that left the curve to a detached search: the warm run comes after it
-                row["background_search"] = _wait_for_background_search(cache / "quality_search.log")
+                row["background_search"] = wait_for_background_search(cache / "quality_search.log")
                 print(f"{name:>30} background search: {row['background_search']}", flush=True)
             outputs[name] = out
             if result:
