@@ -1,6 +1,4 @@
 """``python -m TuckerSegLib`` is the ``tuckerseg`` command (used by the Slicer module's worker process)."""
-import sys
+from TuckerSegLib.cli.main import console_main
 
-from TuckerSegLib.cli.main import main
-
-sys.exit(main())
+console_main()

@@ -118,5 +118,30 @@ def run_command(mod, args: argparse.Namespace, progress: Progress, debug: bool =
         return 1
 
 
+def console_main() -> None:
+    """The ``tuckerseg`` command as a process (console script, ``python -m TuckerSegLib``):
+    ``main()``, then a quick exit.
+
+    Why: tearing down the interpreter, which frees the tens of thousands of objects that torch,
+    nnU-Net and TotalSegmentator create on import, takes 1-1.5 s on a 2-core CPU after the result
+    is written (``benchmarks/bench_whole_process.py``), and a process about to end gains nothing
+    from it. Other threads are joined, exit handlers run (temporary folders, logging, Ray) and the
+    streams are flushed; then ``os._exit`` skips the teardown. ``main()`` itself, which tests and
+    the warm worker call in-process, returns as before.
+    """
+    code = main()
+    try:
+        import atexit
+        import threading
+
+        threading._shutdown()  # what the interpreter does first: stops executors, joins threads
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:  # anything unusual: the ordinary exit
+        sys.exit(code)
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()
