@@ -116,6 +116,7 @@ class TuckerSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run: Optional[SegmentationRun] = None
         self._dependencyGate = dependencies.DependencyGate()
         self._lastEngine = None
+        self._readoutRefreshPending = False
         self._updatingStructures = False
 
     def setup(self) -> None:
@@ -215,7 +216,15 @@ class TuckerSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.costLabel.text = cost_readout.readout(
             node.task, node.quality, node.ratio, node.policy,
             None if node.expertRatio else node.minAgreement)
+        if cost_readout.MEASURING in self.ui.costLabel.text and not self._readoutRefreshPending:
+            # a detached search is measuring the curve: read it again until it is done
+            self._readoutRefreshPending = True
+            qt.QTimer.singleShot(int(1000 * cost_readout.REFRESH_SECONDS), self._refreshReadout)
         self._syncStructureChecks(subsetFromText(node.subset))
+
+    def _refreshReadout(self) -> None:
+        self._readoutRefreshPending = False
+        self._onParameterNodeModified()
 
     # -- structures checklist -----------------------------------------------------------------
     def _fillStructureList(self) -> None:

@@ -286,10 +286,11 @@ def quality_readout(task: str = "total", quality: str = "default", ratio: float 
     minimum agreement (not weighted by class counts, unlike a run's own figure) and summing the
     seconds per patch. Keys: ``predicted_agreement`` (None: not measured), ``agreement_at_most``
     (below the lowest measured point: the envelope's bound), ``measured`` (every model has a
-    curve), ``seconds_per_patch`` / ``reference_seconds_per_patch`` (None: not measured),
+    curve), ``measuring`` (a detached search is measuring a model's curve now), ``seconds_per_patch`` / ``reference_seconds_per_patch`` (None: not measured),
     ``engine``, ``macs_fraction``, ``warn`` (below ``WARN_BELOW``), ``combine``, ``models``.
     """
     from TuckerSegLib.compression.quality_curve import TARGET_PRECISIONS, WARN_BELOW
+    from TuckerSegLib.pipeline.background_search import running
     from TuckerSegLib.totalseg_ids import TASK_DATASETS
 
     key = task if task != "total" else QUALITIES.get(quality, "")
@@ -308,6 +309,7 @@ def quality_readout(task: str = "total", quality: str = "default", ratio: float 
         folder = installed_model_folder(dataset_id, root)
         curve = model_curve(folder, policy, cache_dir)
         m = {"dataset_id": dataset_id, "folder": str(folder), "measured": curve is not None,
+             "measuring": running(folder, _cache_dirs(folder, cache_dir)),
              "predicted_agreement": None, "agreement_at_most": None, "macs_fraction": macs_fraction,
              "seconds_per_patch": None, "reference_seconds_per_patch": None, "engine": None}
         if curve is not None:
@@ -353,6 +355,7 @@ def quality_readout(task: str = "total", quality: str = "default", ratio: float 
             # target mode: the mean of the models' fractions (total's networks are equal in size)
             "macs_fraction": None if any(f is None for f in fractions) else sum(fractions) / len(fractions),
             "measured": all(m["measured"] for m in models),
+            "measuring": any(m["measuring"] for m in models),
             "predicted_agreement": agreement, "agreement_at_most": bound,
             "seconds_per_patch": combined("seconds_per_patch", sum),
             "reference_seconds_per_patch": combined("reference_seconds_per_patch", sum),

@@ -79,6 +79,31 @@ def test_readout_says_not_measured_yet_without_a_curve(tmp_path, monkeypatch):
     assert q["predicted_agreement"] is None and not q["measured"]
 
 
+def test_readout_says_when_a_curve_is_being_measured_in_the_background(tmp_path, monkeypatch):
+    """While a detached search holds the model's lock (as ``background_search.main`` does), the
+    target read-out says so; reading creates no lock file, and a released lock reads as idle."""
+    from filelock import FileLock
+
+    from TuckerSegLib.estimate import installed_model_folder
+    from TuckerSegLib.pipeline import background_search
+
+    monkeypatch.delenv("TUCKERSEG_CACHE_DIR", raising=False)
+    args = ("total", "fast", 0.5, "budget")
+    idle = cost_readout.readout(*args, min_agreement=0.95, weights_root=tmp_path)
+    assert cost_readout.MEASURING not in idle and "not measured yet" in idle
+    assert not list(tmp_path.rglob("*.lock"))
+    lock = background_search.lock_path(installed_model_folder(297, tmp_path))
+    with FileLock(str(lock)):
+        busy = cost_readout.readout(*args, min_agreement=0.95, weights_root=tmp_path)
+        assert cost_readout.MEASURING in busy.splitlines()
+        assert cost_readout.quality(*args, min_agreement=0.95, weights_root=tmp_path)["measuring"]
+        # the other task's networks are not being measured
+        assert not cost_readout.quality("total", "default", 0.5, "budget", min_agreement=0.95,
+                                        weights_root=tmp_path)["measuring"]
+    assert lock.is_file()  # left behind by the search, released
+    assert cost_readout.readout(*args, min_agreement=0.95, weights_root=tmp_path) == idle
+
+
 def test_readout_warns_below_090_and_takes_the_lowest_network(tmp_path, monkeypatch):
     from TuckerSegLib.compression.quality_curve import WARN_BELOW
 

@@ -5,13 +5,20 @@ Params and MACs come from the architecture only, no weights: ``TuckerSegLib.esti
 looks them up in a table shipped with the core. Agreement and speed come from the quality curves
 that quality-target runs measure and keep beside the installed models
 (``TuckerSegLib.estimate.quality_readout``): until a run has measured them the read-out says
-"not measured yet" (a MAC ratio is not a speed-up, so none is shown). Neither imports torch nor
-traces networks on Slicer's GUI thread (well under a millisecond per slider move). When the core
+"not measured yet" (a MAC ratio is not a speed-up, so none is shown), or that the curve is being
+measured in the background now. Neither imports torch nor
+traces networks on Slicer's GUI thread (about a millisecond per slider move). When the core
 cannot answer (an older core) the read-out says "n/a" instead of failing.
 """
 from __future__ import annotations
 
 from typing import Optional
+
+
+# While a detached search measures a curve (``TuckerSegLib.pipeline.background_search``); the
+# panel reads the curves again every ``REFRESH_SECONDS`` while its read-out says this.
+MEASURING = "Agreement being measured in the background now; the next run uses it"
+REFRESH_SECONDS = 15
 
 
 def human(count: Optional[float], unit: str = "") -> str:
@@ -89,6 +96,8 @@ def _agreement_text(q: Optional[dict], target_mode: bool) -> str:
     bound = q.get("agreement_at_most")
     if bound is not None:
         return f"Predicted agreement at most {float(bound):.3f}{where} (not measured this low)"
+    if q.get("measuring"):
+        return MEASURING
     if target_mode:
         return "Agreement not measured yet: the first run runs the original and measures it in the background"
     return "Agreement not measured yet: a run with a quality target measures it"

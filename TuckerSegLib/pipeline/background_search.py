@@ -76,6 +76,18 @@ def _lock_in(cache: Path, model_folder: Union[str, Path]) -> Path:
     return cache / f"quality_search-{digest}.lock"
 
 
+def running(model_folder: Union[str, Path], cache_dirs: Sequence[Union[str, Path]]) -> bool:
+    """True while a search of ``model_folder`` holds its lock in one of ``cache_dirs``.
+
+    Read-only, for the Slicer panel's read-out (``estimate.quality_readout``): it creates no
+    folder and no lock file, and a search that died has released its lock."""
+    for cache in cache_dirs:
+        lock = _lock_in(Path(cache), model_folder)
+        if lock.is_file() and _held(lock):
+            return True
+    return False
+
+
 def _held(lock_file: Path) -> bool:
     """True while a search holds ``lock_file``."""
     from filelock import FileLock, Timeout
