@@ -8,7 +8,9 @@ compresses, converts, times layer forms and measures quality curves as needed), 
 (``--repeats`` fresh processes, minimum reported). The breakdown of a warm run comes from its own
 result event: process start and imports (wall time not spent inside ``segment``), input check,
 model load and engine preparation, and nnU-Net's prediction (preprocessing, network, export).
-Peak memory is the PSS of the process and its workers. The default (a quality target) measures its
+Peak memory is the PSS of the process and its workers. ``--exit-pairs N`` times N more warm runs
+per setting in turns with the interpreter's ordinary exit, against the command's quick exit
+(``cli.main.console_main``). The default (a quality target) measures its
 quality curve in a detached process after its cold run; the warm runs start once that has ended.
 
     nice -n 5 python benchmarks/bench_whole_process.py --mode fast \\
@@ -93,6 +95,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="warm runs per setting (minimum reported)")
     p.add_argument("--settings", type=int, nargs="+", default=list(range(len(SETTINGS))),
                    help="indices into the settings list: " + "; ".join(f"{i}: {n}" for i, (n, _) in enumerate(SETTINGS)))
+    p.add_argument("--exit-pairs", type=int, default=0, metavar="N",
+                   help="per setting, N warm runs more in turns with the interpreter's ordinary exit "
+                        "(python -c main()), against the tuckerseg command's quick exit")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -160,6 +165,16 @@ def main(argv=None) -> int:
                      "background_search": search})
         log(f"{name}: cold {cold['wall']:.1f} s, warm {[round(r['wall'], 1) for r in warm]}")
 
+        if args.exit_pairs:  # the quick exit against the interpreter's ordinary teardown, in turns
+            ordinary = [sys.executable, "-c", "import sys; from TuckerSegLib.cli.main import main; sys.exit(main())"]
+            pairs = []
+            for _ in range(args.exit_pairs):
+                quick = run_process(cmd(args.ct, work / f"quick-{index}.nii.gz"), env)["wall"]
+                slow = run_process(ordinary + cmd(args.ct, work / f"ordinary-{index}.nii.gz")[3:], env)["wall"]
+                pairs.append((quick, slow))
+            rows[-1]["exit_pairs"] = [[round(q, 2), round(o, 2)] for q, o in pairs]
+            log(f"{name}: quick exit / ordinary exit, in turns: {rows[-1]['exit_pairs']}")
+
         if index == SERVE_SETTING:  # the warm worker: one process, two requests on two CTs
             from TuckerSegLib.serve import ServeClient
 
@@ -199,6 +214,10 @@ def main(argv=None) -> int:
                   f"{r['fresh_process_seconds_same_ct']:7.1f} {r['second_request_seconds']:7.1f} "
                   f"{r['second_request_vs_fresh_process']:7.2f}x")
     for r in rows:
+        if r.get("exit_pairs"):
+            quick, slow = (min(x) for x in zip(*r["exit_pairs"]))
+            print(f"\n{r['run']}: quick exit {quick:.1f} s, ordinary exit {slow:.1f} s (best of "
+                  f"{len(r['exit_pairs'])} in turns; {slow - quick:.1f} s of interpreter teardown saved)")
         if r.get("background_search"):
             print(f"\n{r['run']}: the cold run ran the original network and left the quality curve to a "
                   f"detached search, which took {r['background_search']['waited_seconds']:.0f} s more "
