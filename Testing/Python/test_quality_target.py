@@ -151,8 +151,8 @@ def test_lower_precisions_only_where_the_user_left_the_choice_to_us():
     from TuckerSegLib.pipeline.quality_target import lower_precisions
     from TuckerSegLib.specs import RunSpec
 
-    native = not why_not("openvino", torch.device("cpu"), "bf16")
-    assert lower_precisions(RunSpec(), "cpu") == (("f32", "bf16") if native else ("f32",))
+    here = tuple(p for p in ("bf16", "int8") if not why_not("openvino", torch.device("cpu"), p))
+    assert lower_precisions(RunSpec(), "cpu") == ("f32", *here)
     assert lower_precisions(RunSpec(engine="openvino"), "cpu") == lower_precisions(RunSpec(), "cpu")
     for run in (RunSpec(precision="f32"), RunSpec(engine="torch"), RunSpec(precision="bf16")):
         assert lower_precisions(run, "cpu") == ("f32",)
@@ -294,6 +294,46 @@ def test_close_ways_to_run_a_target_are_timed_again_in_turns_once(model_297, tmp
                               measure=False)
     assert again is not None and again.point == choice.point
     assert (cache / "quality_curve.json").stat().st_mtime_ns == before
+
+
+def test_int8_is_measured_by_the_target_once_and_its_run_reuses_the_quantised_model(model_297, tmp_path,
+                                                                                      monkeypatch):
+    """On CPUs with VNNI or AMX, INT8 (plain, calibrated on phantoms the validation never uses) is
+    a candidate like bf16: measured against the f32 reference once, stored in the curve, and
+    the run of an INT8 choice loads the INT8 model the search quantised instead of quantising."""
+    from dataclasses import replace
+
+    from TuckerSegLib.engines import int8 as int8_mod
+    from TuckerSegLib.pipeline.predictor_hook import how_choice_runs, prepare_for_run
+    from TuckerSegLib.pipeline.quality_target import TARGET_INT8_MIN_AGREEMENT
+    from TuckerSegLib.specs import RunSpec
+
+    if int8_mod.int8_support_reason():
+        pytest.skip(int8_mod.int8_support_reason())
+    cache = tmp_path / "cache"
+    spec = CompressionSpec(min_agreement=0.5, policy="paper")
+    choice = choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS, precisions=("f32", "int8"))
+    (curve,) = curves(model_297, cache).values()
+    low = [p for p in curve.points if p.precision == "int8"]
+    assert {p.source for p in low} >= {"original"} and len(low) == (1 if curve.best_for(0.5) is None else 2)
+    assert all(0 <= p.agreement <= 1 and p.seconds_per_patch > 0 and p.engine == "openvino" for p in low)
+    assert choice.point == curve.fastest_for(0.5, ("f32", "int8"))
+    stored = [int8_mod.read_int8(d) for d in (cache / "openvino").glob("int8-*") if d.is_dir()]
+    assert stored and all(r["min_agreement"] == TARGET_INT8_MIN_AGREEMENT for r in stored)
+    assert all(r["calibration"].startswith("8 patches at random positions of phantom CTs [400") for r in stored)
+    # the original in INT8, as a run of that choice prepares it: no second quantisation
+    original = next(p for p in low if p.source == "original")
+    as_int8 = replace(choice, spec=spec.concrete(1.0), fallback=True, point=original, precision="int8",
+                      compressed_folder=None)
+    run_spec, _, run = how_choice_runs(as_int8, RunSpec())
+    assert (run.engine, run.precision, run.int8_min_agreement) == ("openvino", "int8", TARGET_INT8_MIN_AGREEMENT)
+
+    def quantise_again(*args, **kwargs):
+        raise AssertionError("the run quantised again instead of loading the search's INT8 model")
+
+    monkeypatch.setattr(int8_mod, "quantise", quantise_again)
+    _, _, info = prepare_for_run(model_297, [0], "checkpoint_final.pth", run_spec, run, torch.device("cpu"), cache)
+    assert info.precision == "int8" and info.int8["min_agreement"] == TARGET_INT8_MIN_AGREEMENT
 
 
 def test_registered_distilled_model_is_validated_and_chosen_when_it_meets_the_target(model_297, tmp_path):

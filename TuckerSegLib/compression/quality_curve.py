@@ -29,9 +29,10 @@ MAX_FRACTION = 0.90
 # The fractions a target search tries, from the top down (it stops at the first that misses).
 SEARCH_FRACTIONS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 # The precisions a quality target may run a chosen network at where the engine runs them faster
-# here (measured): bf16 on CPUs with native bf16 (OpenVINO); GPUs already run fp16 autocast as
-# stock TotalSegmentator does.
-TARGET_PRECISIONS = ("f32", "bf16")
+# here (measured): bf16 on CPUs with native bf16, INT8 on CPUs with VNNI or AMX (OpenVINO; INT8
+# as ``quality_target.TARGET_INT8_MIN_AGREEMENT`` quantises it); GPUs already run fp16 autocast
+# as stock TotalSegmentator does.
+TARGET_PRECISIONS = ("f32", "bf16", "int8")
 WARN_BELOW = 0.90  # the panel warns when the predicted agreement is below this
 # Ways to run a target whose times per patch lie within this factor of the fastest are timed
 # again in turns: times measured alone, minutes apart, differ by up to 25 % on a busy 2-core CPU

@@ -114,6 +114,10 @@ def how_choice_runs(choice, run: RunSpec) -> Tuple[CompressionSpec, Optional[Pat
     """``(spec, compressed folder or None, run)`` of a quality target's ``TargetChoice``: a lower
     precision measured faster here and meeting the target runs on OpenVINO; the original at f32
     runs as stock does. The hook runs this; a background search prepares it for the next run."""
+    if choice.precision == "int8":  # the INT8 model the search quantised and measured
+        from TuckerSegLib.pipeline.quality_target import target_int8_run
+
+        return choice.spec, choice.compressed_folder, target_int8_run(run)
     if choice.precision != "f32":
         return choice.spec, choice.compressed_folder, replace(run, engine="openvino", precision=choice.precision)
     return choice.spec, choice.compressed_folder, original_run(run) if choice.fallback else run

@@ -45,6 +45,13 @@ PATCHES_PER_PHANTOM = 1
 PATCHES_PER_CT = 2
 PATCH_SEED = 4242
 RACE_ROUNDS = 3  # timed calls of each close candidate (``QualityCurve.close_candidates``)
+# A target's INT8 candidates are quantised with this ``--int8-min-agreement``: NNCF then keeps no
+# layer in f32 beyond the first convolution and the head (plain INT8, about 2.5 minutes for the
+# full-width 3 mm network on 2 cores; putting layers back into f32 took 32 minutes and still
+# missed 0.99 there). The target's own validation, on data the calibration never saw (phantoms
+# 300-303 and the CTs of ``--validate-on``; calibration: phantoms 400-403), decides whether it
+# may run.
+TARGET_INT8_MIN_AGREEMENT = 0.01
 
 
 @dataclass
@@ -185,15 +192,30 @@ def _run(network: nn.Module, model: NnUNetModel, patches: torch.Tensor, device: 
     return torch.cat(labels), float(np.median(seconds)), engine
 
 
+def target_int8_run(run: RunSpec) -> RunSpec:
+    """``run`` at INT8 as a quality target measures and then runs it: calibrated on the built-in
+    phantoms only and quantised with ``TARGET_INT8_MIN_AGREEMENT`` (the same cached INT8 model in
+    the search and in the runs that follow)."""
+    return replace(run, engine="openvino", precision="int8", int8_min_agreement=TARGET_INT8_MIN_AGREEMENT,
+                   int8_calibration=())
+
+
 def _module(network: nn.Module, model: NnUNetModel, device: torch.device, precision: str,
             cache: Optional[Path]) -> Tuple[nn.Module, str]:
     """``network`` prepared as a target's measurements run it (see ``_run``), and the engine's name."""
     from TuckerSegLib.engines import prepare_network
 
     engine = "auto" if precision == "f32" else "openvino"
-    module, info = prepare_network(network, model.patch_size, model.num_input_channels, device,
-                                   RunSpec(engine=engine, precision=precision, layer_forms="as-is"),
-                                   cache_dir=cache, check_agreement=False, measure_auto=False)
+    run = RunSpec(engine=engine, precision=precision, layer_forms="as-is")
+    int8_data = None
+    if precision == "int8":
+        from TuckerSegLib.engines.int8_data import model_int8_data
+
+        run = target_int8_run(run)
+        int8_data = model_int8_data(model.plans, model.configuration, model.dataset_json,
+                                    model.num_input_channels, model.patch_size)
+    module, info = prepare_network(network, model.patch_size, model.num_input_channels, device, run,
+                                   cache_dir=cache, check_agreement=False, measure_auto=False, int8_data=int8_data)
     return module, info.name
 
 
@@ -366,7 +388,8 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
 
 def lower_precisions(run: RunSpec, device: Union[str, torch.device]) -> Tuple[str, ...]:
     """The precisions a quality target may choose for ``run`` here: f32, plus bf16 where the
-    user left precision and engine to us and OpenVINO runs bf16 natively on this CPU."""
+    user left precision and engine to us and OpenVINO runs bf16 natively on this CPU, plus INT8
+    where this CPU has VNNI or AMX."""
     from TuckerSegLib.compression.quality_curve import TARGET_PRECISIONS
     from TuckerSegLib.engines.select import why_not
 
