@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--validate-on", nargs="*", default=[])
     p.add_argument("--precisions", nargs="+", default=None,
                    help="precisions the target may choose (default: what `tuckerseg segment` allows here, "
-                        "f32 plus bf16 on CPUs with native bf16)")
+                        "f32, plus bf16 on CPUs with native bf16 and int8 on CPUs with VNNI or AMX)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch_device(args.device)
