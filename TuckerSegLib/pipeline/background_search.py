@@ -72,8 +72,12 @@ def lock_path(model_folder: Union[str, Path], cache_dir: Optional[Union[str, Pat
 
 
 def _lock_in(cache: Path, model_folder: Union[str, Path]) -> Path:
+    return cache / _lock_name(model_folder)
+
+
+def _lock_name(model_folder: Union[str, Path]) -> str:
     digest = hashlib.sha1(str(Path(model_folder).resolve()).encode()).hexdigest()[:10]
-    return cache / f"quality_search-{digest}.lock"
+    return f"quality_search-{digest}.lock"
 
 
 def running(model_folder: Union[str, Path], cache_dirs: Sequence[Union[str, Path]]) -> bool:
@@ -81,8 +85,9 @@ def running(model_folder: Union[str, Path], cache_dirs: Sequence[Union[str, Path
 
     Read-only, for the Slicer panel's read-out (``estimate.quality_readout``): it creates no
     folder and no lock file, and a search that died has released its lock."""
+    name = _lock_name(model_folder)
     for cache in cache_dirs:
-        lock = _lock_in(Path(cache), model_folder)
+        lock = Path(cache) / name
         if lock.is_file() and _held(lock):
             return True
     return False

@@ -342,12 +342,14 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
     for precision in precisions:
         if precision == "f32":
             continue
-        for base in _bases(best, precision):  # None: the original network
+        # the original (None) first: where it misses in INT8, the chosen network, which adds
+        # compression's error to INT8's, is not worth minutes of quantising
+        for base in ([None] if best is None else [None, best]):
             if curve.variant(base, precision) is not None:
                 continue
             original = curve.variant(None, precision)
             if precision == "int8" and base is not None and original is not None and not original.meets(target):
-                continue  # compression's error on top of INT8's: not worth minutes of quantising
+                continue
             if not measure:
                 return None
             what = "the original network" if base is None else f"{100 * base.macs_fraction:.1f} % of the MACs"
@@ -387,14 +389,6 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
     return TargetChoice(spec.concrete(chosen.ratio),
                         chosen.agreement, data.description, Path(chosen.folder) if chosen.folder else None, False,
                         chosen, chosen.precision, curve)
-
-
-def _bases(best: Optional[QualityPoint], precision: str) -> List[Optional[QualityPoint]]:
-    """The networks measured at a lower precision: the target's f32 choice and the original (None).
-    INT8 tries the original first: where it misses, the compressed network is not quantised."""
-    if best is None:
-        return [None]
-    return [None, best] if precision == "int8" else [best, None]
 
 
 def lower_precisions(run: RunSpec, device: Union[str, torch.device]) -> Tuple[str, ...]:
