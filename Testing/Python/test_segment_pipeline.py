@@ -444,6 +444,58 @@ def test_cpu_sliding_window_gives_nnunets_float16_logits_bit_for_bit(use_gaussia
             run(loud, data, loud._internal_get_sliding_window_slicers(shape), False)
 
 
+def test_gaussian_weights_are_nnunets_bit_for_bit():
+    """The separable Gaussian equals nnU-Net's filtered delta, for TotalSegmentator's patch sizes
+    and odd ones."""
+    import torch
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    from TuckerSegLib.pipeline.nnunet_speedups import gaussian_weights
+
+    for patch in ((112, 112, 128), (128, 128, 128), (96, 96, 96), (16, 12, 20), (7, 33, 5), (64, 80)):
+        theirs = compute_gaussian(patch, sigma_scale=1. / 8, value_scaling_factor=10, device=torch.device("cpu"))
+        ours = gaussian_weights(patch)
+        assert ours.dtype == theirs.dtype == torch.float16 and ours.shape == theirs.shape
+        assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)), patch
+
+
+@pytest.mark.parametrize("mirroring", [False, True])
+def test_cpu_sliding_window_on_openvino_borrows_outputs_only_without_mirroring(tmp_path, mirroring):
+    """With an OpenVINO module, tiles read the engine's output memory without a copy where no
+    mirroring sums several forwards: the logits are nnU-Net's own, bit for bit, either way."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    import TuckerSegLib.pipeline.nnunet_speedups as speedups
+    from TuckerSegLib.engines import prepare_network
+    from TuckerSegLib.specs import RunSpec
+
+    patch, shape = (16, 12, 20), (29, 12, 37)
+    predictor = _cpu_predictor(7, patch)
+    module, _ = prepare_network(predictor.network, patch, 1, "cpu", RunSpec("openvino", "f32", "as-is"), tmp_path)
+    predictor.network = module
+    predictor.use_mirroring = mirroring
+    borrowed = []
+    forward = type(module).forward
+
+    def spy(self, x):
+        borrowed.append(getattr(self, "_borrow_outputs", False))
+        return forward(self, x)
+
+    data = torch.randn((1, *shape), generator=torch.Generator().manual_seed(2))
+    slicers = predictor._internal_get_sliding_window_slicers(shape)
+    original = nnUNetPredictor._internal_predict_sliding_window_return_logits
+    theirs = original(predictor, data, slicers, False)
+    type(module).forward = spy
+    try:
+        ours = speedups.cpu_sliding_window(original)(predictor, data, slicers, False)
+    finally:
+        type(module).forward = forward
+    assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+    assert borrowed and all(b != mirroring for b in borrowed)
+    assert not getattr(module, "_borrow_outputs", False)  # only while the window runs
+
+
 def test_trainer_found_by_source_is_nnunets_class():
     """The trainer module found from its source text gives the class nnU-Net's own search finds;
     a name no module defines is left to nnU-Net (None)."""

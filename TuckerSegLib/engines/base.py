@@ -10,12 +10,13 @@ fingerprint); anything else would silently run stale weights and is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -101,6 +102,18 @@ class EngineModule(nn.Module):
 
     def state_dict(self, *args, **kwargs):  # the weights live inside the engine
         return {}
+
+    @contextlib.contextmanager
+    def borrowed_outputs(self) -> Iterator[None]:
+        """Within: ``forward`` may return a tensor over the engine's own output memory, valid only
+        until the next call. Why: copying the logits of a tile (118 classes of a 3 mm patch: 760
+        MB) costs 0.15 s on 2 cores; the sliding window consumes each tile's output before it
+        asks for the next. Engines without such memory ignore it."""
+        previous, self._borrow_outputs = getattr(self, "_borrow_outputs", False), True
+        try:
+            yield
+        finally:
+            self._borrow_outputs = previous
 
 
 class Engine(ABC):

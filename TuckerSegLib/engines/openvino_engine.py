@@ -158,7 +158,8 @@ class OpenVINOModule(EngineModule):
         request = self._compile(shape) if shape not in self._requests else self._requests[shape]
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
         request.infer({0: arr})
-        out = torch.from_numpy(request.get_output_tensor(0).data.copy())
+        data = request.get_output_tensor(0).data
+        out = torch.from_numpy(data if getattr(self, "_borrow_outputs", False) else data.copy())
         return out.to(x.device)
 
     def execution_precision(self) -> str:

@@ -6,11 +6,12 @@ nnU-Net's (or torch's) equivalent computation; none changes a voxel of the resul
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import re
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -118,17 +119,18 @@ def cpu_sliding_window(original: Callable) -> Callable:
         results_device = predictor.device if do_on_device else torch.device("cpu")
         if results_device.type != "cpu" or predictor.device.type != "cpu":
             return original(predictor, data, slicers, do_on_device)
-        from nnunetv2.inference.sliding_window_prediction import compute_gaussian
-
-        with torch.inference_mode():
+        network = predictor.network
+        mirroring = predictor.use_mirroring and predictor.allowed_mirroring_axes
+        # a tile's output is consumed before the next forward, unless mirroring sums several
+        borrowed = getattr(network, "borrowed_outputs", None) if not mirroring else None
+        with torch.inference_mode(), (borrowed() if borrowed else contextlib.nullcontext()):
             data = data.to(results_device)
             classes = predictor.label_manager.num_segmentation_heads
             logits = torch.zeros((classes, *data.shape[1:]), dtype=torch.half)
             n_predictions = torch.zeros(data.shape[1:], dtype=torch.half)
             patch = tuple(predictor.configuration_manager.patch_size)
             if predictor.use_gaussian:
-                gaussian = compute_gaussian(patch, sigma_scale=1. / 8, value_scaling_factor=10,
-                                            device=results_device)
+                gaussian = gaussian_weights(patch)
                 weight = gaussian.float()  # exact: every float16 is a float32
             else:
                 gaussian = weight = None
@@ -169,6 +171,30 @@ def cpu_sliding_window(original: Callable) -> Callable:
 
     sliding_window.tuckerseg_original = original
     return sliding_window
+
+
+@functools.lru_cache(maxsize=4)
+def gaussian_weights(patch: Tuple[int, ...]) -> torch.Tensor:
+    """nnU-Net's tile weights (``compute_gaussian(patch, 1/8, 10)``, float16 on the CPU), bit for
+    bit, 5x faster.
+
+    Why: nnU-Net filters a delta volume with a 3-D Gaussian, 0.3 s per process for a 3 mm patch
+    on 2 cores. The filter is separable and scipy applies it axis by axis, so its response to the
+    delta is the outer product of the 1-D responses, with the same float64 products; the rest
+    (scaling, float16, no zeros) is nnU-Net's code."""
+    from scipy.ndimage import gaussian_filter1d
+
+    weights = None
+    for n in patch:
+        delta = np.zeros(int(n))
+        delta[int(n) // 2] = 1
+        axis = gaussian_filter1d(delta, int(n) / 8, 0, mode="constant", cval=0)
+        weights = axis if weights is None else np.multiply.outer(weights, axis)
+    weights /= (np.max(weights) / 10)
+    gaussian = torch.from_numpy(weights).to(dtype=torch.float16)
+    mask = gaussian == 0
+    gaussian[mask] = torch.min(gaussian[~mask])
+    return gaussian
 
 
 def _classes_per_pass(classes: int, shape) -> int:
