@@ -1,5 +1,6 @@
-"""nnU-Net's CPU tile accumulation and trainer lookup against TuckerSeg's (``pipeline/nnunet_speedups``,
-``models/nnunet_folder``), side by side in one run, with the outputs compared.
+"""nnU-Net's CPU tile accumulation, tile Gaussian and trainer lookup, and an OpenVINO output copy,
+against TuckerSeg's (``pipeline/nnunet_speedups``, ``models/nnunet_folder``), side by side in one
+run, with the outputs compared.
 
 Why: these two steps cost seconds of a warm ``--fast`` case on a small CPU around a network of a
 few seconds; the whole-process benchmark (``bench_whole_process.py``) shows the sum, this one each
@@ -81,6 +82,43 @@ def accumulation(classes: int, patch, shape, repeats: int) -> dict:
             "identical": bool(torch.equal(a.view(torch.int16), b.view(torch.int16)))}
 
 
+def gaussian(patch, repeats: int) -> dict:
+    """nnU-Net's tile Gaussian (a filtered delta volume) against TuckerSeg's outer product."""
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    from TuckerSegLib.pipeline.nnunet_speedups import gaussian_weights
+
+    theirs = compute_gaussian.__wrapped__  # both without their in-process caches
+    ours = gaussian_weights.__wrapped__
+    cpu = torch.device("cpu")
+    theirs_s = _best(lambda: theirs(tuple(patch), 1. / 8, 10, torch.float16, cpu), repeats)
+    ours_s = _best(lambda: ours(tuple(patch)), repeats)
+    a, b = theirs(tuple(patch), 1. / 8, 10, torch.float16, cpu), ours(tuple(patch))
+    return {"patch": list(patch), "nnunet_seconds": round(theirs_s, 4), "tuckerseg_seconds": round(ours_s, 4),
+            "identical": bool(torch.equal(a.view(torch.int16), b.view(torch.int16)))}
+
+
+def output_copy(classes: int, patch, repeats: int) -> dict:
+    """An OpenVINO module's forward with the copy of its output against the borrowed output the
+    CPU sliding window reads (a 1x1x1 convolution to ``classes`` channels: little else to time)."""
+    import tempfile
+
+    from TuckerSegLib.engines import prepare_network
+    from TuckerSegLib.specs import RunSpec
+
+    net = torch.nn.Conv3d(1, classes, 1).eval()
+    with tempfile.TemporaryDirectory() as cache:
+        module, _ = prepare_network(net, patch, 1, "cpu", RunSpec("openvino", "f32", "as-is"), Path(cache))
+        x = torch.randn(1, 1, *patch)
+        with torch.inference_mode():
+            copied = _best(lambda: module(x), repeats)
+            with module.borrowed_outputs():
+                borrowed = _best(lambda: module(x), repeats)
+                same = bool(torch.equal(module(x), net(x)) or torch.allclose(module(x), net(x), atol=1e-5))
+    return {"classes": classes, "patch": list(patch), "copied_seconds": round(copied, 4),
+            "borrowed_seconds": round(borrowed, 4), "same_values": same}
+
+
 def trainer_lookup(name: str) -> dict:
     import totalsegmentator.nnunet  # noqa: F401  (as in a run: TotalSegmentator imports the trainer base)
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
@@ -104,16 +142,25 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = [accumulation(118, (112, 112, 128), (112, 112, 128), args.repeats),  # --fast on example_ct: one tile
             accumulation(118, (112, 112, 128), (130, 112, 140), args.repeats)]  # four overlapping tiles
+    gauss = [gaussian((112, 112, 128), args.repeats), gaussian((128, 128, 128), args.repeats)]
+    copy = output_copy(118, (112, 112, 128), args.repeats)
     lookup = trainer_lookup("nnUNetTrainer_4000epochs_NoMirroring")  # first: nnU-Net's search imports all
     for r in rows:
         print(f"accumulation, {r['tiles']} tile(s) of {r['classes']} classes (network output copies subtracted): "
               f"first call nnU-Net {r['nnunet_first_call_seconds']:.2f} s, TuckerSeg {r['tuckerseg_first_call_seconds']:.2f} s; "
               f"best of {args.repeats} nnU-Net {r['nnunet_accumulation_seconds']:.2f} s, TuckerSeg "
               f"{r['tuckerseg_accumulation_seconds']:.2f} s; identical float16 bits: {r['identical']}")
+    for g in gauss:
+        print(f"tile Gaussian {g['patch']}: nnU-Net {g['nnunet_seconds']:.3f} s, TuckerSeg {g['tuckerseg_seconds']:.3f} s; "
+              f"identical float16 bits: {g['identical']}")
+    print(f"OpenVINO output of {copy['classes']} classes {copy['patch']}: forward with its copy "
+          f"{copy['copied_seconds']:.3f} s, borrowed (the CPU sliding window) {copy['borrowed_seconds']:.3f} s; "
+          f"same values: {copy['same_values']}")
     print(f"trainer lookup {lookup['trainer']}: nnU-Net {lookup['nnunet_seconds']:.3f} s, TuckerSeg "
           f"{lookup['tuckerseg_seconds']:.4f} s, same class: {lookup['same_class']}")
     if args.json:
-        write_result(args.json, __file__, {"accumulation": rows, "trainer_lookup": lookup})
+        write_result(args.json, __file__, {"accumulation": rows, "gaussian": gauss, "output_copy": copy,
+                                            "trainer_lookup": lookup})
     return 0
 
 
