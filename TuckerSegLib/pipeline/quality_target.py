@@ -47,7 +47,7 @@ PATCHES_PER_CT = 2
 PATCH_SEED = 4242
 RACE_ROUNDS = 3  # timed calls of each close candidate (``QualityCurve.close_candidates``)
 # A target's INT8 candidates are quantised with this ``--int8-min-agreement``: plain INT8, no
-# layer in f32 beyond the first convolution and the head, no accuracy control (about 1.5 minutes
+# layer in f32 beyond the first convolution and the head, no accuracy control (about 2.3 minutes
 # for the full-width 3 mm network on 2 cores; putting layers back into f32 took 32 minutes and
 # still missed 0.99 there). The target's own validation, on data the calibration never saw
 # (phantoms 300-303 and the CTs of ``--validate-on``; calibration: phantoms 400-403), decides
