@@ -89,6 +89,7 @@ class EngineModule(nn.Module):
     def __init__(self, source_state_fingerprint: str):
         super().__init__()
         self._source_fp = source_state_fingerprint
+        self._borrow_outputs = False  # see borrowed_outputs
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
                         assign: bool = False):
@@ -109,7 +110,7 @@ class EngineModule(nn.Module):
         until the next call. Why: copying the logits of a tile (118 classes of a 3 mm patch: 760
         MB) costs 0.15 s on 2 cores; the sliding window consumes each tile's output before it
         asks for the next. Engines without such memory ignore it."""
-        previous, self._borrow_outputs = getattr(self, "_borrow_outputs", False), True
+        previous, self._borrow_outputs = self._borrow_outputs, True
         try:
             yield
         finally:

@@ -159,7 +159,7 @@ class OpenVINOModule(EngineModule):
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
         request.infer({0: arr})
         data = request.get_output_tensor(0).data
-        out = torch.from_numpy(data if getattr(self, "_borrow_outputs", False) else data.copy())
+        out = torch.from_numpy(data if self._borrow_outputs else data.copy())
         return out.to(x.device)
 
     def execution_precision(self) -> str:

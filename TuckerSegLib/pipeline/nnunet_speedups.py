@@ -179,9 +179,10 @@ def gaussian_weights(patch: Tuple[int, ...]) -> torch.Tensor:
     bit; cached like nnU-Net's, so callers must not modify it.
 
     Why: nnU-Net filters a delta volume with a 3-D Gaussian, 0.24 s per process for a 3 mm patch
-    on 2 cores (0.035 s here, ``benchmarks/bench_nnunet_speedups.py``). The filter is separable and scipy applies it axis by axis, so its response to the
-    delta is the outer product of the 1-D responses, with the same float64 products; the rest
-    (scaling, float16, no zeros) is nnU-Net's code."""
+    on 2 cores (0.035 s here, ``benchmarks/bench_nnunet_speedups.py``). The filter is separable
+    and scipy applies it axis by axis, so its response to the delta is the outer product of the
+    1-D responses, with the same float64 products; the rest (scaling, float16, no zeros) is
+    nnU-Net's code."""
     from scipy.ndimage import gaussian_filter1d
 
     weights = None
