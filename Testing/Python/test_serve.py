@@ -143,3 +143,19 @@ def test_a_cancel_reaches_the_running_prediction(home, cts, tmp_path, monkeypatc
     warm = list(predictor_hook._warm.values())
     assert warm, "the prepared model stays warm for the next run"
     assert all(not module._forward_pre_hooks for _, module, *_ in warm)  # no stale cancel hook
+
+
+def test_a_one_shot_command_keeps_no_network_while_the_api_keeps_it_warm(home, cts, tmp_path, monkeypatch):
+    """``tuckerseg segment`` as a process (``console_main``: one command, then exit) frees each
+    network once it has predicted (``total`` would otherwise hold its five at the end); the same
+    command in a process that goes on (the API, the warm worker) keeps it for the next run."""
+    from TuckerSegLib.cli.main import main
+    from TuckerSegLib.pipeline import predictor_hook
+
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(home))
+    args = ["segment", "-i", str(cts["a"]), *FAST, "--cache-dir", str(tmp_path / "cache"), "--progress", "none"]
+    assert main([*args, "-o", str(tmp_path / "one_shot.nii.gz")], one_shot=True) == 0
+    assert (tmp_path / "one_shot.nii.gz").is_file() and not predictor_hook._warm
+    assert main([*args, "-o", str(tmp_path / "kept.nii.gz")]) == 0
+    assert len(predictor_hook._warm) == 1
+    assert np.array_equal(_labels(tmp_path / "one_shot.nii.gz"), _labels(tmp_path / "kept.nii.gz"))

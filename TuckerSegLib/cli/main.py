@@ -80,12 +80,15 @@ def parse_command(argv: List[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, one_shot: bool = False) -> int:
+    """Run one ``tuckerseg`` command; ``one_shot``: the process ends after it (``console_main``),
+    so nothing is kept for a later command (``segment`` frees each network once it has run)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_command(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+    args.one_shot = one_shot
     mod = importlib.import_module(f"TuckerSegLib.cli.{args._module}")
     progress = make_progress(args.progress)
     debug = args.debug or os.environ.get("TUCKERSEG_DEBUG") == "1"
@@ -129,7 +132,7 @@ def console_main() -> None:
     streams are flushed; then ``os._exit`` skips the teardown. ``main()`` itself, which tests and
     the warm worker call in-process, returns as before.
     """
-    code = main()
+    code = main(one_shot=True)
     try:
         import atexit
         import threading

@@ -11,6 +11,9 @@ that runs it (``engines.prepare_network``) and hands both to nnU-Net's own
 
 Prepared models are kept for the life of the process (``WARM_MODELS`` of them): a second
 ``segment`` in the same process (a batch worker, a warm worker) neither loads nor converts again.
+A one-shot process (the ``tuckerseg segment`` command) keeps none (``keep_warm=False``): each
+network is freed once its prediction ends, so ``total``'s five networks are not all in memory at
+the end.
 """
 from __future__ import annotations
 
@@ -158,7 +161,8 @@ class CompressedPredictorHook:
     def __init__(self, spec: CompressionSpec, run: RunSpec, cache_dir: Optional[Path] = None,
                  progress: Optional[Progress] = None,
                  on_model: Optional[Callable[[int, Path], None]] = None,
-                 compressed_models: Optional[Dict[str, Path]] = None, in_process: bool = True):
+                 compressed_models: Optional[Dict[str, Path]] = None, in_process: bool = True,
+                 keep_warm: bool = True):
         self.spec = spec
         self.run = run
         self.cache_dir = cache_dir
@@ -170,6 +174,7 @@ class CompressedPredictorHook:
         # (e.g. one written by ``tuckerseg finetune``)
         self.compressed_models = {str(Path(k).resolve()): Path(v) for k, v in (compressed_models or {}).items()}
         self.in_process = in_process
+        self.keep_warm = keep_warm  # False: prepared models are not kept for later runs
         self._original = None
         self._original_predict = None
         self._original_argmax = None
@@ -218,7 +223,7 @@ class CompressedPredictorHook:
                                                self.cache_dir, given, self.progress)
         if quality[0] is None and not spec.is_original:
             quality = _curve_quality(folder, loaded, self.cache_dir, folder / f"fold_{folds[0]}" / checkpoint_name)
-        if not provisional:
+        if self.keep_warm and not provisional:
             _warm[key] = (loaded, module, info, quality)
             while len(_warm) > WARM_MODELS:
                 _warm.popitem(last=False)
@@ -326,10 +331,11 @@ class CompressedPredictorHook:
 def compressed_predictors(spec: CompressionSpec, run: RunSpec, cache_dir: Optional[Path] = None,
                           progress: Optional[Progress] = None,
                           on_model: Optional[Callable[[int, Path], None]] = None,
-                          compressed_models: Optional[Dict[str, Path]] = None,
+                          compressed_models: Optional[Dict[str, Path]] = None, keep_warm: bool = True,
                           ) -> Iterator[CompressedPredictorHook]:
     """``with compressed_predictors(spec, run) as hook: totalsegmentator(...)``; see ``hook.models``."""
-    with CompressedPredictorHook(spec, run, cache_dir, progress, on_model, compressed_models) as hook:
+    with CompressedPredictorHook(spec, run, cache_dir, progress, on_model, compressed_models,
+                                 keep_warm=keep_warm) as hook:
         yield hook
 
 

@@ -194,7 +194,8 @@ def segment(input: Union[str, Path], output: Union[str, Path],
             task: str = "total", mode: str = "default", roi_subset: Optional[Sequence[str]] = None,
             ml: Optional[bool] = None, cache_dir: Optional[Union[str, Path]] = None,
             progress: Optional[Progress] = None, allow_download: bool = True, quiet: bool = False,
-            compressed_models: Sequence[Union[str, Path]] = (), **totalseg_kwargs: Any) -> SegmentResult:
+            compressed_models: Sequence[Union[str, Path]] = (), keep_warm: bool = True,
+            **totalseg_kwargs: Any) -> SegmentResult:
     """Segment ``input`` (NIfTI file or DICOM folder) into ``output`` with compressed networks.
 
     ``compression`` says which networks run (ratio 1.0 = stock TotalSegmentator; see
@@ -205,7 +206,9 @@ def segment(input: Union[str, Path], output: Union[str, Path],
     ``output`` is one multilabel file with ``ml`` (default: when it is named .nii or .nii.gz),
     else a folder with one file per class. Raises ``TuckerSegError`` subclasses with one-line
     messages. ``compressed_models``: compressed-model folders (e.g. from ``tuckerseg finetune``)
-    used for the models they were made from, instead of compressing those.
+    used for the models they were made from, instead of compressing those. ``keep_warm``: keep the
+    prepared networks for a later ``segment`` in this process; a one-shot process passes False
+    and frees each network once it has predicted (``total`` then holds one of its five at a time).
     """
     from TuckerSegLib.models.totalseg import ensure_weights
 
@@ -257,7 +260,8 @@ def segment(input: Union[str, Path], output: Union[str, Path],
     t0 = time.perf_counter()
     try:
         with compressed_predictors(compression, run, cache_dir=Path(cache_dir) if cache_dir else None,
-                                   progress=progress, on_model=on_model, compressed_models=given) as hook:
+                                   progress=progress, on_model=on_model, compressed_models=given,
+                                   keep_warm=keep_warm) as hook:
             # quiet: TotalSegmentator's prints go to stderr, JSON event lines stay on stdout.
             if quiet and isinstance(progress, JsonProgress) and progress.stream is None:
                 progress.stream = sys.stdout
