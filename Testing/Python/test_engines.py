@@ -289,3 +289,27 @@ def test_layer_form_timing_is_bounded_and_later_runs_time_nothing(compressed, tm
     _, third = layer_form_choice.choose_layer_forms(*args)
     assert len(timed) > n_first and len(set(timed)) == len(timed)  # only what was left out
     assert set(third) == set(first)
+
+
+def test_weights_fingerprints_are_hashed_once_and_follow_every_change_of_the_weights():
+    """Engine files and state checks are keyed by the weights' hash, taken once per prepare and
+    again whenever a tensor is written in place, replaced or the structure changes."""
+    import hashlib
+
+    from TuckerSegLib.engines import base
+
+    net = nn.Sequential(nn.Conv3d(2, 4, 3), nn.Conv3d(4, 3, 1))
+    bare = base.state_fingerprint(net.state_dict())
+    assert base.network_state_fingerprint(net) == bare
+    plain = hashlib.sha256(repr(net).encode())
+    base._hash_state(plain, net.state_dict())
+    first = base.weights_fingerprint(net)
+    assert first == plain.hexdigest() and first != bare
+    assert base.weights_fingerprint(net) == first  # memoised: same tensors, same versions
+    with torch.no_grad():
+        net[0].weight[0, 0, 0, 0, 0] += 1.0  # in place: the version counter moves
+    assert base.weights_fingerprint(net) != first
+    assert base.network_state_fingerprint(net) == base.state_fingerprint(net.state_dict()) != bare
+    second = base.weights_fingerprint(net)
+    net[1].weight = nn.Parameter(net[1].weight.detach().clone() * 2)  # replaced
+    assert base.weights_fingerprint(net) not in (first, second)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from TuckerSegLib.engines.base import (Engine, EngineInfo, EngineModule, available_threads, patch_tuple,
-                                       state_fingerprint, weights_fingerprint)
+                                       network_state_fingerprint, weights_fingerprint)
 from TuckerSegLib.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -276,7 +276,7 @@ class OpenVINOEngine(Engine):
             ir, report = self._int8_ir(ir, key, base, config, info, int8_data, int8_min_agreement, log_fn)
         try:
             module = OpenVINOModule(ir, input_shape, ov_device_name(), config,
-                                    state_fingerprint(network.state_dict()))
+                                    network_state_fingerprint(network))
         except RuntimeError as exc:
             raise EngineError(f"OpenVINO could not compile the network for {ov_device_name()} at "
                               f"{precision}: {' '.join(str(exc).split())[:200]}") from None

@@ -10,7 +10,7 @@ from torch import nn
 
 from TuckerSegLib.engines import agreement as agreement_mod
 from TuckerSegLib.engines.base import (EngineInfo, example_input, normalise_device, patch_tuple,
-                                       state_fingerprint, weights_fingerprint)
+                                       network_state_fingerprint, weights_fingerprint)
 from TuckerSegLib.engines.select import (AUTO_ORDER, IMPLEMENTATIONS, describe_device, resolve_precision,
                                          select_engine, why_not)
 from TuckerSegLib.engines.timing import best_seconds
@@ -89,7 +89,7 @@ def prepare_network(network: nn.Module, patch_size: Sequence[int], in_channels: 
                        (" (quantised once per model, calibration data and target; minutes)" if extra else ""))
         module = eng.prepare(net, patch, in_channels, device, prec, cache, info, **extra)
         if net is not network:  # the user's weights are what load_state_dict may be given
-            module._source_fp = state_fingerprint(network.state_dict())
+            module._source_fp = network_state_fingerprint(network)
         return module, info
 
     if engine == "auto" and measure_auto:

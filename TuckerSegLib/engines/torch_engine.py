@@ -18,7 +18,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from TuckerSegLib.engines.base import Engine, EngineInfo, EngineModule, example_input, state_fingerprint
+from TuckerSegLib.engines.base import (Engine, EngineInfo, EngineModule, example_input,
+                                       network_state_fingerprint)
 from TuckerSegLib.engines.timing import best_seconds
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class TorchEngineModule(EngineModule):
     def __init__(self, network: nn.Module, precision: str, device: torch.device,
                  runner: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  clone_output: bool = False, channels_last: bool = False):
-        super().__init__(state_fingerprint(network.state_dict()))
+        super().__init__(network_state_fingerprint(network))
         self.net = network
         self.precision = precision
         self.device_type = device.type
