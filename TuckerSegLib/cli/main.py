@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="progress display: tqdm bar on stderr (default), JSON event lines on "
                             "stdout (for the Slicer module), or none")
         p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module, one_shot=False)  # main(one_shot=True): the process ends after it
         # The command's own arguments are added lazily, only for the command being parsed.
         p.set_defaults(_lazy=True)
     return parser

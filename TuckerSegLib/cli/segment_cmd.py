@@ -108,7 +108,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     result = segment(args.input, args.output, compression, run_spec, task=args.task,
                      mode=check_mode(args.fast, args.fastest), roi_subset=args.roi_subset, ml=args.ml,
                      cache_dir=args.cache_dir, progress=progress, allow_download=not args.no_download, quiet=quiet,
-                     compressed_models=args.compressed_model, keep_warm=not getattr(args, "one_shot", False),
+                     compressed_models=args.compressed_model, keep_warm=not args.one_shot,
                      statistics=args.statistics, body_seg=args.body_seg,
                      nr_thr_resamp=args.nr_thr_resamp, nr_thr_saving=args.nr_thr_saving)
     if not isinstance(progress, JsonProgress):

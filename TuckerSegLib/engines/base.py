@@ -80,8 +80,9 @@ def _fingerprints(network: nn.Module) -> Tuple[str, str]:
         return known[1], known[2]
     weights, bare = hashlib.sha256(structure.encode()), hashlib.sha256()
     _hash_state(weights, state, also=bare)
-    _memo[network] = (now, weights.hexdigest(), bare.hexdigest())
-    return _memo[network][1], _memo[network][2]
+    fingerprints = weights.hexdigest(), bare.hexdigest()
+    _memo[network] = (now, *fingerprints)
+    return fingerprints
 
 
 def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
