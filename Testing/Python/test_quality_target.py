@@ -338,6 +338,31 @@ def test_int8_is_measured_by_the_target_once_and_its_run_reuses_the_quantised_mo
     assert info.precision == "int8" and info.int8["min_agreement"] == TARGET_INT8_MIN_AGREEMENT
 
 
+def test_deferred_precisions_are_left_for_later_and_named_as_pending(model_297, tmp_path):
+    """A run that waits for its search leaves INT8 (minutes of quantising) to the background: the
+    choice is made among the measured precisions and names INT8 as pending; a search without
+    ``defer`` (the background one) measures it, after which nothing is pending."""
+    cache = tmp_path / "cache"
+    spec = CompressionSpec(min_agreement=0.5, policy="paper")
+    both = ("f32", "int8")
+    choice = choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS, precisions=both,
+                               defer=("int8",))
+    (curve,) = curves(model_297, cache).values()
+    assert choice.pending == ("int8",) and choice.precision != "int8"
+    assert not [p for p in curve.points if p.precision == "int8"]
+    assert [p for p in curve.points if p.precision == "f32"]  # the rest was measured now
+    # what a later run reads without measuring: the same choice while INT8 is missing ...
+    again = choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS, precisions=both,
+                              measure=False, defer=("int8",))
+    assert again.point == choice.point and again.pending == ("int8",)
+    # ... and no choice for a caller that needs every precision measured
+    assert choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS, precisions=both,
+                             measure=False) is None
+    # without INT8 among the precisions, nothing is pending
+    assert choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS, precisions=("f32",),
+                             measure=False, defer=("int8",)).pending == ()
+
+
 def test_registered_distilled_model_is_validated_and_chosen_when_it_meets_the_target(model_297, tmp_path):
     """A model that reproduces the original (here: the original itself, saved as a compressed
     folder at full rank) is measured on the same patches and wins at fewer MACs than offered."""

@@ -196,19 +196,20 @@ class CompressedPredictorHook:
             _warm.move_to_end(key)
             return (*_warm[key], True)
         spec, run, quality = self.spec, self.run, _known_quality(folder, self.spec, given)
-        provisional = False  # the original runs while the curve is measured elsewhere: not kept warm
+        provisional = False  # what runs while the curve is measured elsewhere is not kept warm
         if spec.is_target and given is None:
             from TuckerSegLib.pipeline import background_search
-            from TuckerSegLib.pipeline.quality_target import choose_for_target, lower_precisions
+            from TuckerSegLib.pipeline.quality_target import DEFERRED_PRECISIONS, choose_for_target, lower_precisions
 
             precisions = lower_precisions(run, predictor.device)
             choice = choose_for_target(folder, spec, folds[0], checkpoint_name, predictor.device,
                                        self.cache_dir, self.progress, precisions=precisions,
-                                       measure=spec.search == "now")
-            if choice is None:  # search "background": stock's network now, the curve for later runs
-                log = background_search.log_path(folder, self.cache_dir)
+                                       measure=spec.search == "now", defer=DEFERRED_PRECISIONS)
+            log = background_search.log_path(folder, self.cache_dir)
+            if choice is None or choice.pending:
                 self.pending_searches.append(background_search.SearchRequest(
                     folder, spec, folds[0], checkpoint_name, str(predictor.device), self.cache_dir, precisions, run))
+            if choice is None:  # search "background": stock's network now, the curve for later runs
                 self.progress.log(f"{folder.parent.name}: quality target {spec.min_agreement:g} not measured on "
                                   f"this machine yet: running the original network; its quality curve is "
                                   f"measured in the background once this run ends (log: {log}), later runs use it")
@@ -217,6 +218,11 @@ class CompressedPredictorHook:
                 run = original_run(run)
             else:
                 self.progress.log(f"{folder.parent.name}: {choice.summary(spec.min_agreement)}")
+                if choice.pending:  # not kept warm: a warm worker's later requests pick up the search
+                    provisional = True
+                    self.progress.log(f"{folder.parent.name}: {' and '.join(choice.pending)} not measured on this "
+                                      f"machine yet: measured in the background once this run ends (log: {log}), "
+                                      f"later runs may choose it")
                 spec, given, run = how_choice_runs(choice, run)
                 quality = (choice.agreement, choice.source)
         loaded, module, info = prepare_for_run(folder, folds, checkpoint_name, spec, run, predictor.device,

@@ -53,6 +53,10 @@ RACE_ROUNDS = 3  # timed calls of each close candidate (``QualityCurve.close_can
 # (phantoms 300-303 and the CTs of ``--validate-on``; calibration: phantoms 400-403), decides
 # whether it may run.
 TARGET_INT8_MIN_AGREEMENT = PLAIN_AT_OR_BELOW
+# What a run that waits for its target's search (``segment``'s search "now", or a run whose curve
+# lacks only these) leaves to the background search: quantising the original and the chosen
+# network to INT8 took 2.5 of the 7 minutes of the full-width 3 mm network's search on 2 cores.
+DEFERRED_PRECISIONS = ("int8",)
 
 
 @dataclass
@@ -67,6 +71,7 @@ class TargetChoice:
     point: Optional[QualityPoint] = None  # what runs (None: the original at f32)
     precision: str = "f32"  # the engine precision the chosen network runs at on this machine
     curve: Optional[QualityCurve] = field(default=None, repr=False)
+    pending: Tuple[str, ...] = ()  # precisions left unmeasured (``defer``): a later search may choose them
 
     @property
     def source(self) -> str:
@@ -258,7 +263,8 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
                       checkpoint_name: str = "checkpoint_final.pth", device: Union[str, torch.device] = "cpu",
                       cache_dir: Optional[Union[str, Path]] = None, progress: Optional[Progress] = None,
                       fractions: Sequence[float] = SEARCH_FRACTIONS,
-                      precisions: Sequence[str] = ("f32",), measure: bool = True) -> Optional[TargetChoice]:
+                      precisions: Sequence[str] = ("f32",), measure: bool = True,
+                      defer: Sequence[str] = ()) -> Optional[TargetChoice]:
     """The cheapest network of ``model_folder`` whose validated agreement is at least
     ``spec.min_agreement`` (zero-shot at ``spec.policy``, or a registered distilled model); the
     original when none is, below ``MAX_FRACTION`` of the MACs. ``fractions``: the ratios tried,
@@ -270,7 +276,9 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
     curve alone, so they are the same on every machine; the precision is this machine's.
 
     ``measure`` False: None where the choice needs a measurement the cached curve does not hold
-    (``pipeline.background_search`` then measures it in another process)."""
+    (``pipeline.background_search`` then measures it in another process). ``defer``: precisions
+    not measured now whatever ``measure`` says; the choice is made among the others and names
+    those still missing in ``pending`` (for a background search to measure)."""
     from TuckerSegLib.compression.cache import get_compressed_model
     from TuckerSegLib.compression.quality_curve import distilled_models
     from TuckerSegLib.models.compressed_file import load_compressed
@@ -340,6 +348,7 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
         return get_compressed_model(folder, concrete, fold, cache_dir, checkpoint_name, progress).network, None
 
     best = curve.best_for(target)
+    pending: List[str] = []
     for precision in precisions:
         if precision == "f32":
             continue
@@ -350,6 +359,9 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
                 continue
             original = curve.variant(None, precision)
             if precision == "int8" and base is not None and original is not None and not original.meets(target):
+                continue
+            if precision in defer:
+                pending += [precision] if precision not in pending else []
                 continue
             if not measure:
                 return None
@@ -386,10 +398,11 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
     if chosen is None or chosen.source == "original":
         return TargetChoice(spec.concrete(1.0),
                             1.0 if chosen is None else chosen.agreement, data.description, fallback=True,
-                            point=chosen, precision="f32" if chosen is None else chosen.precision, curve=curve)
+                            point=chosen, precision="f32" if chosen is None else chosen.precision, curve=curve,
+                            pending=tuple(pending))
     return TargetChoice(spec.concrete(chosen.ratio),
                         chosen.agreement, data.description, Path(chosen.folder) if chosen.folder else None, False,
-                        chosen, chosen.precision, curve)
+                        chosen, chosen.precision, curve, tuple(pending))
 
 
 def lower_precisions(run: RunSpec, device: Union[str, torch.device]) -> Tuple[str, ...]:
