@@ -218,6 +218,41 @@ def test_first_run_of_a_target_runs_the_original_and_measures_the_curve_in_the_b
 
 
 @pytest.mark.slow
+def test_a_run_that_waits_for_its_search_leaves_int8_to_the_background(weights_root, shared_data, tmp_path):
+    """--quality-search now with precision left to us, on a CPU with INT8: the run measures f32
+    (and bf16 where native), not INT8 (minutes of quantising on a full-width network), says so in
+    one line, and a detached search adds INT8 to the curve; the next run then reads all of it."""
+    from TuckerSegLib.engines.int8 import int8_support_reason
+
+    if int8_support_reason():
+        pytest.skip(int8_support_reason())
+    cache = tmp_path / "cache"
+    args = ["-i", shared_data / "example_ct_sm.nii.gz", "--fast", "--min-agreement", "0.5", "--policy", "paper",
+            "--device", "cpu", "--cache-dir", cache, "--progress", "json"]
+
+    def run(out, *extra):
+        proc = _cli([*args, *extra, "-o", out])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return [e for e in map(parse_event, proc.stdout.splitlines()) if e]
+
+    evs = run(tmp_path / "first.nii.gz", "--quality-search", "now")
+    measured = [e["message"] for e in evs if e.get("stage") == "quality"]
+    assert measured and not [m for m in measured if "int8" in m]
+    said = [e["message"] for e in evs if e["type"] == "log" and "int8 not measured" in e["message"]]
+    assert len(said) == 1 and "quality_search.log" in said[0]
+    log = cache / "quality_search.log"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not (log.exists() and "done in" in log.read_text()):
+        time.sleep(1)
+    assert "done in" in log.read_text(), log.read_text()[-2000:]
+    (entry,) = json.loads((cache / "quality_curve.json").read_text()).values()
+    assert [p for p in entry["points"] if p.get("precision") == "int8"]
+    evs = run(tmp_path / "second.nii.gz")
+    assert not [e for e in evs if e.get("stage") == "quality"]  # read, not measured again
+    assert not [e for e in evs if e["type"] == "log" and "not measured" in e["message"]]
+
+
+@pytest.mark.slow
 def test_total_five_parts_compressed(shared_data, weights_root, tmp_path):
     from TuckerSegLib import segment
 
