@@ -138,6 +138,7 @@ def test_compressed_fast_output_and_cache_reuse(stock_fast, shared_data, tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     evs = [e for e in map(parse_event, proc.stdout.splitlines()) if e]
     res = [e for e in evs if e["type"] == "result"][0]["result"]
+    assert res["ratio"] == 0.5 and res["macs"] < res["macs_original"]  # the cached compressed network ran
     assert not [e for e in evs if e["type"] == "log" and "compressing" in e["message"]]
     assert [e for e in evs if e["type"] == "stage" and e["stage"] == "predict"]
     assert {p: p.stat().st_mtime_ns for p in cached_files} == mtimes
