@@ -205,8 +205,8 @@ class CompressedPredictorHook:
             choice = choose_for_target(folder, spec, folds[0], checkpoint_name, predictor.device,
                                        self.cache_dir, self.progress, precisions=precisions,
                                        measure=spec.search == "now", defer=DEFERRED_PRECISIONS)
-            log = background_search.log_path(folder, self.cache_dir)
-            if choice is None or choice.pending:
+            if choice is None or choice.pending:  # what is not measured yet, a detached search measures
+                log = background_search.log_path(folder, self.cache_dir)
                 self.pending_searches.append(background_search.SearchRequest(
                     folder, spec, folds[0], checkpoint_name, str(predictor.device), self.cache_dir, precisions, run))
             if choice is None:  # search "background": stock's network now, the curve for later runs

@@ -361,7 +361,8 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
             if precision == "int8" and base is not None and original is not None and not original.meets(target):
                 continue
             if precision in defer:
-                pending += [precision] if precision not in pending else []
+                if precision not in pending:
+                    pending.append(precision)
                 continue
             if not measure:
                 return None
