@@ -17,6 +17,7 @@ from TuckerSegLib.engines import int8 as int8_mod
 from TuckerSegLib.engines import prepare_network
 from TuckerSegLib.engines.int8_data import model_int8_data, random_int8_data
 from TuckerSegLib.errors import EngineError, InputError
+from TuckerSegLib.network.channel_scaling import scalable_groups
 from TuckerSegLib.specs import PRECISIONS, RunSpec
 
 from test_engines import PATCH, small_unet
@@ -58,6 +59,9 @@ def test_int8_quantises_measures_and_stores_agreement(quantised_once, net):
     assert info.agreement == report["agreement"]
     assert report["quantised_layers"] > 0  # INT8 really used
     assert "seg_layers" in " ".join(report["ignored_scope"])  # the head stays f32
+    # every norm and transposed convolution had its channel ranges smoothed before quantising
+    assert report["smoothing"]["alpha"] == int8_mod.SMOOTHING_ALPHA
+    assert report["smoothing"]["activations"] == len(scalable_groups(net)) > 10
     stored = json.loads((Path(info.cache_path) / "int8.json").read_text())
     assert stored["agreement"] == info.agreement and stored["min_agreement"] == 0.95
     assert stored["meets_target"] == (stored["agreement"] >= 0.95)

@@ -273,7 +273,8 @@ class OpenVINOEngine(Engine):
             config["CACHE_DIR"] = str(base / "openvino" / "compiled")
         report = None
         if precision == "int8":
-            ir, report = self._int8_ir(ir, key, base, config, info, int8_data, int8_min_agreement, log_fn)
+            ir, report = self._int8_ir(ir, key, base, config, info, int8_data, int8_min_agreement, log_fn,
+                                       network)
         try:
             module = OpenVINOModule(ir, input_shape, ov_device_name(), config,
                                     network_state_fingerprint(network))
@@ -283,7 +284,7 @@ class OpenVINOEngine(Engine):
         return module, report, config
 
     def _int8_ir(self, f32_ir: Path, f32_key: str, base: Path, config: dict, info: EngineInfo,
-                 data, min_agreement: float, log_fn) -> Tuple[Path, dict]:
+                 data, min_agreement: float, log_fn, network: Optional[nn.Module] = None) -> Tuple[Path, dict]:
         """The cached INT8 IR and its report; quantised (NNCF, accuracy control) when missing."""
         from TuckerSegLib.engines import int8
 
@@ -299,7 +300,7 @@ class OpenVINOEngine(Engine):
                     if folder.exists():  # damaged entry: rebuilt
                         shutil.rmtree(folder, ignore_errors=True)
                     model, report = int8.quantise(f32_ir, data, min_agreement, config, ov_device_name(),
-                                                  log_fn or log.info)
+                                                  log_fn or log.info, network=network)
                     int8.save_int8(model, report, folder)
                 else:
                     hit = True
