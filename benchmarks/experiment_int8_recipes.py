@@ -12,7 +12,7 @@ seconds per patch beside each score (OpenVINO f32 and bf16 are printed as refere
         --json benchmarks/results/experiment_int8_recipes_w32.json
 
 ``smooth-A`` recipes first move activation range into the weights (SmoothQuant with alpha A, folded
-into the network: ``network.channel_scaling``) and quantise that network with the base recipe; the
+into the network: ``engines.int8.smoothed_model``) and quantise that network with the base recipe; the
 library's INT8 uses ``smooth-0.5`` since it helped on both parts of the CT
 (``experiment_int8_recipes_w32cpu_smoothing_*.json``).
 
@@ -62,22 +62,19 @@ def recipes() -> Dict[str, Callable[[], dict]]:
     }
 
 
-def smoothed_ir(network, alpha: float, cal, x, shape, folder: Path):
-    """IR of a copy of ``network`` whose activation ranges were migrated into the weights (alpha)."""
-    import copy
-
+def smoothed(network, alpha: float, cal, x, shape, reference):
+    """The library's smoothed f32 model (``engines.int8.smoothed_model``) and its report, with the
+    largest change of its OpenVINO f32 logits against PyTorch f32's ``reference`` on ``x``."""
+    import numpy as np
     import torch
 
-    from TuckerSegLib.engines.openvino_engine import convert_to_ir
-    from TuckerSegLib.network.channel_scaling import smooth_activations
+    from TuckerSegLib.engines.int8 import smoothed_model
+    from TuckerSegLib.engines.openvino_engine import core
 
-    net = copy.deepcopy(network).eval()
-    report = smooth_activations(net, [torch.from_numpy(c) for c in cal], alpha)
-    with torch.inference_mode():
-        t = torch.from_numpy(x)
-        report["f32_max_logit_change"] = float((net(t) - network.eval()(t)).abs().max())
-    convert_to_ir(net, shape, folder)
-    return folder / "model.xml", {"smoothing": report}
+    model, report = smoothed_model(network, shape, [torch.from_numpy(c[0]) for c in cal], alpha)
+    f32 = core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": "1"})
+    report["openvino_f32_max_logit_change_vs_pytorch"] = float(np.abs(np.asarray(f32(x)[0]) - reference).max())
+    return model, {"smoothing": report}
 
 
 def main(argv=None) -> int:
@@ -126,6 +123,7 @@ def main(argv=None) -> int:
     ref = [lg.argmax(1).numpy().astype(np.int16) for lg in logits]
     top2 = [lg.topk(2, dim=1).values for lg in logits]
     margins = [(t[:, 0] - t[:, 1]).numpy() for t in top2]  # f32's lead of its class over the next
+    first_logits = logits[0].numpy()
     del logits, top2
     data = model_int8_data(model.plans, model.configuration, model.dataset_json, 1, patch,
                            cts=[str(c) for c in args.calibrate], exclude=[str(args.eval_ct)],
@@ -165,16 +163,14 @@ def main(argv=None) -> int:
         print(line(rows[-1]), flush=True)
     table = recipes()
     for name in args.recipes:
-        recipe_ir = ir
         extra = {}
         if name.startswith("smooth-"):  # SmoothQuant folded into the network (network.channel_scaling)
-            recipe_ir, extra = smoothed_ir(model.network, float(name.split("-", 1)[1]), cal, xs[0], shape,
-                                           args.workdir / name)
+            source, extra = smoothed(model.network, float(name.split("-", 1)[1]), cal, xs[0], shape, first_logits)
             print(f"{name}: {extra}", flush=True)
             kw = {}
         else:
-            kw = table[name]()
-        ignored = sensitive_layers(core().read_model(str(recipe_ir)))
+            source, kw = core().read_model(str(ir)), table[name]()
+        ignored = sensitive_layers(source)
         names, types, patterns = list(ignored), kw.pop("ignored_scope_types", []), kw.pop("ignored_scope_patterns", [])
         base = {"preset": nncf.QuantizationPreset.MIXED, "target_device": nncf.TargetDevice.CPU,
                 "subset_size": len(cal), "fast_bias_correction": False,
@@ -182,7 +178,7 @@ def main(argv=None) -> int:
         base.update({k: v for k, v in kw.items() if v is not None})
         t0 = time.perf_counter()
         try:
-            q = nncf.quantize(core().read_model(str(recipe_ir)), nncf.Dataset(cal), **base)
+            q = nncf.quantize(source, nncf.Dataset(cal), **base)
         except Exception as exc:  # a recipe NNCF refuses is a result too
             rows.append({"recipe": name, "error": f"{type(exc).__name__}: {exc}"})
             print(f"{name:<28} refused by NNCF: {exc}", flush=True)
