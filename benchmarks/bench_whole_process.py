@@ -83,12 +83,10 @@ def breakdown(wall: float, result: dict) -> dict:
 # What ``tuckerseg segment`` imports before its clock starts, in the order it needs them, each
 # timed after the ones above it in one fresh process: the rows are what each step adds.
 IMPORT_STEPS = [
-    ("seaborn deferred (what the tuckerseg command does first)",
-     "from TuckerSegLib.pipeline.deferred_imports import defer_plotting_imports; defer_plotting_imports()"),
     ("torch", "import torch"),
     ("torch._dynamo (nnU-Net's predictor and trainer import it)", "import torch._dynamo"),
     ("nnU-Net's predictor", "import nnunetv2.inference.predict_from_raw_data"),
-    ("TotalSegmentator (its nnunet module imports nnU-Net's trainer and matplotlib)",
+    ("TotalSegmentator (its nnunet module imports nnU-Net's trainer, seaborn)",
      "import totalsegmentator.python_api, totalsegmentator.nnunet"),
     ("TuckerSeg's pipeline and OpenVINO", "import TuckerSegLib.pipeline.segment, openvino"),
 ]

@@ -81,21 +81,6 @@ def test_ratio_one_is_voxel_identical_to_stock(stock_fast, shared_data, tmp_path
     assert not list(tmp_path.glob(".tuckerseg-tmp-*"))
 
 
-def test_a_tuckerseg_process_never_loads_seaborn_and_matches_stock(stock_fast, shared_data, tmp_path):
-    """The whole ``tuckerseg segment`` process under ``-X importtime``, which lists each module as
-    it really loads: nnU-Net's training logger is imported, the seaborn it imports is deferred
-    (``pipeline.deferred_imports``) and never loads, and the output is stock's voxel for voxel."""
-    out = tmp_path / "seg.nii.gz"
-    proc = _cli(["-i", shared_data / "example_ct_sm.nii.gz", "-o", out, "--fast", "--ratio", "1.0",
-                 "--engine", "torch", "--progress", "none"], env_extra={"PYTHONPROFILEIMPORTTIME": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    loaded = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
-              if line.startswith("import time:")}
-    assert "nnunetv2.training.logging.nnunet_logger" in loaded and "torch" in loaded
-    assert not {m for m in loaded if m == "seaborn" or m.startswith("seaborn.")}
-    assert np.array_equal(_data(out), _data(stock_fast))
-
-
 @pytest.mark.slow
 def test_openvino_engine_in_the_pipeline(stock_fast, shared_data, tmp_path):
     """The OpenVINO engine as predictor.network inside TotalSegmentator's real pipeline."""

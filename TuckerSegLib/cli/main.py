@@ -131,13 +131,7 @@ def console_main() -> None:
     from it. Other threads are joined, exit handlers run (temporary folders, logging, Ray) and the
     streams are flushed; then ``os._exit`` skips the teardown. ``main()`` itself, which tests and
     the warm worker call in-process, returns as before.
-
-    The process also defers the plotting libraries nnU-Net's trainer module imports and inference
-    never uses (``pipeline.deferred_imports``): about 0.5 s of every start on 2 cores.
     """
-    from TuckerSegLib.pipeline.deferred_imports import defer_plotting_imports
-
-    defer_plotting_imports()
     code = main(one_shot=True)
     try:
         import atexit
