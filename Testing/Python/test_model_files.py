@@ -41,6 +41,32 @@ def test_load_model_folder(model_dir):
         assert m.network(_x(m)).shape == (1, 3, 32, 32, 32)
 
 
+def test_a_model_folder_loads_without_its_network_and_adds_it_on_demand(model_dir, tmp_path):
+    import shutil
+
+    from TuckerSegLib.models.nnunet_folder import with_weights
+
+    full = load_model_folder(model_dir)
+    header = load_model_folder(model_dir, with_network=False)
+    assert header.network is None
+    assert (header.patch_size, header.num_classes, header.trainer_name, header.source_fingerprint) == \
+        (full.patch_size, full.num_classes, full.trainer_name, full.source_fingerprint)
+    assert with_weights(header) is header
+    assert all(torch.equal(a, b) for a, b in zip(header.network.state_dict().values(),
+                                                  full.network.state_dict().values()))
+    # the memory-mapped header load refuses pickled code as the full load does
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"network_weights": {}, "payload": Evil()}, bad / "fold_0" / "checkpoint_final.pth")
+    with pytest.raises(ModelError, match="safely"):
+        load_model_folder(bad, with_network=False)
+
+
 def test_save_load_identical_outputs(model_dir, tmp_path):
     m = load_model_folder(model_dir)
     res = compress_network(m.network, CompressionSpec(0.4, "budget"), patch_size=m.patch_size)

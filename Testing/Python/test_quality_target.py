@@ -187,7 +187,7 @@ def model_297(tmp_path_factory):
     return totalseg_layout.model_dir(root, 297)
 
 
-def test_choice_is_measured_once_cached_and_falls_back_to_the_original(model_297, tmp_path):
+def test_choice_is_measured_once_cached_and_falls_back_to_the_original(model_297, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     spec = CompressionSpec(min_agreement=0.5, policy="paper")
     # not measured yet, and not allowed to measure (a background search will): no choice
@@ -208,12 +208,18 @@ def test_choice_is_measured_once_cached_and_falls_back_to_the_original(model_297
         assert choice.point.macs_fraction <= MAX_FRACTION and choice.agreement >= 0.5
         assert choice.spec.ratio == choice.point.ratio and choice.spec.min_agreement is None
         assert "phantom" in choice.source
-    # a second call reads the curve: nothing is measured again
+    # a second call reads the curve: nothing is measured again, and no network is even built
+    from TuckerSegLib.models import nnunet_folder
+
+    built = []
+    real_network = nnunet_folder._network
+    monkeypatch.setattr(nnunet_folder, "_network", lambda *a: built.append(a[0]) or real_network(*a))
     before = (cache / "quality_curve.json").stat().st_mtime_ns
     again = choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS)
     assert again.spec == choice.spec and (cache / "quality_curve.json").stat().st_mtime_ns == before
     settled = choose_for_target(model_297, spec, cache_dir=cache, fractions=FRACTIONS, measure=False)
     assert settled is not None and settled.spec == choice.spec
+    assert built == []
     # a target nothing compressed meets: the original, said in one line
     strict = choose_for_target(model_297, CompressionSpec(min_agreement=1.0, policy="paper"), cache_dir=cache,
                                fractions=FRACTIONS)

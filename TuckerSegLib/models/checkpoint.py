@@ -31,14 +31,21 @@ def _numpy_safe_globals() -> list:
     return allowed
 
 
-def load_checkpoint(path: Path) -> Dict[str, Any]:
-    """The checkpoint dict, loaded without executing pickled code; ``ModelError`` when impossible."""
+def load_checkpoint(path: Path, mmap: bool = False) -> Dict[str, Any]:
+    """The checkpoint dict, loaded without executing pickled code; ``ModelError`` when impossible.
+
+    ``mmap``: tensors map the file and are read only when used (where the file's format allows)."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint not found: {path}")
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                data = torch.load(path, map_location="cpu", weights_only=True)  # e.g. the legacy format
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
         raise ModelError(f"checkpoint {path} holds objects that cannot be loaded safely "

@@ -30,7 +30,7 @@ warnings.filterwarnings("ignore", message="Detected old nnU-Net plans format")
 class NnUNetModel:
     """A loaded nnU-Net model: the network (eval mode, CPU) and what is needed to run and name it."""
 
-    network: nn.Module
+    network: Optional[nn.Module]  # None: loaded without it (``load_model_folder(with_network=False)``)
     plans: dict
     dataset_json: dict
     configuration: str
@@ -198,8 +198,12 @@ def _clean_state_dict(state: dict) -> dict:
 
 
 def load_model_folder(folder: Union[str, Path], fold: Union[int, str] = 0,
-                      checkpoint_name: str = DEFAULT_CHECKPOINT) -> NnUNetModel:
-    """Load an nnU-Net trained-model folder; every problem is a one-line ``ModelError``."""
+                      checkpoint_name: str = DEFAULT_CHECKPOINT, with_network: bool = True) -> NnUNetModel:
+    """Load an nnU-Net trained-model folder; every problem is a one-line ``ModelError``.
+
+    ``with_network=False``: everything but the network (``network`` is None, ``with_weights``
+    adds it), for callers that may need only the plans and the checkpoint's identity: the
+    checkpoint is memory-mapped and its tensors are not read, and no network is built."""
     folder = Path(folder)
     if not folder.exists():
         raise ModelError(f"model folder not found: {folder}")
@@ -214,11 +218,36 @@ def load_model_folder(folder: Union[str, Path], fold: Union[int, str] = 0,
         folds = sorted(p.name for p in folder.glob("fold_*") if (p / checkpoint_name).is_file())
         raise ModelError(f"no {checkpoint_name} for fold {fold} in {folder}"
                          + (f" (available: {', '.join(folds)})" if folds else ""))
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path, mmap=not with_network)
     if "network_weights" not in ckpt:
         raise ModelError(f"{ckpt_path} is not an nnU-Net checkpoint (no network_weights)")
     trainer_name = str(ckpt.get("trainer_name", "nnUNetTrainer"))
     configuration = str((ckpt.get("init_args") or {}).get("configuration", "3d_fullres"))
+    network = _network(folder, plans, dataset_json, configuration, trainer_name, ckpt_path, ckpt) \
+        if with_network else None
+    pm = plans_manager(plans)
+    cm = pm.get_configuration(configuration)
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    return NnUNetModel(
+        network=network, plans=pm.plans, dataset_json=dataset_json, configuration=configuration,
+        patch_size=tuple(int(p) for p in cm.patch_size),
+        num_input_channels=determine_num_input_channels(pm, cm, dataset_json),
+        num_classes=pm.get_label_manager(dataset_json).num_segmentation_heads,
+        label_names=label_names_from_dataset_json(dataset_json), trainer_name=trainer_name,
+        folder=folder, fold=fold, checkpoint_path=ckpt_path)
+
+
+def with_weights(model: NnUNetModel) -> NnUNetModel:
+    """``model`` with its network (loaded now where ``load_model_folder(with_network=False)`` left it out)."""
+    if model.network is None:
+        model.network = load_model_folder(model.folder, model.fold, model.checkpoint_path.name).network
+    return model
+
+
+def _network(folder: Path, plans: dict, dataset_json: dict, configuration: str, trainer_name: str,
+             ckpt_path: Path, ckpt: dict) -> nn.Module:
+    """The network of ``plans`` with the checkpoint's weights, in eval mode."""
     try:
         network = build_network(plans, dataset_json, configuration, trainer_name, initialise=False)
     except ModelError:
@@ -231,15 +260,4 @@ def load_model_folder(folder: Union[str, Path], fold: Union[int, str] = 0,
     except RuntimeError as exc:
         raise ModelError(f"weights in {ckpt_path} do not match the architecture in plans.json: "
                          f"{str(exc).splitlines()[0]}") from None
-    network.eval()
-    pm = plans_manager(plans)
-    cm = pm.get_configuration(configuration)
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-
-    return NnUNetModel(
-        network=network, plans=pm.plans, dataset_json=dataset_json, configuration=configuration,
-        patch_size=tuple(int(p) for p in cm.patch_size),
-        num_input_channels=determine_num_input_channels(pm, cm, dataset_json),
-        num_classes=pm.get_label_manager(dataset_json).num_segmentation_heads,
-        label_names=label_names_from_dataset_json(dataset_json), trainer_name=trainer_name,
-        folder=folder, fold=fold, checkpoint_path=ckpt_path)
+    return network.eval()
