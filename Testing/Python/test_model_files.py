@@ -3,15 +3,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from TuckerSegLib.errors import InputError, ModelError
+from TuckerSegLib.errors import ModelError
 from TuckerSegLib.models import open_model
-from TuckerSegLib.compression.cache import get_compressed_model, get_compressed_network
+from TuckerSegLib.compression.cache import get_compressed_network
 from TuckerSegLib.models.compressed_file import load_compressed, save_compressed
 from TuckerSegLib.models.nnunet_folder import load_model_folder
 from TuckerSegLib.compression.compress import compress_network
