@@ -230,3 +230,25 @@ def test_cli_bad_folders(tmp_path):
     r = _cli("info", tmp_path / "notnnunet")
     assert r.returncode != 0 and "not an nnU-Net model folder" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_original_cost_is_counted_once_per_architecture_and_kept(model_dir, tmp_path):
+    import json
+
+    from TuckerSegLib.network.cost import count_cost
+    from TuckerSegLib.pipeline.model_loading import COSTS_FILE, original_cost
+
+    m = load_model_folder(model_dir)
+    shape = (1, m.num_input_channels, *m.patch_size)
+    counted = count_cost(m.network, shape)
+    assert original_cost(m.network, shape, tmp_path) == (counted.params, counted.macs)
+    (key, kept), = json.loads((tmp_path / COSTS_FILE).read_text()).items()
+    assert kept == [counted.params, counted.macs]
+    # read back, not counted: a value planted under the key comes back as it is
+    (tmp_path / COSTS_FILE).write_text(json.dumps({key: [1, 2]}))
+    assert original_cost(m.network, shape, tmp_path) == (1, 2)
+    # another input shape is another entry; a damaged file is counted again and rewritten
+    other = (1, m.num_input_channels, 16, 16, 16)
+    assert original_cost(m.network, other, tmp_path) == (counted.params, count_cost(m.network, other).macs)
+    (tmp_path / COSTS_FILE).write_text("{not json")
+    assert original_cost(m.network, shape, tmp_path) == (counted.params, counted.macs)
