@@ -10,7 +10,9 @@ result event: process start and imports (wall time not spent inside ``segment``)
 model load and engine preparation, and nnU-Net's prediction (preprocessing, network, export).
 Peak memory is the PSS of the process and its workers. ``--exit-pairs N`` times N more warm runs
 per setting in turns with the interpreter's ordinary exit, against the command's quick exit
-(``cli.main.console_main``). The default (a quality target) measures its
+(``cli.main.console_main``). ``--rounds N`` ends with N rounds in turns of stock and each
+setting's warm run: on a machine whose speed drifts by tens of percent within an hour, the median
+of those per-round ratios is the figure to quote. The default (a quality target) measures its
 quality curve in a detached process after its cold run; the warm runs start once that has ended.
 
     nice -n 5 python benchmarks/bench_whole_process.py --mode fast \\
@@ -120,6 +122,9 @@ def main(argv=None) -> int:
     p.add_argument("--exit-pairs", type=int, default=0, metavar="N",
                    help="per setting, N warm runs more in turns with the interpreter's ordinary exit "
                         "(python -c main()), against the tuckerseg command's quick exit")
+    p.add_argument("--rounds", type=int, default=0, metavar="N",
+                   help="at the end, N rounds in turns of stock then each setting's warm run, so that "
+                        "each ratio compares runs made in the same machine state (medians reported)")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -159,6 +164,7 @@ def main(argv=None) -> int:
                  "peak_mb": max(r["peak_mb"] for r in stock)})
     log(f"stock: {[round(r['wall'], 1) for r in stock]}")
 
+    warm_cmds = []  # (run, command) of each setting's warm run, for --rounds
     for index in args.settings:
         name, extra = SETTINGS[index]
         cache = work / f"cache-{index}"
@@ -176,6 +182,7 @@ def main(argv=None) -> int:
         warm = [run_process(cmd(args.ct, work / f"warm-{index}.nii.gz"), env) for _ in range(args.repeats)]
         best = min(warm, key=lambda r: r["wall"])
         res = best["result"]
+        warm_cmds.append((f"tuckerseg segment, {name}", cmd(args.ct, work / f"round-{index}.nii.gz")))
         rows.append({"run": f"tuckerseg segment, {name}", "args": extra, "cold_seconds": cold["wall"],
                      "warm_seconds": best["wall"], "peak_mb": max(r["peak_mb"] for r in [cold, *warm]),
                      "breakdown": {k: round(v, 2) for k, v in breakdown(best["wall"], res).items()},
@@ -218,6 +225,11 @@ def main(argv=None) -> int:
             log(f"serve: ready {ready:.1f} s, requests {[round(s, 1) for s in seconds]}, "
                 f"fresh process on the second CT {fresh_other['wall']:.1f} s")
 
+    rounds = []  # stock, then each setting's warm run, in turns: the same machine state for each
+    for _ in range(args.rounds):
+        rounds.append([run_process(stock_cmd, env)["wall"], *(run_process(c, env)["wall"] for _, c in warm_cmds)])
+        log(f"round in turns (stock, then each setting): {[round(t, 1) for t in rounds[-1]]}")
+
     stock_warm = rows[0]["warm_seconds"]
     print(f"\nTotalSegmentator {' '.join(mode_flags) or '(total, 1.5 mm)'} on {args.ct.name}, "
           f"{'trained weights ' + str(args.weights) if args.weights else 'test models (random weights)'}, "
@@ -238,6 +250,13 @@ def main(argv=None) -> int:
             print(f"{'  2nd request vs a fresh process on the same CT':58s} "
                   f"{r['fresh_process_seconds_same_ct']:7.1f} {r['second_request_seconds']:7.1f} "
                   f"{r['second_request_vs_fresh_process']:7.2f}x")
+    if rounds:
+        print(f"\nin turns, {len(rounds)} rounds of stock then each setting (median of the per-round ratios):")
+        for i, (run, _) in enumerate(warm_cmds):
+            ratios = [r[0] / r[1 + i] for r in rounds]
+            print(f"  {run:56s} {float(np.median([r[1 + i] for r in rounds])):7.1f} s  "
+                  f"{float(np.median(ratios)):5.2f}x stock (rounds {', '.join(f'{x:.2f}' for x in ratios)})")
+        print(f"  {'stock TotalSegmentator':56s} {float(np.median([r[0] for r in rounds])):7.1f} s")
     for r in rows:
         if r.get("exit_pairs"):
             quick, slow = (min(x) for x in zip(*r["exit_pairs"]))
@@ -258,7 +277,9 @@ def main(argv=None) -> int:
             "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
             "ct": args.ct.name, "mode": args.mode, "weights": str(args.weights) if args.weights else None,
             "imports_seconds": round(imports["process"], 2),
-            "import_steps_seconds": {k: round(v, 2) for k, v in imports["steps"].items()}, "rows": rows}, indent=1))
+            "import_steps_seconds": {k: round(v, 2) for k, v in imports["steps"].items()}, "rows": rows,
+            "rounds_in_turns": {"runs": ["stock TotalSegmentator", *(n for n, _ in warm_cmds)],
+                                "seconds": [[round(t, 2) for t in r] for r in rounds]}}, indent=1))
     return 0
 
 
