@@ -156,7 +156,8 @@ def _setup_distill(tiny, data, ratio=0.3):
 
 def test_short_distillation_lowers_loss_and_raises_agreement(tiny, data, tmp_path):
     cases, held_out, student = _setup_distill(tiny, data)
-    config = DistillConfig(steps=40, lr=2e-3, batch_size=2, checkpoint_every=100, recipe="classic")
+    config = DistillConfig(steps=40, lr=2e-3, batch_size=2, checkpoint_every=100, recipe="classic",
+                           keep_best=False)  # the last step's student is measured, not the best one
     res = distill(tiny.network, student, PatchSampler(cases, PATCH, seed=0), config, tmp_path / "work",
                   val_patches=held_out)
     first, last = np.mean(res.loss_curve[:5]), np.mean(res.loss_curve[-5:])
@@ -387,8 +388,8 @@ def test_cached_teacher_answers_give_the_same_first_steps_as_recomputed(tiny, da
 
 def test_fast_recipe_lowers_loss_and_raises_held_out_agreement(tiny, data, tmp_path):
     cases, held_out, student = _setup_distill(tiny, data)
-    res = distill(tiny.network, student, PatchSampler(cases, CROP, seed=0), _fast(steps=40, pool=16),
-                  tmp_path / "work", val_patches=held_out)
+    res = distill(tiny.network, student, PatchSampler(cases, CROP, seed=0),
+                  _fast(steps=40, pool=16, keep_best=False), tmp_path / "work", val_patches=held_out)
     first, last = np.mean(res.loss_curve[:5]), np.mean(res.loss_curve[-5:])
     assert last < 0.8 * first, (first, last)
     before, after = res.agreement_before, res.agreement_after
@@ -421,6 +422,27 @@ def test_fast_resume_equals_an_uninterrupted_run(tiny, data, tmp_path):
     np.testing.assert_allclose(resumed.loss_curve[4:], full.loss_curve[4:], rtol=1e-5)
     for (k, a), b in zip(full.network.state_dict().items(), resumed.network.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_run_that_makes_the_student_worse_returns_the_best_one_measured(tiny, data, tmp_path):
+    cases, held_out, student = _setup_distill(tiny, data, ratio=0.5)
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    # a learning rate that wrecks the student: every later check agrees less than the start
+    config = _fast(steps=4, lr=1.0, grad_clip=0.0, eval_every=2)
+    res = distill(tiny.network, student, PatchSampler(cases, CROP, seed=0), config, tmp_path / "w",
+                  val_patches=held_out)
+    last, kept = res.extra["last_agreement"], res.agreement_after
+    assert last["mean_dice"] < res.agreement_before["mean_dice"] - 0.05, (last, res.agreement_before)
+    assert res.extra["kept_step"] == 0 and kept == res.agreement_before
+    for k, v in res.network.state_dict().items():
+        torch.testing.assert_close(v, initial[k], msg=k)
+    assert [e["step"] for e in res.agreement_curve] == [2, 4]
+    # --keep-last: the wrecked student itself
+    s2 = _setup_distill(tiny, data, ratio=0.5)[2]
+    s2.load_state_dict(initial)
+    res2 = distill(tiny.network, s2, PatchSampler(cases, CROP, seed=0), _fast(steps=4, lr=1.0, grad_clip=0.0,
+                   eval_every=2, keep_best=False), tmp_path / "w2", val_patches=held_out)
+    assert res2.agreement_after == last and res2.extra["kept_step"] == 4
 
 
 def test_until_agreement_and_max_minutes_stop_and_save_a_resumable_checkpoint(tiny, data, tmp_path):

@@ -42,7 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=float, default=None, metavar="M",
                         help="stop (saving a checkpoint) before M minutes of wall time, preparation included")
     parser.add_argument("--eval-every", type=int, default=d.eval_every,
-                        help=f"steps between agreement checks with --until-agreement (default {d.eval_every})")
+                        help=f"steps between held-out agreement checks (default {d.eval_every}); the best "
+                             f"student checked is the one saved")
+    parser.add_argument("--keep-last", action="store_true",
+                        help="save the last step's student even where an earlier one (or the "
+                             "compressed start) agreed better on the validation patches")
     parser.add_argument("--crop", default=None, metavar="ZxYxX",
                         help="training patch size, a multiple of the network's stride (default: the model's "
                              "patch; smaller crops change what InstanceNorm sees and teach another function)")
@@ -114,7 +118,7 @@ def run(args: argparse.Namespace, progress) -> int:
                            seed=args.seed, recipe=args.recipe, pool=args.pool, topk=args.topk,
                            precision=args.precision, train_params=args.train_params, compile=args.compile,
                            until_agreement=args.until_agreement, max_minutes=args.max_minutes,
-                           eval_every=args.eval_every)
+                           eval_every=args.eval_every, keep_best=not args.keep_last)
     fold = int(args.fold) if str(args.fold).isdigit() else args.fold
     summary = finetune(args.model, args.input, args.output, spec,
                        config=config, device=args.device, labels_dir=args.labels, resume=args.resume,
@@ -143,5 +147,8 @@ def run(args: argparse.Namespace, progress) -> int:
             print(f"agreement with the original ({val['patches']} patches of {where}): mean Dice "
                   f"{val['before']['mean_dice']:.3f} -> {val['after']['mean_dice']:.3f}, voxels "
                   f"{val['before']['voxel_agreement']:.3f} -> {val['after']['voxel_agreement']:.3f}")
+            if val.get("kept_step") is not None and val["kept_step"] != summary["steps"] and val.get("last"):
+                print(f"kept the student of step {val['kept_step']}, the best measured (the last step's "
+                      f"agreed {val['last']['mean_dice']:.3f})")
         print(f"wrote {args.output} (loss curve: {Path(args.output) / 'loss_curve.png'})")
     return 0
