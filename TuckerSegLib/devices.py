@@ -6,6 +6,9 @@ by ``specs.check_device`` where they enter; here they meet the machine.
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import FrozenSet, Optional
+
 from TuckerSegLib.errors import InputError
 from TuckerSegLib.specs import check_device
 
@@ -35,3 +38,17 @@ def torch_device(device: str = "auto"):
 
     d = resolve_device(device)
     return torch.device("cuda" + d[3:] if d.startswith("gpu") else d)
+
+
+def cpu_flags() -> Optional[FrozenSet[str]]:
+    """This CPU's feature flags from /proc/cpuinfo (x86 ``flags``, Arm ``Features``); None where
+    that cannot be read (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags") or line.startswith("Features"):
+            flags.update(line.split(":", 1)[-1].split())
+    return frozenset(flags)

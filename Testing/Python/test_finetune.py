@@ -370,6 +370,25 @@ def test_topk_soft_target_loss_is_kl_when_all_classes_are_kept():
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
 
 
+@pytest.mark.parametrize("classes,k,temp,spread", [(5, 5, 1.0, 1.0), (5, 2, 2.0, 1.0), (118, 8, 1.0, 3.0),
+                                                   (118, 16, 1.0, 300.0)])
+def test_topk_loss_and_its_closed_form_gradient_equal_autograd(classes, k, temp, spread):
+    from TuckerSegLib.finetune.teacher_cache import kd_loss_topk, kd_loss_topk_plain, topk_targets
+
+    gen = torch.Generator().manual_seed(classes + k)
+    t = torch.randn(2, classes, 3, 4, 5, generator=gen) * spread
+    s = torch.randn(2, classes, 3, 4, 5, generator=gen) * spread  # 300: logits that underflow exp()
+    for dtype in (torch.float32, torch.float16):
+        lp, ix = topk_targets(t, k, temp, dtype)
+        a, b = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+        fused, plain = kd_loss_topk(a, lp, ix, temp), kd_loss_topk_plain(b, lp, ix, temp)
+        (2.0 * fused).backward()
+        (2.0 * plain).backward()
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(a.grad).all() and float(b.grad.abs().max()) > 0
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-9)
+
+
 def test_cached_teacher_answers_give_the_same_first_steps_as_recomputed(tiny, data, tmp_path):
     cases, _, student = _setup_distill(tiny, data)
     init = {k: v.clone() for k, v in student.state_dict().items()}

@@ -78,15 +78,10 @@ class Int8Data:
 
 def cpu_int8_flags() -> Optional[List[str]]:
     """The INT8 features of this CPU from /proc/cpuinfo; None where that cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags") or line.startswith("Features"):
-            flags.update(line.split(":", 1)[-1].split())
-    return [f for f in INT8_CPU_FLAGS if f in flags]
+    from TuckerSegLib.devices import cpu_flags
+
+    flags = cpu_flags()
+    return None if flags is None else [f for f in INT8_CPU_FLAGS if f in flags]
 
 
 def int8_support_reason() -> Optional[str]:

@@ -10,7 +10,8 @@ does not). With labels, nnU-Net's own Dice + CE loss is added.
 
 Two recipes. ``classic`` runs the teacher on every step on whole patches and adds the feature MSE.
 ``fast`` (the default) draws a pool of patches once, stores the teacher's top-k answers
-(``teacher_cache``), then each step runs only the student, in bf16 autocast on a CUDA GPU (f32 on a CPU),
+(``teacher_cache``), then each step runs only the student, in bf16 autocast on a CUDA GPU or a CPU with
+AMX (f32 on other CPUs),
 optionally training only the factorised layers; it has no feature term (features are not
 cached). Both stop early at a held-out agreement (``until_agreement``) or a wall-time cap
 (``max_minutes``), saving a checkpoint where they stop.
@@ -272,7 +273,7 @@ def restore_best(work_dir: Path, student: nn.Module) -> None:
 # -- training ------------------------------------------------------------------------------------
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on CUDA GPUs that have it (else fp16), f32 elsewhere."""
+    """``auto``: bf16 on CUDA GPUs that have it (else fp16) and on CPUs with AMX, f32 elsewhere."""
     if precision not in ("auto", "f32", "bf16", "fp16"):
         raise InputError(f"unknown precision {precision!r}; use auto, f32, bf16 or fp16")
     if precision != "auto":
@@ -281,9 +282,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    # CPU: f32. bf16 autocast was 1.4x faster per step on an AVX-512 BF16 CPU, but on a trained
-    # 3 mm network its backward pass gave infinite gradient norms from the first step (f32: 3 to 6).
-    return "f32"
+    # CPU: bf16 where it has AMX (``amx_bf16``): a whole-patch step of a 3 mm student at 50 % of
+    # the MACs 1.4-1.6x faster than f32 on an Intel Xeon with AMX, with finite gradients on a
+    # trained half-width network (``benchmarks/bench_distill_step.py``). Elsewhere f32: on an
+    # AVX-512 BF16 CPU without AMX bf16 was 1.4x faster, but on a trained 3 mm network its backward
+    # pass gave infinite gradient norms from the first step (f32: 3 to 6). Where bf16 overflows all
+    # the same, ``distill`` goes on in f32.
+    from TuckerSegLib.devices import cpu_flags
+
+    return "bf16" if "amx_bf16" in (cpu_flags() or ()) else "f32"
 
 
 def trainable_parameters(student: nn.Module, which: str) -> List[nn.Parameter]:

@@ -1,0 +1,112 @@
+"""One distillation step of the fast recipe, timed in turns: precision and loss form side by side.
+
+Why: on 2 CPU cores a whole-patch step of a 3 mm student takes tens of seconds, so what a step
+costs decides how much a run can learn in the time users give it. This times the step the fast
+recipe takes (the student's forward on a cached patch, the top-k KL against the stored teacher
+answers, backward, gradient clipping, Adam) in three forms, one after another in each round
+(this machine's speed drifts): f32 with the loss written plainly and differentiated by autograd
+(the recipe before), f32 with the closed-form loss (``teacher_cache.kd_loss_topk``), and bf16
+autocast with it. It prints per-round ratios against the first form, their medians, and the
+gradient norms (finite or not: bf16 overflowed on one CPU kind).
+
+    python benchmarks/bench_distill_step.py --model MODEL_FOLDER --ratio 0.5 \
+        --ct ../shared/data/example_ct.nii.gz --rounds 3 --out benchmarks/results/bench_distill_step.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import write_result  # noqa: E402
+
+from TuckerSegLib.compression.compress import compress_model  # noqa: E402
+from TuckerSegLib.compression.ct_patches import PatchSampler, preprocess  # noqa: E402
+from TuckerSegLib.devices import cpu_flags  # noqa: E402
+from TuckerSegLib.finetune.teacher_cache import (autocast, default_topk, kd_loss_topk,  # noqa: E402
+                                                 kd_loss_topk_plain, topk_targets)
+from TuckerSegLib.models.nnunet_folder import load_model_folder  # noqa: E402
+from TuckerSegLib.specs import CompressionSpec  # noqa: E402
+
+FORMS = {"f32, plain loss": ("f32", kd_loss_topk_plain), "f32, closed-form loss": ("f32", kd_loss_topk),
+         "bf16, closed-form loss": ("bf16", kd_loss_topk)}
+
+
+def main(argv: Sequence[str] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="nnU-Net model folder (the teacher)")
+    parser.add_argument("--ratio", type=float, default=0.5, help="MAC fraction of the student (budget policy)")
+    parser.add_argument("--ct", type=Path, default=None, help="CT the patch comes from (default: random input)")
+    parser.add_argument("--crop", type=int, nargs=3, default=None, help="default: the model's patch")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="JSON result")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    teacher = load_model_folder(args.model)
+    crop = tuple(args.crop or teacher.patch_size)
+    if args.ct is not None:
+        x = PatchSampler(preprocess(teacher, [args.ct]), crop, seed=0).fixed_patches(1)
+    else:
+        x = torch.randn(1, 1, *crop, generator=torch.Generator().manual_seed(0))
+    net = teacher.network.eval()
+    with torch.no_grad():
+        logits = net(x)
+    t_logp, t_idx = topk_targets(logits, default_topk(logits.shape[1]))
+    del logits
+    student0 = compress_model(teacher, CompressionSpec(args.ratio, "budget")).network
+    device = torch.device("cpu")
+
+    def step(student, opt, precision, loss_fn):
+        t0 = time.perf_counter()
+        with autocast(device, precision):
+            out = student(x)
+        loss = loss_fn(out.float(), t_logp, t_idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 12.0))
+        opt.step()
+        return time.perf_counter() - t0, norm
+
+    # each form trains its own copy from the same start: the same steps, only the form differs
+    runs = {}
+    for name in FORMS:
+        student = copy.deepcopy(student0).train()
+        runs[name] = (student, torch.optim.Adam(student.parameters(), lr=1e-4))
+    times = {name: [] for name in FORMS}
+    norms = {name: [] for name in FORMS}
+    for name, (precision, loss_fn) in FORMS.items():  # a first step each, untimed (allocations)
+        step(*runs[name], precision, loss_fn)
+    for r in range(args.rounds):
+        for name, (precision, loss_fn) in FORMS.items():
+            dt, norm = step(*runs[name], precision, loss_fn)
+            times[name].append(dt)
+            norms[name].append(norm)
+            print(f"round {r + 1} {name}: {dt:.2f} s, gradient norm {norm:.3g}", flush=True)
+    first = next(iter(FORMS))
+    ratios = {name: [a / b for a, b in zip(times[first], times[name])] for name in FORMS}
+    print(f"\nstudent at {args.ratio:g} of the MACs, crop {'x'.join(map(str, crop))}, "
+          f"{torch.get_num_threads()} threads, AMX: {'amx_bf16' in (cpu_flags() or ())}")
+    for name in FORMS:
+        print(f"{name:24s} median {statistics.median(times[name]):6.2f} s/step  "
+              f"x{statistics.median(ratios[name]):.2f} vs {first}  gradient norms finite: "
+              f"{all(map(lambda v: v == v and abs(v) != float('inf'), norms[name]))}")
+    if args.out:
+        write_result(args.out, __file__, {
+            "model": str(args.model), "ratio": args.ratio, "crop": list(crop), "ct": str(args.ct),
+            "amx_bf16": "amx_bf16" in (cpu_flags() or ()),
+            "seconds": times, "gradient_norms": norms,
+            "median_ratio_vs_first": {n: statistics.median(v) for n, v in ratios.items()}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
