@@ -7,13 +7,15 @@ runs stored meanwhile; folders are built aside and renamed into place.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Union
 
 PathLike = Union[str, Path]
 CACHE_DIR_NAME = "tuckerseg_cache"
@@ -90,3 +92,18 @@ def replace_dir(tmp: Path, dest: Path) -> None:
     os.replace(tmp, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writing_dir(dest: Path) -> Iterator[Path]:
+    """A temporary sibling folder to fill; it replaces ``dest`` when the block ends without an
+    error and is removed when it fails, so ``dest`` is never half written."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +50,7 @@ from TuckerSegLib.finetune.teacher_cache import (CACHE_DIR, TeacherCache, autoca
                                                  teacher_labels, topk_targets)
 from TuckerSegLib.compression.ct_patches import PatchSampler
 from TuckerSegLib.progress import NullProgress, Progress
+from TuckerSegLib.storage import writing_dir
 
 CHECKPOINT_PREFIX = "step_"
 BEST_DIR = "best"  # the best student measured so far: student.safetensors + best.json
@@ -169,10 +168,8 @@ def save_checkpoint(work_dir: Path, step: int, student: nn.Module, optimizer: to
     """Write ``work_dir/step_NNNNNN/`` atomically; keep only the ``keep`` newest checkpoints."""
     from safetensors.torch import save_file, save_model
 
-    work_dir.mkdir(parents=True, exist_ok=True)
     dest = work_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=work_dir))
-    try:
+    with writing_dir(dest) as tmp:
         save_model(student, str(tmp / "student.safetensors"))
         opt = optimizer.state_dict()
         tensors, scalars = {}, {}
@@ -188,12 +185,6 @@ def save_checkpoint(work_dir: Path, step: int, student: nn.Module, optimizer: to
         meta = {**state, "step": step, "param_names": _param_names(student),
                 "optimizer": {"param_groups": groups, "scalars": scalars}}
         (tmp / "state.json").write_text(json.dumps(meta))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(work_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return dest
@@ -239,18 +230,9 @@ def save_best(work_dir: Path, student: nn.Module, record: dict) -> None:
     """Write ``work_dir/best/`` (the student's weights and ``record``) atomically."""
     from safetensors.torch import save_model
 
-    work_dir.mkdir(parents=True, exist_ok=True)
-    dest = work_dir / BEST_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=f".{BEST_DIR}.tmp-", dir=work_dir))
-    try:
+    with writing_dir(Path(work_dir) / BEST_DIR) as tmp:
         save_model(student, str(tmp / "student.safetensors"))
         (tmp / "best.json").write_text(json.dumps({**record, "param_names": _param_names(student)}))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_best(work_dir: Path, student: nn.Module) -> Optional[dict]:

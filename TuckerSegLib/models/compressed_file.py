@@ -14,8 +14,6 @@ again, and a damaged or mismatched folder is refused with a ``ModelError``.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from TuckerSegLib.models.checkpoint import file_sha256
 from TuckerSegLib.models.nnunet_folder import (NnUNetModel, build_network,
                                                label_names_from_dataset_json, plans_manager)
 from TuckerSegLib.network.surgery import factorise_structure
-from TuckerSegLib.storage import replace_dir
+from TuckerSegLib.storage import writing_dir
 
 FORMAT = "tuckerseg-compressed/1"
 MANIFEST = "manifest.json"
@@ -55,9 +53,7 @@ def save_compressed(dest: Union[str, Path], model: NnUNetModel, result: Compress
     from safetensors.torch import save_model
 
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with writing_dir(dest) as tmp:
         save_model(result.network, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / "plans.json").write_text(json.dumps(model.plans, indent=1))
         (tmp / "dataset.json").write_text(json.dumps(model.dataset_json, indent=1))
@@ -88,10 +84,6 @@ def save_compressed(dest: Union[str, Path], model: NnUNetModel, result: Compress
             "report": report,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 
