@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import sys
 import time
@@ -98,7 +99,7 @@ def main(argv: Sequence[str] = None) -> int:
     for name in FORMS:
         print(f"{name:24s} median {statistics.median(times[name]):6.2f} s/step  "
               f"x{statistics.median(ratios[name]):.2f} vs {first}  gradient norms finite: "
-              f"{all(map(lambda v: v == v and abs(v) != float('inf'), norms[name]))}")
+              f"{all(math.isfinite(v) for v in norms[name])}")
     if args.out:
         write_result(args.out, __file__, {
             "model": str(args.model), "ratio": args.ratio, "crop": list(crop), "ct": str(args.ct),

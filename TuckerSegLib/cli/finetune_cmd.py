@@ -55,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=int, default=d.topk,
                         help="classes stored per voxel (fast recipe; default 0: all up to 16, else 8)")
     parser.add_argument("--precision", choices=("auto", "f32", "bf16", "fp16"), default=d.precision,
-                        help="student training precision (fast recipe; auto: bf16 on CUDA and on CPUs with AMX, else f32; a reduced "
-                             "precision that overflows falls back to f32)")
+                        help="student training precision (fast recipe; auto: bf16 on CUDA and on CPUs with "
+                             "AMX, else f32; a reduced precision that overflows falls back to f32)")
     parser.add_argument("--train-params", choices=("all", "factors"), default=d.train_params,
                         help="train all weights (default) or only the factorised layers' factors and cores")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default=d.compile,
