@@ -1,13 +1,21 @@
-"""One distillation step of the fast recipe, timed in turns: precision and loss form side by side.
+"""One distillation step of the fast recipe, timed in turns: precision and loss forms side by side.
 
 Why: on 2 CPU cores a whole-patch step of a 3 mm student takes tens of seconds, so what a step
 costs decides how much a run can learn in the time users give it. This times the step the fast
 recipe takes (the student's forward on a cached patch, the top-k KL against the stored teacher
-answers, backward, gradient clipping, Adam) in three forms, one after another in each round
-(this machine's speed drifts): f32 with the loss written plainly and differentiated by autograd
-(the recipe before), f32 with the closed-form loss (``teacher_cache.kd_loss_topk``), and bf16
-autocast with it. It prints per-round ratios against the first form, their medians, and the
-gradient norms (finite or not: bf16 overflowed on one CPU kind).
+answers plus nnU-Net's Dice + CE against the teacher's argmax, backward, gradient clipping, Adam)
+in four forms, one after another in each round (this machine's speed drifts):
+
+- f32, both losses written plainly and differentiated by autograd (nnU-Net's own Dice + CE
+  module): the recipe before the closed forms,
+- bf16 autocast with the closed-form KL (``losses.kd_loss_topk``) and nnU-Net's module: the
+  recipe of the stop that added the closed-form KL,
+- bf16 with both closed forms apart (``losses.dice_ce_loss``),
+- bf16 with both in one chunked pass (``losses.fast_recipe_loss``) and the student and its
+  input channels-last (``torch.channels_last_3d``): the recipe now on CPUs.
+
+It prints per-round ratios against the first form, their medians, and the gradient norms
+(finite or not: bf16 overflowed on one CPU kind).
 
     python benchmarks/bench_distill_step.py --model MODEL_FOLDER --ratio 0.5 \
         --ct ../shared/data/example_ct.nii.gz --rounds 3 --out benchmarks/results/bench_distill_step.json
@@ -31,13 +39,24 @@ from bench_common import write_result  # noqa: E402
 from TuckerSegLib.compression.compress import compress_model  # noqa: E402
 from TuckerSegLib.compression.ct_patches import PatchSampler, preprocess  # noqa: E402
 from TuckerSegLib.devices import cpu_flags  # noqa: E402
-from TuckerSegLib.finetune.teacher_cache import (autocast, default_topk, kd_loss_topk,  # noqa: E402
-                                                 kd_loss_topk_plain, topk_targets)
+from TuckerSegLib.finetune.losses import (dice_ce_loss, fast_recipe_loss, kd_loss_topk,  # noqa: E402
+                                          kd_loss_topk_plain, nnunet_dice_ce)
+from TuckerSegLib.finetune.teacher_cache import autocast, default_topk, topk_targets  # noqa: E402
 from TuckerSegLib.models.nnunet_folder import load_model_folder  # noqa: E402
 from TuckerSegLib.specs import CompressionSpec  # noqa: E402
 
-FORMS = {"f32, plain loss": ("f32", kd_loss_topk_plain), "f32, closed-form loss": ("f32", kd_loss_topk),
-         "bf16, closed-form loss": ("bf16", kd_loss_topk)}
+_NNUNET = nnunet_dice_ce()
+
+
+def _apart(kl_fn, dice_ce_fn):
+    return lambda out, lp, idx: kl_fn(out.float(), lp, idx) + dice_ce_fn(out.float(), idx[:, :1].long())
+
+
+# name: (precision, loss of (student output, top-k log-probabilities, top-k classes), channels-last)
+FORMS = {"f32, plain losses": ("f32", _apart(kd_loss_topk_plain, _NNUNET), False),
+         "bf16, closed-form KL": ("bf16", _apart(kd_loss_topk, _NNUNET), False),
+         "bf16, both closed-form": ("bf16", _apart(kd_loss_topk, dice_ce_loss), False),
+         "bf16, fused, channels-last": ("bf16", fast_recipe_loss, True)}
 
 
 def main(argv: Sequence[str] = None) -> int:
@@ -66,11 +85,12 @@ def main(argv: Sequence[str] = None) -> int:
     student0 = compress_model(teacher, CompressionSpec(args.ratio, "budget")).network
     device = torch.device("cpu")
 
-    def step(student, opt, precision, loss_fn):
+    def step(student, opt, precision, loss_fn, channels_last):
         t0 = time.perf_counter()
+        xx = x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
         with autocast(device, precision):
-            out = student(x)
-        loss = loss_fn(out.float(), t_logp, t_idx)
+            out = student(xx)
+        loss = loss_fn(out, t_logp, t_idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 12.0))
@@ -81,14 +101,16 @@ def main(argv: Sequence[str] = None) -> int:
     runs = {}
     for name in FORMS:
         student = copy.deepcopy(student0).train()
+        if FORMS[name][2]:
+            student.to(memory_format=torch.channels_last_3d)
         runs[name] = (student, torch.optim.Adam(student.parameters(), lr=1e-4))
     times = {name: [] for name in FORMS}
     norms = {name: [] for name in FORMS}
-    for name, (precision, loss_fn) in FORMS.items():  # a first step each, untimed (allocations)
-        step(*runs[name], precision, loss_fn)
+    for name, form in FORMS.items():  # a first step each, untimed (allocations)
+        step(*runs[name], *form)
     for r in range(args.rounds):
-        for name, (precision, loss_fn) in FORMS.items():
-            dt, norm = step(*runs[name], precision, loss_fn)
+        for name, form in FORMS.items():
+            dt, norm = step(*runs[name], *form)
             times[name].append(dt)
             norms[name].append(norm)
             print(f"round {r + 1} {name}: {dt:.2f} s, gradient norm {norm:.3g}", flush=True)
@@ -97,7 +119,7 @@ def main(argv: Sequence[str] = None) -> int:
     print(f"\nstudent at {args.ratio:g} of the MACs, crop {'x'.join(map(str, crop))}, "
           f"{torch.get_num_threads()} threads, AMX: {'amx_bf16' in (cpu_flags() or ())}")
     for name in FORMS:
-        print(f"{name:24s} median {statistics.median(times[name]):6.2f} s/step  "
+        print(f"{name:28s} median {statistics.median(times[name]):6.2f} s/step  "
               f"x{statistics.median(ratios[name]):.2f} vs {first}  gradient norms finite: "
               f"{all(math.isfinite(v) for v in norms[name])}")
     if args.out:

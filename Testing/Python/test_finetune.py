@@ -350,8 +350,8 @@ def _fast(**kw) -> DistillConfig:
 
 
 def test_topk_soft_target_loss_is_kl_when_all_classes_are_kept():
-    from TuckerSegLib.finetune.distill import kd_loss
-    from TuckerSegLib.finetune.teacher_cache import kd_loss_topk, topk_targets
+    from TuckerSegLib.finetune.losses import kd_loss, kd_loss_topk
+    from TuckerSegLib.finetune.teacher_cache import topk_targets
 
     gen = torch.Generator().manual_seed(0)
     t, s = torch.randn(2, 5, 4, 4, 4, generator=gen) * 3, torch.randn(2, 5, 4, 4, 4, generator=gen)
@@ -373,7 +373,8 @@ def test_topk_soft_target_loss_is_kl_when_all_classes_are_kept():
 @pytest.mark.parametrize("classes,k,temp,spread", [(5, 5, 1.0, 1.0), (5, 2, 2.0, 1.0), (118, 8, 1.0, 3.0),
                                                    (118, 16, 1.0, 300.0)])
 def test_topk_loss_and_its_closed_form_gradient_equal_autograd(classes, k, temp, spread):
-    from TuckerSegLib.finetune.teacher_cache import kd_loss_topk, kd_loss_topk_plain, topk_targets
+    from TuckerSegLib.finetune.losses import kd_loss_topk, kd_loss_topk_plain
+    from TuckerSegLib.finetune.teacher_cache import topk_targets
 
     gen = torch.Generator().manual_seed(classes + k)
     t = torch.randn(2, classes, 3, 4, 5, generator=gen) * spread
@@ -387,6 +388,25 @@ def test_topk_loss_and_its_closed_form_gradient_equal_autograd(classes, k, temp,
         torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
         assert torch.isfinite(a.grad).all() and float(b.grad.abs().max()) > 0
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("classes,batch,spread", [(3, 1, 1.0), (5, 2, 1.0), (118, 2, 3.0), (118, 1, 300.0)])
+def test_closed_form_dice_ce_and_its_gradient_equal_nnunets_loss(classes, batch, spread):
+    from TuckerSegLib.finetune.losses import dice_ce_loss, nnunet_dice_ce
+
+    gen = torch.Generator().manual_seed(classes + batch)
+    s = torch.randn(batch, classes, 3, 4, 5, generator=gen) * spread  # 300: saturated softmax
+    labels = torch.randint(0, classes, (batch, 1, 3, 4, 5), generator=gen)
+    labels[:, :, 0] = 0  # background, and some classes absent
+    a, b = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    ours, theirs = dice_ce_loss(a, labels), nnunet_dice_ce()(b, labels)
+    (2.0 * ours).backward()
+    (2.0 * theirs).backward()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(a.grad).all() and float(b.grad.abs().max()) > 0
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-9)
+    # labels given as uint8 without the channel axis (the teacher cache's top-1 index) read the same
+    torch.testing.assert_close(dice_ce_loss(s, labels[:, 0].to(torch.uint8)), ours.detach())
 
 
 def test_cached_teacher_answers_give_the_same_first_steps_as_recomputed(tiny, data, tmp_path):

@@ -32,6 +32,7 @@ work folder, and the learning rate depends only on the step.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -46,8 +47,8 @@ from torch import nn
 
 from TuckerSegLib.errors import InputError
 from TuckerSegLib.finetune.agreement import label_agreement
-from TuckerSegLib.finetune.teacher_cache import (CACHE_DIR, TeacherCache, autocast, kd_loss_topk,
-                                                 teacher_labels, topk_targets)
+from TuckerSegLib.finetune.losses import dice_ce_loss, fast_recipe_loss, kd_loss, kd_loss_topk
+from TuckerSegLib.finetune.teacher_cache import CACHE_DIR, TeacherCache, autocast, teacher_labels, topk_targets
 from TuckerSegLib.compression.ct_patches import PatchSampler
 from TuckerSegLib.progress import NullProgress, Progress
 from TuckerSegLib.storage import writing_dir
@@ -139,38 +140,49 @@ class _FeatureTap:
             h.remove()
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton's soft-target loss, per voxel, averaged (``T^2`` keeps gradients T-independent)."""
-    t = temperature
-    log_p_s = F.log_softmax(student_logits / t, dim=1)
-    log_p_t = F.log_softmax(teacher_logits / t, dim=1)
-    return F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(1).mean() * t * t
-
-
-def _supervised_loss(batch_dice: bool = True) -> nn.Module:
-    """nnU-Net's default segmentation loss (Dice + CE), as its trainer builds it."""
-    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-
-    return DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
-                          weight_ce=1, weight_dice=1, ignore_label=None,
-                          dice_class=MemoryEfficientSoftDiceLoss)
-
-
 # -- checkpoints ---------------------------------------------------------------------------------
 
 def _param_names(network: nn.Module) -> List[str]:
     return [n for n, _ in network.named_parameters()]
 
 
+@contextlib.contextmanager
+def _default_layout(student: nn.Module):
+    """The student in the default memory layout for a while: safetensors' ``save_model`` and
+    ``load_model`` (which handle nnU-Net's aliased modules) need contiguous tensors, and a student
+    trains channels-last on CPUs."""
+    channels_last = any(p.dim() == 5 and not p.is_contiguous() for p in student.parameters())
+    if channels_last:
+        student.to(memory_format=torch.contiguous_format)
+    try:
+        yield student
+    finally:
+        if channels_last:
+            student.to(memory_format=torch.channels_last_3d)
+
+
+def _save_student(student: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_model
+
+    with _default_layout(student):
+        save_model(student, str(path))
+
+
+def _load_student(student: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_model
+
+    with _default_layout(student):
+        load_model(student, str(path), strict=True)
+
+
 def save_checkpoint(work_dir: Path, step: int, student: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, keep: int = 2) -> Path:
     """Write ``work_dir/step_NNNNNN/`` atomically; keep only the ``keep`` newest checkpoints."""
-    from safetensors.torch import save_file, save_model
+    from safetensors.torch import save_file
 
     dest = work_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
     with writing_dir(dest) as tmp:
-        save_model(student, str(tmp / "student.safetensors"))
+        _save_student(student, tmp / "student.safetensors")
         opt = optimizer.state_dict()
         tensors, scalars = {}, {}
         for idx, st in opt["state"].items():
@@ -201,13 +213,13 @@ def list_checkpoints(work_dir: Path) -> List[Path]:
 
 def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Restore student weights and Adam state from ``path``; returns the checkpoint's state dict."""
-    from safetensors.torch import load_file, load_model
+    from safetensors.torch import load_file
 
     meta = json.loads((path / "state.json").read_text())
     if meta.get("param_names") != _param_names(student):
         raise InputError(f"checkpoint {path} belongs to a different network (its parameters do not "
                          f"match); use another --work-dir or drop --resume")
-    load_model(student, str(path / "student.safetensors"), strict=True)
+    _load_student(student, path / "student.safetensors")
     device = next(student.parameters()).device
     tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
     state: Dict[int, dict] = {}
@@ -228,10 +240,8 @@ def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optim
 
 def save_best(work_dir: Path, student: nn.Module, record: dict) -> None:
     """Write ``work_dir/best/`` (the student's weights and ``record``) atomically."""
-    from safetensors.torch import save_model
-
     with writing_dir(Path(work_dir) / BEST_DIR) as tmp:
-        save_model(student, str(tmp / "student.safetensors"))
+        _save_student(student, tmp / "student.safetensors")
         (tmp / "best.json").write_text(json.dumps({**record, "param_names": _param_names(student)}))
 
 
@@ -247,9 +257,7 @@ def read_best(work_dir: Path, student: nn.Module) -> Optional[dict]:
 
 
 def restore_best(work_dir: Path, student: nn.Module) -> None:
-    from safetensors.torch import load_model
-
-    load_model(student, str(Path(work_dir) / BEST_DIR / "student.safetensors"), strict=True)
+    _load_student(student, Path(work_dir) / BEST_DIR / "student.safetensors")
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -287,6 +295,10 @@ def trainable_parameters(student: nn.Module, which: str) -> List[nn.Parameter]:
     if not params:
         raise InputError("the student has no factorised layers to train; use train_params='all'")
     return params
+
+
+def _is_3d(network: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv3d) for m in network.modules())
 
 
 def _teacher_fingerprint(teacher: nn.Module) -> List[float]:
@@ -333,6 +345,11 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
         p.requires_grad_(False)
     student = student.to(device)
     fast = config.recipe == "fast"
+    # oneDNN's 3D convolutions run forward about twice as fast channels-last on CPUs
+    # (benchmarks/bench_distill_step.py); CUDA keeps the layout it was measured with
+    channels_last = fast and device.type == "cpu" and _is_3d(student)
+    if channels_last:
+        student.to(memory_format=torch.channels_last_3d)
     precision = resolve_precision(config.precision, device) if fast else "f32"
     params = trainable_parameters(student, config.train_params)
     trainable = {id(p) for p in params}
@@ -400,8 +417,6 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
     names = feature_layer_names(student) if (config.feature_weight > 0 and not fast) else []
     tap_t = _FeatureTap(teacher, names) if names else None
     tap_s = _FeatureTap(student, names) if names else None
-    supervised = _supervised_loss() if config.supervised_weight > 0 else None
-    pseudo = _supervised_loss() if config.pseudo_label_weight > 0 else None
     use_compile = config.compile == "on" or (config.compile == "auto" and device.type == "cuda" and fast)
     forward = torch.compile(student) if use_compile else student
 
@@ -417,10 +432,10 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
         if tap_s is not None:
             feat = sum(F.mse_loss(tap_s.outputs[n], tap_t.outputs[n]) for n in names) / len(names)
             loss = loss + config.feature_weight * feat
-        if pseudo is not None:
-            loss = loss + config.pseudo_label_weight * pseudo(s_logits, t_logits.argmax(1, keepdim=True))
-        if supervised is not None and y is not None:
-            loss = loss + config.supervised_weight * supervised(s_logits, y.to(device))
+        if config.pseudo_label_weight > 0:
+            loss = loss + config.pseudo_label_weight * dice_ce_loss(s_logits, t_logits.argmax(1, keepdim=True))
+        if config.supervised_weight > 0 and y is not None:
+            loss = loss + config.supervised_weight * dice_ce_loss(s_logits, y.to(device))
         return loss
 
     def fast_loss() -> torch.Tensor:
@@ -428,12 +443,16 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
         if not config.cache_teacher:  # ablation / test: the same patches, teacher recomputed
             with torch.no_grad():
                 t_logp, t_idx = topk_targets(teacher(x), cache.k, config.temperature, cache.logp.dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         with autocast(device, precision):
             s_logits = forward(x)
+        if config.temperature == 1.0:  # both losses in one pass over the voxels (losses.fast_recipe_loss)
+            return fast_recipe_loss(s_logits, t_logp, t_idx, config.kd_weight, config.pseudo_label_weight)
         s_logits = s_logits.float()
         loss = config.kd_weight * kd_loss_topk(s_logits, t_logp, t_idx, config.temperature)
-        if pseudo is not None:
-            loss = loss + config.pseudo_label_weight * pseudo(s_logits, t_idx[:, :1].long())
+        if config.pseudo_label_weight > 0:
+            loss = loss + config.pseudo_label_weight * dice_ce_loss(s_logits, t_idx[:, :1])
         return loss
 
     student.train()
@@ -517,6 +536,8 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
             if tap is not None:
                 tap.close()
         student.eval()
+        if channels_last:
+            student.to(memory_format=torch.contiguous_format)
         for p in student.parameters():
             p.requires_grad_(True)
     train_seconds = time.perf_counter() - train_t0

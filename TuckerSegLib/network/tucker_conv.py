@@ -12,7 +12,7 @@ input resolution and ``last`` at output resolution.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Type
+from typing import Tuple, Type
 
 import torch
 from torch import nn
