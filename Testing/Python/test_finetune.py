@@ -409,6 +409,35 @@ def test_closed_form_dice_ce_and_its_gradient_equal_nnunets_loss(classes, batch,
     torch.testing.assert_close(dice_ce_loss(s, labels[:, 0].to(torch.uint8)), ours.detach())
 
 
+@pytest.mark.parametrize("classes,k,spread,channels_last,chunk", [(5, 5, 1.0, False, 7), (5, 2, 1.0, True, 7),
+                                                                  (118, 8, 3.0, True, 13),
+                                                                  (118, 16, 300.0, False, 50)])
+def test_the_fused_fast_recipe_loss_equals_its_two_losses_apart(classes, k, spread, channels_last, chunk):
+    from TuckerSegLib.finetune.losses import dice_ce_loss, fast_recipe_loss, kd_loss_topk
+    from TuckerSegLib.finetune.teacher_cache import topk_targets
+
+    gen = torch.Generator().manual_seed(classes + k)
+    t = torch.randn(2, classes, 3, 4, 5, generator=gen) * spread
+    s = torch.randn(2, classes, 3, 4, 5, generator=gen) * spread
+    if channels_last:
+        s = s.contiguous(memory_format=torch.channels_last_3d)
+    for dtype in (torch.float32, torch.float16):
+        lp, ix = topk_targets(t, k, 1.0, dtype)
+        a, b = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+        fused = fast_recipe_loss(a, lp, ix, 0.7, 1.3, chunk=chunk)  # chunks that split the voxels unevenly
+        apart = 0.7 * kd_loss_topk(b, lp, ix) + 1.3 * dice_ce_loss(b, ix[:, :1])
+        (2.0 * fused).backward()
+        (2.0 * apart).backward()
+        torch.testing.assert_close(fused, apart, rtol=1e-5, atol=1e-5)
+        assert torch.isfinite(a.grad).all() and float(b.grad.abs().max()) > 0
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-8)
+        assert torch.equal(a.detach(), s)  # the logits are read, never masked in place
+    # bfloat16 logits (autocast's output) give a bfloat16 gradient of the same loss
+    c = s.to(torch.bfloat16).requires_grad_(True)
+    fast_recipe_loss(c, lp, ix).backward()
+    assert c.grad.dtype == torch.bfloat16 and c.grad.shape == s.shape
+
+
 def test_cached_teacher_answers_give_the_same_first_steps_as_recomputed(tiny, data, tmp_path):
     cases, _, student = _setup_distill(tiny, data)
     init = {k: v.clone() for k, v in student.state_dict().items()}
@@ -461,6 +490,9 @@ def test_fast_resume_equals_an_uninterrupted_run(tiny, data, tmp_path):
     np.testing.assert_allclose(resumed.loss_curve[4:], full.loss_curve[4:], rtol=1e-5)
     for (k, a), b in zip(full.network.state_dict().items(), resumed.network.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    # the student trains channels-last on CPUs (checkpoints switch layout to write and read) and
+    # comes back in the default layout
+    assert all(p.is_contiguous() for p in resumed.network.parameters())
 
 
 def test_a_run_that_makes_the_student_worse_returns_the_best_one_measured(tiny, data, tmp_path):
