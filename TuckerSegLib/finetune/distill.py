@@ -11,9 +11,9 @@ does not). With labels, nnU-Net's own Dice + CE loss is added.
 Two recipes. ``classic`` runs the teacher on every step on whole patches and adds the feature MSE.
 ``fast`` (the default) draws a pool of patches once, stores the teacher's top-k answers
 (``teacher_cache``), then each step runs only the student, in bf16 autocast on a CUDA GPU or a CPU with
-AMX (f32 on other CPUs),
-optionally training only the factorised layers; it has no feature term (features are not
-cached). Both stop early at a held-out agreement (``until_agreement``) or a wall-time cap
+AMX (f32 on other CPUs), channels-last on CPUs, with both losses in one chunked pass
+(``losses.fast_recipe_loss``), optionally training only the factorised layers; it has no feature
+term (features are not cached). Both stop early at a held-out agreement (``until_agreement``) or a wall-time cap
 (``max_minutes``), saving a checkpoint where they stop.
 
 With held-out patches, the student returned is the best one measured (``keep_best``): the
