@@ -49,7 +49,11 @@ _NNUNET = nnunet_dice_ce()
 
 
 def _apart(kl_fn, dice_ce_fn):
-    return lambda out, lp, idx: kl_fn(out.float(), lp, idx) + dice_ce_fn(out.float(), idx[:, :1].long())
+    """The two losses apart, on one float32 copy of the output (as the recipe computed them)."""
+    def loss(out, lp, idx):
+        out = out.float()
+        return kl_fn(out, lp, idx) + dice_ce_fn(out, idx[:, :1].long())
+    return loss
 
 
 # name: (precision, loss of (student output, top-k log-probabilities, top-k classes), channels-last)

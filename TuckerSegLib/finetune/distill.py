@@ -273,11 +273,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     # CPU: bf16 where it has AMX (``amx_bf16``): a whole-patch step of a 3 mm student at 50 % of
-    # the MACs 1.66x faster than f32 on an Intel Xeon with AMX (9.2 against 15.3 s), with finite
-    # gradients on a trained half-width network (``benchmarks/bench_distill_step.py``). Elsewhere
-    # f32: on an AVX-512 BF16 CPU without AMX bf16 was 1.4x faster, but on a trained 3 mm network
-    # its backward pass gave infinite gradient norms from the first step (f32: 3 to 6). Where bf16
-    # overflows all the same, ``distill`` goes on in f32.
+    # the MACs, pseudo-label loss left out, 1.66x faster than f32 on an Intel Xeon with AMX (9.2
+    # against 15.3 s), with finite gradients on a trained half-width network
+    # (``benchmarks/bench_distill_step.py``). Elsewhere f32: on an AVX-512 BF16 CPU without AMX
+    # bf16 was 1.4x faster, but on a trained 3 mm network its backward pass gave infinite gradient
+    # norms from the first step (f32: 3 to 6). Where bf16 overflows all the same, ``distill`` goes
+    # on in f32.
     from TuckerSegLib.devices import cpu_flags
 
     return "bf16" if "amx_bf16" in (cpu_flags() or ()) else "f32"
@@ -345,8 +346,8 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
         p.requires_grad_(False)
     student = student.to(device)
     fast = config.recipe == "fast"
-    # oneDNN's 3D convolutions run forward about twice as fast channels-last on CPUs
-    # (benchmarks/bench_distill_step.py); CUDA keeps the layout it was measured with
+    # oneDNN's 3D convolutions are fastest channels-last on CPUs (timed together with the fused
+    # loss in benchmarks/bench_distill_step.py); CUDA keeps the layout it was measured with
     channels_last = fast and device.type == "cpu" and _is_3d(student)
     if channels_last:
         student.to(memory_format=torch.channels_last_3d)

@@ -198,7 +198,8 @@ def _voxels_by_classes(t: torch.Tensor) -> torch.Tensor:
 class _FastRecipeLoss(torch.autograd.Function):
     """Forward: per chunk, the softmax, the top-k KL (as ``_TopKKL``), CE and the Dice sums.
     Backward: per chunk, the softmax again from the stored log-normaliser, and both gradients (as
-    ``_TopKKL`` and ``_DiceCE`` state them), written straight into the result."""
+    ``_TopKKL`` and ``_DiceCE`` state them), written straight into the result. The (voxels, classes)
+    views forward built are kept for backward (for channels-last logits, views without a copy)."""
 
     @staticmethod
     def forward(ctx, s, t_logp, t_idx, kd_weight, dice_ce_weight, chunk):
@@ -209,6 +210,7 @@ class _FastRecipeLoss(torch.autograd.Function):
         k = idx2.shape[1]
         lse = torch.empty(n, 1, dtype=torch.float32, device=s.device)
         log_rest = torch.empty_like(lse) if k < classes else None
+        p_rest = torch.empty_like(lse) if k < classes else None
         sum_pred = torch.zeros(classes, dtype=torch.float32, device=s.device)
         inter = torch.zeros_like(sum_pred)
         kl_sum = ce_sum = 0.0
@@ -232,25 +234,23 @@ class _FastRecipeLoss(torch.autograd.Function):
                 m_r = z_r.amax(1, keepdim=True)
                 lr = z_r.sub_(m_r).exp_().sum(1, keepdim=True).log_().add_(m_r)
                 log_rest[sl] = lr
-                p_rest = (1.0 - p_k.sum(1, keepdim=True)).clamp_min(0.0)
-                log_p_rest = p_rest.clamp_min(torch.finfo(torch.float32).tiny).log()
-                kl = kl + torch.where(p_rest > 0, p_rest * (log_p_rest - (lr - lse_c)), torch.zeros_like(kl))
+                p_r = (1.0 - p_k.sum(1, keepdim=True)).clamp_min(0.0)
+                p_rest[sl] = p_r
+                log_p_rest = p_r.clamp_min(torch.finfo(torch.float32).tiny).log()
+                kl = kl + torch.where(p_r > 0, p_r * (log_p_rest - (lr - lse_c)), torch.zeros_like(kl))
             kl_sum += float(kl.sum())
         sum_gt = torch.bincount(idx2[:, 0], minlength=classes).to(torch.float32)
         denom = (sum_gt + sum_pred + DICE_SMOOTH).clamp_min(1e-8)
         dc = (2.0 * inter + DICE_SMOOTH) / denom
-        ctx.save_for_backward(s, t_logp, t_idx, lse, log_rest, denom, dc)
-        ctx.weights, ctx.chunk = (kd_weight, dice_ce_weight), chunk
+        ctx.save_for_backward(z2, logp2, idx2, lse, log_rest, p_rest, denom, dc)
+        ctx.weights, ctx.chunk, ctx.dtype, ctx.shape = (kd_weight, dice_ce_weight), chunk, s.dtype, s.shape
         total = kd_weight * kl_sum / n + dice_ce_weight * (ce_sum / n - float(dc[1:].mean()))
         return torch.tensor(total, dtype=torch.float32, device=s.device)
 
     @staticmethod
     def backward(ctx, grad_out):
-        s, t_logp, t_idx, lse, log_rest, denom, dc = ctx.saved_tensors
+        z2, logp2, idx2, lse, log_rest, p_rest, denom, dc = ctx.saved_tensors
         kd_weight, dice_ce_weight = ctx.weights
-        z2 = _voxels_by_classes(s.detach())
-        logp2 = _voxels_by_classes(t_logp).float().clamp_min_(LOGP_FLOOR)
-        idx2 = _voxels_by_classes(t_idx).long()
         n, classes = z2.shape
         scale = float(grad_out)
         fg = classes - 1
@@ -258,7 +258,7 @@ class _FastRecipeLoss(torch.autograd.Function):
         b = dc / (fg * denom)
         a[0] = b[0] = 0.0
         w_kd, w_dc = kd_weight * scale / n, dice_ce_weight * scale
-        grad2 = torch.empty(n, classes, dtype=s.dtype, device=s.device)
+        grad2 = torch.empty(n, classes, dtype=ctx.dtype, device=z2.device)
         for v0 in range(0, n, ctx.chunk):
             sl = slice(v0, min(n, v0 + ctx.chunk))
             z, idx = z2[sl].to(torch.float32, copy=True), idx2[sl]
@@ -272,12 +272,13 @@ class _FastRecipeLoss(torch.autograd.Function):
             g = q * (b * w_dc + (w_dc / n) - w_dc * s_v)
             g.scatter_add_(1, lab, w_dc * (a_l * q_l - 1.0 / n))
             # top-k KL: (S q_j - P_j) / N, P_j = p_j on the top k, p_r q_j / q_r on the rest
-            p_rest = (1.0 - p_k.sum(1, keepdim=True)).clamp_min(0.0) if log_rest is not None else None
-            big_s = p_k.sum(1, keepdim=True) + (p_rest if p_rest is not None else 0.0)
+            big_s = p_k.sum(1, keepdim=True)
+            if p_rest is not None:
+                big_s = big_s + p_rest[sl]
             g.add_(q * (w_kd * big_s))
             if p_rest is not None:  # q_j / q_r off the top k, 0 on it
-                g.sub_(z.scatter_(1, idx, float("-inf")).sub_(log_rest[sl]).exp_().mul_(w_kd * p_rest))
+                g.sub_(z.scatter_(1, idx, float("-inf")).sub_(log_rest[sl]).exp_().mul_(w_kd * p_rest[sl]))
             g.scatter_add_(1, idx, -w_kd * p_k)
             grad2[sl] = g
-        grad = grad2.reshape(s.shape[0], *s.shape[2:], classes).movedim(-1, 1)
+        grad = grad2.reshape(ctx.shape[0], *ctx.shape[2:], classes).movedim(-1, 1)
         return grad, None, None, None, None, None
