@@ -14,8 +14,9 @@ in four forms, one after another in each round (this machine's speed drifts):
 - bf16 with both in one chunked pass (``losses.fast_recipe_loss``) and the student and its
   input channels-last (``torch.channels_last_3d``): the recipe now on CPUs.
 
-It prints per-round ratios against the first form, their medians, and the gradient norms
-(finite or not: bf16 overflowed on one CPU kind).
+It prints per-round ratios against the first form, their medians, where each step's time went
+(forward, loss, backward, clipping and Adam), and the gradient norms (finite or not: bf16
+overflowed on one CPU kind).
 
     python benchmarks/bench_distill_step.py --model MODEL_FOLDER --ratio 0.5 \
         --ct ../shared/data/example_ct.nii.gz --rounds 3 --out benchmarks/results/bench_distill_step.json
@@ -61,6 +62,8 @@ FORMS = {"f32, plain losses": ("f32", _apart(kd_loss_topk_plain, _NNUNET), False
          "bf16, closed-form KL": ("bf16", _apart(kd_loss_topk, _NNUNET), False),
          "bf16, both closed-form": ("bf16", _apart(kd_loss_topk, dice_ce_loss), False),
          "bf16, fused, channels-last": ("bf16", fast_recipe_loss, True)}
+# where a step's time goes: backward includes the loss's own backward and the network's
+PHASES = ("forward", "loss", "backward", "clip+adam")
 
 
 def main(argv: Sequence[str] = None) -> int:
@@ -90,16 +93,21 @@ def main(argv: Sequence[str] = None) -> int:
     device = torch.device("cpu")
 
     def step(student, opt, precision, loss_fn, channels_last):
-        t0 = time.perf_counter()
+        """One step; returns its seconds, the time of each phase and the gradient norm."""
+        t = [time.perf_counter()]
         xx = x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
         with autocast(device, precision):
             out = student(xx)
+        t.append(time.perf_counter())
         loss = loss_fn(out, t_logp, t_idx)
+        t.append(time.perf_counter())
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        t.append(time.perf_counter())
         norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 12.0))
         opt.step()
-        return time.perf_counter() - t0, norm
+        t.append(time.perf_counter())
+        return t[-1] - t[0], dict(zip(PHASES, (b - a for a, b in zip(t, t[1:])))), norm
 
     # each form trains its own copy from the same start: the same steps, only the form differs
     runs = {}
@@ -109,15 +117,19 @@ def main(argv: Sequence[str] = None) -> int:
             student.to(memory_format=torch.channels_last_3d)
         runs[name] = (student, torch.optim.Adam(student.parameters(), lr=1e-4))
     times = {name: [] for name in FORMS}
+    phases = {name: {p: [] for p in PHASES} for name in FORMS}
     norms = {name: [] for name in FORMS}
     for name, form in FORMS.items():  # a first step each, untimed (allocations)
         step(*runs[name], *form)
     for r in range(args.rounds):
         for name, form in FORMS.items():
-            dt, norm = step(*runs[name], *form)
+            dt, parts, norm = step(*runs[name], *form)
             times[name].append(dt)
+            for p, v in parts.items():
+                phases[name][p].append(v)
             norms[name].append(norm)
-            print(f"round {r + 1} {name}: {dt:.2f} s, gradient norm {norm:.3g}", flush=True)
+            print(f"round {r + 1} {name}: {dt:.2f} s (" + ", ".join(f"{p} {v:.2f}" for p, v in parts.items())
+                  + f"), gradient norm {norm:.3g}", flush=True)
     first = next(iter(FORMS))
     ratios = {name: [a / b for a, b in zip(times[first], times[name])] for name in FORMS}
     print(f"\nstudent at {args.ratio:g} of the MACs, crop {'x'.join(map(str, crop))}, "
@@ -126,11 +138,12 @@ def main(argv: Sequence[str] = None) -> int:
         print(f"{name:28s} median {statistics.median(times[name]):6.2f} s/step  "
               f"x{statistics.median(ratios[name]):.2f} vs {first}  gradient norms finite: "
               f"{all(math.isfinite(v) for v in norms[name])}")
+        print(f"{'':28s} " + ", ".join(f"{p} {statistics.median(v):.2f}" for p, v in phases[name].items()))
     if args.out:
         write_result(args.out, __file__, {
             "model": str(args.model), "ratio": args.ratio, "crop": list(crop), "ct": str(args.ct),
             "amx_bf16": "amx_bf16" in (cpu_flags() or ()),
-            "seconds": times, "gradient_norms": norms,
+            "seconds": times, "phase_seconds": phases, "gradient_norms": norms,
             "median_ratio_vs_first": {n: statistics.median(v) for n, v in ratios.items()}})
     return 0
 

@@ -19,7 +19,7 @@ from TuckerSegLib.cli.main import main  # noqa: E402
 from TuckerSegLib.compression.compress import compress_network  # noqa: E402
 from TuckerSegLib.errors import InputError  # noqa: E402
 from TuckerSegLib.compression.calibration import calibrate  # noqa: E402
-from TuckerSegLib.finetune.distill import DistillConfig, distill, list_checkpoints  # noqa: E402
+from TuckerSegLib.finetune.distill import DistillConfig, distill, list_checkpoints, planned_steps  # noqa: E402
 from TuckerSegLib.compression.ct_patches import PatchSampler, preprocess  # noqa: E402
 from TuckerSegLib.models.compressed_file import load_compressed  # noqa: E402
 from TuckerSegLib.models.nnunet_folder import load_model_folder  # noqa: E402
@@ -529,6 +529,26 @@ def test_until_agreement_and_max_minutes_stop_and_save_a_resumable_checkpoint(ti
     res = distill(tiny.network, student, PatchSampler(cases, CROP), _fast(steps=3), tmp_path / "b",
                   resume=True)
     assert res.resumed_from == 1 and res.steps == 3 and res.stopped == "steps"
+
+
+def test_planned_steps_fit_the_time_left_with_the_checks_and_stay_in_bounds():
+    assert planned_steps(3, 100.0, 1.0, 0.0, 10, 10 ** 6) == 103
+    assert planned_steps(3, 100.0, 1.0, 10.0, 10, 10 ** 6) == 53  # a 10 s check every 10 steps
+    assert planned_steps(3, 100.0, 1.0, 0.0, 10, 50) == 50  # never more than --steps
+    assert planned_steps(3, -5.0, 1.0, 0.0, 10, 50) == 4  # out of time: at least the next step
+
+
+def test_a_time_capped_run_anneals_its_learning_rate_and_resume_keeps_the_schedule(tiny, data, tmp_path):
+    cases, _, student = _setup_distill(tiny, data)
+    config = _fast(steps=10 ** 6, max_minutes=0.05, lr=2e-3)
+    res = distill(tiny.network, student, PatchSampler(cases, CROP), config, tmp_path / "w")
+    horizon = res.extra["schedule_steps"]
+    assert res.stopped == "time" and res.steps > 3 and horizon < 10 ** 6
+    # cosine over --steps would still be at 2e-3 here; fitted to the cap it has annealed
+    assert res.extra["last_lr"] < 0.9 * config.lr
+    res2 = distill(tiny.network, student, PatchSampler(cases, CROP), _fast(steps=10 ** 6, max_minutes=0.02),
+                   tmp_path / "w", resume=True)
+    assert res2.resumed_from == res.steps and res2.extra["schedule_steps"] == horizon
 
 
 def test_finetune_fast_with_phantoms_records_what_it_trained_and_validated_on(tiny, data, tmp_path, capsys):

@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop once mean Dice against the original on the validation patches "
                              "reaches A (checked every --eval-every steps)")
     parser.add_argument("--max-minutes", type=float, default=None, metavar="M",
-                        help="stop (saving a checkpoint) before M minutes of wall time, preparation included")
+                        help="stop (saving a checkpoint) before M minutes of wall time, preparation "
+                             "included; the learning rate's cosine then runs over the steps M affords")
     parser.add_argument("--eval-every", type=int, default=d.eval_every,
                         help=f"steps between held-out agreement checks (default {d.eval_every}); the best "
                              f"student checked is the one saved")

@@ -28,7 +28,14 @@ Training is resumable: every ``checkpoint_every`` steps the work folder gets a c
 safetensors (student weights, Adam moments) and JSON (step, loss curve, sampler state, Adam's
 scalars). ``resume=True`` restores the latest and continues the same trajectory: the patch
 sampler's and the pool's random states are part of the checkpoint, the pool itself is saved in the
-work folder, and the learning rate depends only on the step.
+work folder, and the learning rate depends only on the step and the schedule's length, which the
+checkpoint keeps.
+
+The cosine schedule runs over ``steps``, or, when ``max_minutes`` ends the run first, over the
+steps the cap affords (``planned_steps``, fixed after the first steps are timed). Why: a run
+stopped by its time cap otherwise never anneals its learning rate (the benchmark's 20-minute runs
+trained at a constant rate), and schedules fitted to the budget beat those cut short (Li et al.,
+"Budgeted training", ICLR 2020).
 """
 from __future__ import annotations
 
@@ -90,9 +97,10 @@ class DistillConfig:
     eval_every: int = 25  # steps between held-out agreement checks (with until_agreement or keep_best)
     keep_best: bool = True  # with held-out patches: return the best student measured (step 0 included)
 
-    def lr_at(self, step: int) -> float:
-        """Cosine schedule; a function of the step only, so that resumed runs match."""
-        progress = min(1.0, step / max(1, self.steps))
+    def lr_at(self, step: int, horizon: Optional[int] = None) -> float:
+        """Cosine schedule over ``horizon`` steps (default ``steps``); a function of the step and
+        the horizon only, so that resumed runs match."""
+        progress = min(1.0, step / max(1, horizon or self.steps))
         low = self.lr * self.min_lr_fraction
         return low + 0.5 * (self.lr - low) * (1.0 + math.cos(math.pi * progress))
 
@@ -308,6 +316,20 @@ def _teacher_fingerprint(teacher: nn.Module) -> List[float]:
                 round(float(sum(p.double().abs().sum() for p in teacher.parameters())), 6)]
 
 
+# steps timed before the schedule's length is fitted to a time cap (the first includes set-up)
+TIMED_STEPS = 3
+
+
+def planned_steps(done: int, seconds_left: float, step_seconds: float, eval_seconds: float,
+                  eval_every: int, steps: int) -> int:
+    """How many steps a run can finish in ``seconds_left``: the schedule's length under a time cap.
+
+    ``step_seconds`` is one step's wall time, ``eval_seconds`` one held-out check's (0 without),
+    paid every ``eval_every`` steps; never more than ``steps``, never fewer than ``done + 1``."""
+    per_step = step_seconds + (eval_seconds / max(1, eval_every) if eval_seconds > 0 else 0.0)
+    return max(done + 1, min(steps, done + int(max(0.0, seconds_left) / max(per_step, 1e-9))))
+
+
 def _fmt_minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
@@ -380,8 +402,11 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
     def evaluate() -> Dict[str, float]:
         return label_agreement(student, val_patches, val_labels, device)
 
+    eval_seconds = 0.0
     if before is None and val_patches is not None:
+        te = time.perf_counter()
         before = evaluate()
+        eval_seconds = time.perf_counter() - te
     keep_best = config.keep_best and val_patches is not None
     best: Optional[dict] = read_best(work_dir, student) if (keep_best and resume) else None
     if keep_best and best is None and not resume and before is not None:
@@ -463,9 +488,13 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
     step_times: List[float] = []
     cpu_times: List[float] = []  # process CPU seconds per step (steady under other load, unlike wall time)
     last_eval = agreement_curve[-1] if agreement_curve else None
+    # the cosine's length: config.steps, or what the time cap affords (fixed once steps are timed)
+    horizon: Optional[int] = meta.get("schedule_steps") if deadline is not None else config.steps
+    checks = val_patches is not None and (config.until_agreement is not None or keep_best)
 
     def checkpoint(done: int) -> None:
         state = {"loss_curve": loss_curve, "sampler_state": sampler.state, "config": asdict(config),
+                 "schedule_steps": horizon,
                  "agreement_before": before, "agreement_curve": agreement_curve,
                  "run_info": run_info or {}}
         if cache is not None:
@@ -479,9 +508,14 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
                 if time.perf_counter() + expected > deadline:
                     stopped = "time"
                     break
+            if horizon is None and len(step_times) >= TIMED_STEPS:
+                horizon = planned_steps(step, deadline - time.perf_counter(),
+                                        sorted(step_times)[len(step_times) // 2],
+                                        eval_seconds if checks else 0.0, config.eval_every, config.steps)
+                progress.log(f"learning rate: cosine over {horizon} steps (what --max-minutes affords)")
             ts, cs = time.perf_counter(), time.process_time()
             for group in optimizer.param_groups:
-                group["lr"] = config.lr_at(step)
+                group["lr"] = config.lr_at(step, horizon)
             loss = fast_loss() if fast else classic_loss()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -506,8 +540,7 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
             cpu_times.append(time.process_time() - cs)
             done = step + 1
             reached = False
-            if (val_patches is not None and (config.until_agreement is not None or keep_best)
-                    and (done % max(1, config.eval_every) == 0 or done == config.steps)):
+            if checks and (done % max(1, config.eval_every) == 0 or done == config.steps):
                 a = evaluate()
                 last_eval = {"step": done, "seconds": round(time.perf_counter() - t0, 1), **a}
                 agreement_curve.append(last_eval)
@@ -516,13 +549,14 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
                     best = {"step": done, **a}
                     save_best(work_dir, student, best)
             rate = len(step_times) / max(1e-9, sum(step_times))
-            left = (config.steps - done) / rate
+            planned = max(done, horizon or config.steps)  # the bar follows the planned steps
+            left = (planned - done) / rate
             if deadline is not None:
                 left = min(left, max(0.0, deadline - time.perf_counter()))
-            text = (f"step {done}/{config.steps} loss {value:.4f} {rate:.2f} steps/s"
+            text = (f"step {done}/{planned} loss {value:.4f} {rate:.2f} steps/s"
                     + (f" agreement {last_eval['mean_dice']:.3f}" if last_eval else "")
                     + f" ETA {_fmt_minutes(left)}")
-            progress.update(done / config.steps, text)
+            progress.update(done / planned, text)
             if done % config.checkpoint_every == 0 or done == config.steps or reached:
                 checkpoint(done)
                 last_saved = done
@@ -562,6 +596,7 @@ def distill(teacher: nn.Module, student: nn.Module, sampler: PatchSampler, confi
     extra = {"last_checkpoint": last_saved, "precision": precision, "compiled": use_compile,
              "train_params": config.train_params, "train_seconds": round(train_seconds, 2),
              "steps_run": len(step_times), "kept_step": kept_step, "last_agreement": last_agreement,
+             "schedule_steps": horizon, "last_lr": optimizer.param_groups[0]["lr"],
              "steps_per_second": round(len(step_times) / sum(step_times), 4) if step_times else None,
              "cpu_seconds_per_step": round(sum(cpu_times) / len(cpu_times), 3) if cpu_times else None}
     if cache is not None:
