@@ -438,6 +438,25 @@ def test_the_fused_fast_recipe_loss_equals_its_two_losses_apart(classes, k, spre
     assert c.grad.dtype == torch.bfloat16 and c.grad.shape == s.shape
 
 
+def test_the_closed_form_losses_keep_their_gradients_out_of_the_denormal_range():
+    """Logits that spread by 100 (a random-weight network's) made exp() denormal, which x86
+    computes with several times slower; the gradients then carried denormals into the network."""
+    from TuckerSegLib.finetune.losses import dice_ce_loss, fast_recipe_loss, kd_loss_topk
+    from TuckerSegLib.finetune.teacher_cache import topk_targets
+
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randn(2, 118, 4, 5, 6, generator=gen) * 30
+    s = torch.randn(2, 118, 4, 5, 6, generator=gen) * 30
+    lp, ix = topk_targets(t, 8, 1.0, torch.float16)
+    tiny = torch.finfo(torch.float32).tiny
+    for loss_fn in (lambda x: fast_recipe_loss(x, lp, ix), lambda x: kd_loss_topk(x, lp, ix),
+                    lambda x: dice_ce_loss(x, ix[:, :1])):
+        a = s.clone().requires_grad_(True)
+        loss_fn(a).backward()
+        g = a.grad.abs()
+        assert torch.isfinite(g).all() and not ((g > 0) & (g < tiny)).any()
+
+
 def test_cached_teacher_answers_give_the_same_first_steps_as_recomputed(tiny, data, tmp_path):
     cases, _, student = _setup_distill(tiny, data)
     init = {k: v.clone() for k, v in student.state_dict().items()}

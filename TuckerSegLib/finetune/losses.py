@@ -19,6 +19,24 @@ from torch import nn
 from TuckerSegLib.finetune.teacher_cache import LOGP_FLOOR
 
 DICE_SMOOTH = 1e-5  # nnU-Net's trainer: soft Dice smoothing
+# Softmax terms below exp(EXP_FLOOR) = 4e-18 of the largest are held there, and teacher
+# probabilities below it count as 0. Why: logits that spread by more than 87 make float32
+# exponentials denormal, and x86 computes with denormals several times slower; that made the
+# closed-form losses 7x slower on a random-weight network (logits spread by 100) than on a trained
+# one (13), and the network's backward 3x (benchmarks/bench_distill_step.py). Fully trained
+# networks can spread that far too. ``torch.set_flush_denormal`` covers only the calling thread,
+# not torch's worker threads. The change is far below float32's resolution of a sum of 1.
+EXP_FLOOR = -40.0
+
+
+def _exp_floored_(t: torch.Tensor) -> torch.Tensor:
+    """``exp`` in place of arguments ``<= 0``, held at ``exp(EXP_FLOOR)`` from below (-inf too)."""
+    return t.clamp_min_(EXP_FLOOR).exp_()
+
+
+def _teacher_probs(logp: torch.Tensor) -> torch.Tensor:
+    """The teacher's probabilities from its log-probabilities, those below ``exp(EXP_FLOOR)`` as 0."""
+    return logp.clamp_min(EXP_FLOOR).exp_().masked_fill_(logp < EXP_FLOOR, 0.0)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -75,7 +93,7 @@ class _TopKKL(torch.autograd.Function):
         z = s.detach().float() / t               # a new tensor: masked in place below
         idx = t_idx.long()
         logp_k = t_logp.float().clamp_min(LOGP_FLOOR)
-        p_k = logp_k.exp()
+        p_k = _teacher_probs(logp_k)
         z_k = z.gather(1, idx)
         lse_k = z_k.logsumexp(1, keepdim=True)
         has_rest = idx.shape[1] < z.shape[1]
@@ -83,7 +101,8 @@ class _TopKKL(torch.autograd.Function):
         if has_rest:
             z.scatter_(1, idx, float("-inf"))    # the classes outside the teacher's top k
             m_r = z.amax(1, keepdim=True)
-            e_r = z.sub_(m_r).exp_()             # exp(z - max of the rest): 0 at the top-k classes
+            e_r = _exp_floored_(z.sub_(m_r))     # exp(z - max of the rest); top-k classes: floor, unused
+            e_r.scatter_(1, idx, 0.0)
             rest = e_r.sum(1, keepdim=True)      # at least 1
             log_rest = m_r + rest.log()
             lse = torch.logaddexp(lse_k, log_rest)
@@ -105,10 +124,10 @@ class _TopKKL(torch.autograd.Function):
         scale = grad_out.float() * ctx.t / ctx.n
         big_s = p_k.sum(1, keepdim=True) + p_rest
         if e_r is not None:  # S q_j - p_r q_j / q_r = e_j (S exp(m_r - lse) - p_r / rest)
-            grad = e_r * ((big_s * (m_r - lse).exp() - p_rest / rest) * scale)
+            grad = e_r * ((big_s * _exp_floored_(m_r - lse) - p_rest / rest) * scale)
         else:
             grad = torch.zeros(ctx.shape, dtype=torch.float32, device=z_k.device)
-        grad.scatter_(1, idx, (big_s * (z_k - lse).exp() - p_k) * scale)
+        grad.scatter_(1, idx, (big_s * _exp_floored_(z_k - lse) - p_k) * scale)
         return grad.to(ctx.dtype), None, None, None
 
 
@@ -145,8 +164,11 @@ class _DiceCE(torch.autograd.Function):
     def forward(ctx, s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         z = s.detach().float()
         lab = labels.long().view(z.shape[0], 1, *z.shape[2:])
-        lse = z.logsumexp(1, keepdim=True)
-        p = (z - lse).exp_()
+        m = z.amax(1, keepdim=True)
+        p = _exp_floored_(z - m)
+        se = p.sum(1, keepdim=True)
+        p.div_(se)
+        lse = se.log_().add_(m)
         n, classes = lab.numel(), z.shape[1]
         axes = [0] + list(range(2, z.ndim))
         ce = (lse - z.gather(1, lab)).sum() / n
@@ -219,7 +241,7 @@ class _FastRecipeLoss(torch.autograd.Function):
             z, idx, logp_k = z2[sl].to(torch.float32, copy=True), idx2[sl], logp2[sl]
             lab = idx[:, :1]
             m = z.amax(1, keepdim=True)
-            e = (z - m).exp_()
+            e = _exp_floored_(z - m)
             se = e.sum(1, keepdim=True)
             lse_c = se.log().add_(m)
             lse[sl] = lse_c
@@ -227,12 +249,12 @@ class _FastRecipeLoss(torch.autograd.Function):
             sum_pred += q.sum(0)
             inter.index_add_(0, lab[:, 0], q.gather(1, lab)[:, 0])
             ce_sum += float((lse_c - z.gather(1, lab)).sum())
-            p_k = logp_k.exp()
+            p_k = _teacher_probs(logp_k)
             kl = (p_k * (logp_k - (z.gather(1, idx) - lse_c))).sum(1, keepdim=True)
             if log_rest is not None:
                 z_r = z.scatter_(1, idx, float("-inf"))  # z is a chunk copy: masked in place
                 m_r = z_r.amax(1, keepdim=True)
-                lr = z_r.sub_(m_r).exp_().sum(1, keepdim=True).log_().add_(m_r)
+                lr = _exp_floored_(z_r.sub_(m_r)).scatter_(1, idx, 0.0).sum(1, keepdim=True).log_().add_(m_r)
                 log_rest[sl] = lr
                 p_r = (1.0 - p_k.sum(1, keepdim=True)).clamp_min(0.0)
                 p_rest[sl] = p_r
@@ -263,8 +285,8 @@ class _FastRecipeLoss(torch.autograd.Function):
             sl = slice(v0, min(n, v0 + ctx.chunk))
             z, idx = z2[sl].to(torch.float32, copy=True), idx2[sl]
             lab = idx[:, :1]
-            p_k = logp2[sl].exp()
-            q = (z - lse[sl]).exp_()
+            p_k = _teacher_probs(logp2[sl])
+            q = _exp_floored_(z - lse[sl])
             q_l = q.gather(1, lab)
             a_l = a[lab]
             # Dice + CE: q_j (b_j + 1/N - s_v) + [j = l] (a_l q_l - 1/N)
@@ -277,7 +299,7 @@ class _FastRecipeLoss(torch.autograd.Function):
                 big_s = big_s + p_rest[sl]
             g.add_(q * (w_kd * big_s))
             if p_rest is not None:  # q_j / q_r off the top k, 0 on it
-                g.sub_(z.scatter_(1, idx, float("-inf")).sub_(log_rest[sl]).exp_().mul_(w_kd * p_rest[sl]))
+                g.sub_(_exp_floored_(z.sub_(log_rest[sl])).scatter_(1, idx, 0.0).mul_(w_kd * p_rest[sl]))
             g.scatter_add_(1, idx, -w_kd * p_k)
             grad2[sl] = g
         grad = grad2.reshape(ctx.shape[0], *ctx.shape[2:], classes).movedim(-1, 1)
