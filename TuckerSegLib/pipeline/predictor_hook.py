@@ -28,6 +28,7 @@ from torch import nn
 
 from TuckerSegLib.engines.base import EngineInfo
 from TuckerSegLib.errors import EngineError
+from TuckerSegLib.models.checkpoint import file_fingerprint
 from TuckerSegLib.pipeline.model_loading import LoadedModel, load_model
 from TuckerSegLib.pipeline.nnunet_speedups import cpu_sliding_window, in_process_predict_from_files, parallel_argmax
 from TuckerSegLib.progress import NullProgress, Progress
@@ -98,13 +99,9 @@ def _curve_quality(folder: Path, loaded: LoadedModel, cache_dir: Optional[Path],
 
 
 def _weights_stamp(folder: Path, folds, checkpoint_name: str) -> tuple:
-    """Size and mtime of each checkpoint: a warm model is reused only for the same weights."""
-    stamps = []
-    for f in folds:
-        path = folder / f"fold_{f}" / checkpoint_name
-        st = path.stat() if path.is_file() else None
-        stamps.append((st.st_size, st.st_mtime_ns) if st else None)
-    return tuple(stamps)
+    """Each checkpoint's size and mtime: a warm model is reused only for the same weights."""
+    paths = (folder / f"fold_{f}" / checkpoint_name for f in folds)
+    return tuple(file_fingerprint(p) if p.is_file() else None for p in paths)
 
 
 def original_run(run: RunSpec) -> RunSpec:
