@@ -34,6 +34,15 @@ def _exp_floored_(t: torch.Tensor) -> torch.Tensor:
     return t.clamp_min_(EXP_FLOOR).exp_()
 
 
+def _softmax_floored(z: torch.Tensor):
+    """``(softmax(z), logsumexp(z))`` over dim 1, its terms held at ``exp(EXP_FLOOR)`` from below;
+    ``z`` is left as it is."""
+    m = z.amax(1, keepdim=True)
+    p = _exp_floored_(z - m)
+    se = p.sum(1, keepdim=True)
+    return p.div_(se), se.log_().add_(m)
+
+
 def _teacher_probs(logp: torch.Tensor) -> torch.Tensor:
     """The teacher's probabilities from its log-probabilities, those below ``exp(EXP_FLOOR)`` as 0."""
     return logp.clamp_min(EXP_FLOOR).exp_().masked_fill_(logp < EXP_FLOOR, 0.0)
@@ -164,11 +173,7 @@ class _DiceCE(torch.autograd.Function):
     def forward(ctx, s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         z = s.detach().float()
         lab = labels.long().view(z.shape[0], 1, *z.shape[2:])
-        m = z.amax(1, keepdim=True)
-        p = _exp_floored_(z - m)
-        se = p.sum(1, keepdim=True)
-        p.div_(se)
-        lse = se.log_().add_(m)
+        p, lse = _softmax_floored(z)
         n, classes = lab.numel(), z.shape[1]
         axes = [0] + list(range(2, z.ndim))
         ce = (lse - z.gather(1, lab)).sum() / n
@@ -240,12 +245,8 @@ class _FastRecipeLoss(torch.autograd.Function):
             sl = slice(v0, min(n, v0 + chunk))
             z, idx, logp_k = z2[sl].to(torch.float32, copy=True), idx2[sl], logp2[sl]
             lab = idx[:, :1]
-            m = z.amax(1, keepdim=True)
-            e = _exp_floored_(z - m)
-            se = e.sum(1, keepdim=True)
-            lse_c = se.log().add_(m)
+            q, lse_c = _softmax_floored(z)
             lse[sl] = lse_c
-            q = e.div_(se)
             sum_pred += q.sum(0)
             inter.index_add_(0, lab[:, 0], q.gather(1, lab)[:, 0])
             ce_sum += float((lse_c - z.gather(1, lab)).sum())
