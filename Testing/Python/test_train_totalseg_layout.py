@@ -85,3 +85,12 @@ def test_training_lowers_loss_writes_folder_and_round_trips_safetensors(bundle, 
         for k, v in weights.items():
             expected = v if dtype == "fp32" else v.half().float()
             assert torch.equal(state[k], expected), (dtype, k)
+
+
+def test_a_diverging_run_stops_with_one_line_instead_of_writing_nan_weights(bundle):
+    # lr 1e30 overflows float32 within a step or two: the loss turns NaN. Before the guard the
+    # loop stepped on with NaN gradients and wrote a folder of NaN weights.
+    torch.set_num_threads(2)
+    with pytest.raises(T.ModelError, match="diverged at step"):
+        T.train(bundle, steps=40, crop=[16, 48, 48], device="cpu", seed=0, lr=1e30, amp="none",
+                eval_every=0, log_every=1, eval_context=False, log=lambda _: None)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import pydoc
@@ -68,6 +69,7 @@ DEFAULT_DATASET = 297
 EXPORT_MANIFEST = "tuckerseg_export.json"
 EXPORT_FORMAT = 1
 BUNDLE_FORMAT = 1
+MAX_NONFINITE_STEPS = 5  # skipped steps in a row before training stops as diverged
 
 Log = Callable[[str], None]
 
@@ -532,6 +534,7 @@ def train(bundle: Bundle, steps: int = 300, crop: Optional[Sequence[int]] = None
     t0 = time.perf_counter()
     eval_seconds = 0.0
     step = 0
+    nonfinite = 0
     while step < steps:
         progress = step / steps
         if time_budget:
@@ -553,11 +556,18 @@ def train(bundle: Bundle, steps: int = 300, crop: Optional[Sequence[int]] = None
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
-            scaler.step(opt)
+            scaler.step(opt)  # skips non-finite steps itself
             scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+            norm = torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+            if not (math.isfinite(float(loss.detach())) and math.isfinite(float(norm))):
+                nonfinite += 1  # one bad batch must not write NaN into every weight
+                if nonfinite >= MAX_NONFINITE_STEPS:
+                    raise ModelError(f"training diverged at step {step + 1}: {nonfinite} steps in a row gave a "
+                                     f"non-finite loss or gradient (lower --lr, a larger --crop or --amp none)")
+                continue
+            nonfinite = 0
             opt.step()
         value = float(loss.detach())
         running = value if running is None else 0.9 * running + 0.1 * value
