@@ -146,7 +146,22 @@ class Augment:
                 "shift": self.shift, "noise": self.noise}
 
 
-class PatchSampler:
+class ResumableRng:
+    """A sampler whose draws resume where a checkpoint left them: ``state`` is its numpy
+    generator's state, JSON-serialisable (``self.rng`` is set by the sampler)."""
+
+    rng: np.random.Generator
+
+    @property
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    @state.setter
+    def state(self, value: dict) -> None:
+        self.rng.bit_generator.state = value
+
+
+class PatchSampler(ResumableRng):
     """Random patches of ``patch_size`` from preprocessed cases; resumable through ``state``.
 
     A fraction ``foreground`` of patches is centred on a random labelled voxel where the case
@@ -166,16 +181,6 @@ class PatchSampler:
         self.augment = augment
         self.rng = np.random.default_rng(seed)
         self._fg: Dict[int, np.ndarray] = {}
-
-    # -- resumability ---------------------------------------------------------------------
-    @property
-    def state(self) -> dict:
-        """The random generator's state (JSON-serialisable)."""
-        return self.rng.bit_generator.state
-
-    @state.setter
-    def state(self, value: dict) -> None:
-        self.rng.bit_generator.state = value
 
     # -- sampling ---------------------------------------------------------------------------
     def _foreground_voxels(self, i: int) -> np.ndarray:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from TuckerSegLib.compression.ct_patches import ResumableRng
 from TuckerSegLib.network.labels import argmax_labels
 
 CACHE_DIR = "teacher_cache"
@@ -63,7 +64,7 @@ def topk_targets(logits: torch.Tensor, k: int, temperature: float = 1.0,
 
 
 @dataclass
-class TeacherCache:
+class TeacherCache(ResumableRng):
     """A pool of training inputs with the teacher's stored answers; draws batches resumably."""
 
     inputs: torch.Tensor  # (N, C, *crop) float32
@@ -89,15 +90,6 @@ class TeacherCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.inputs, self.logp, self.indices))
-
-    # -- resumability ----------------------------------------------------------------------
-    @property
-    def state(self) -> dict:
-        return self.rng.bit_generator.state
-
-    @state.setter
-    def state(self, value: dict) -> None:
-        self.rng.bit_generator.state = value
 
     def draw(self, batch_size: int) -> np.ndarray:
         """Indices of the next batch (without repetition inside a batch)."""
