@@ -207,17 +207,15 @@ def installed_model_folder(dataset_id: int, root: Path) -> Path:
 def _cache_dirs(folder: Path, cache_dir) -> List[Path]:
     """Where ``storage.model_cache_dir`` may have put the model's cache, without its side effects
     (it creates folders and probes them for writing; the read-out only reads)."""
-    import hashlib
     import os
 
-    from TuckerSegLib.storage import CACHE_DIR_NAME, cache_root
+    from TuckerSegLib.storage import CACHE_DIR_NAME, cache_root, folder_digest
 
     if cache_dir:
         return [Path(cache_dir)]
     if os.environ.get("TUCKERSEG_CACHE_DIR"):
         return [cache_root()]
-    digest = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]
-    return [folder / CACHE_DIR_NAME, cache_root() / f"{folder.name}-{digest}"]
+    return [folder / CACHE_DIR_NAME, cache_root() / f"{folder.name}-{folder_digest(folder)}"]
 
 
 @lru_cache(maxsize=64)

@@ -41,10 +41,18 @@ def _writable(folder: Path) -> bool:
         return False
 
 
+def folder_digest(model_folder: PathLike) -> str:
+    """A short name of one model folder. Why: a shared cache folder (``cache_dir``,
+    ``$TUCKERSEG_CACHE_DIR``) holds the files of several models, and the five of ``total`` share
+    their folder name (``nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres``)."""
+    return hashlib.sha1(str(Path(model_folder).resolve()).encode()).hexdigest()[:10]
+
+
 def model_cache_dir(model_folder: PathLike, cache_dir: Optional[PathLike] = None) -> Path:
     """The cache folder of one nnU-Net model folder, in order: ``cache_dir``,
     ``$TUCKERSEG_CACHE_DIR``, a ``tuckerseg_cache`` folder beside the weights when writable, else
-    a folder named after the model under ``cache_root()``."""
+    a folder named after the model under ``cache_root()``. The first two are shared by every
+    model: what is stored there is keyed by the model (``folder_digest``, weights fingerprints)."""
     if cache_dir:
         return Path(cache_dir)
     if os.environ.get("TUCKERSEG_CACHE_DIR"):
@@ -52,8 +60,7 @@ def model_cache_dir(model_folder: PathLike, cache_dir: Optional[PathLike] = None
     beside = Path(model_folder) / CACHE_DIR_NAME
     if _writable(beside):
         return beside
-    digest = hashlib.sha1(str(Path(model_folder).resolve()).encode()).hexdigest()[:10]
-    return cache_root() / f"{Path(model_folder).name}-{digest}"
+    return cache_root() / f"{Path(model_folder).name}-{folder_digest(model_folder)}"
 
 
 def read_json(path: Optional[PathLike]) -> Dict[str, Any]:

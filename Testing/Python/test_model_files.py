@@ -153,6 +153,26 @@ def test_cache_entries_of_another_algorithm_version_are_not_reused(model_dir, tm
     assert len(names) == 2 and names[0].rsplit("-v", 1)[0] == names[1].rsplit("-v", 1)[0]
 
 
+def test_models_that_share_a_cache_folder_keep_their_own_entries(tmp_path):
+    """``--cache-dir`` (or ``$TUCKERSEG_CACHE_DIR``) is one folder for every model, and the five
+    models of ``total`` share their folder name: each keeps its own entry, none is rebuilt."""
+    trainer = "nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres"
+    folders = [write_model_folder(tmp_path / f"Dataset29{i}_Part{i}" / trainer, seed=i) for i in (1, 2)]
+    cache = tmp_path / "shared"
+    spec = CompressionSpec(0.5, "uniform")
+    first = [get_compressed_network(f, spec, cache_dir=cache)[0] for f in folders]
+    entries = sorted(p for p in cache.iterdir() if p.is_dir())
+    assert len(entries) == 2
+    stamps = [(e / "model.safetensors").stat().st_mtime_ns for e in entries]
+    again = [get_compressed_network(f, spec, cache_dir=cache)[0] for f in folders]
+    assert [(e / "model.safetensors").stat().st_mtime_ns for e in entries] == stamps  # loaded, not rebuilt
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(first, again):
+            assert torch.equal(a(x), b(x))
+        assert not torch.equal(again[0](x), again[1](x))  # each model got its own network back
+
+
 def test_cache_concurrent_builders(model_dir, tmp_path):
     cache = tmp_path / "cache"
     code = ("import sys; from TuckerSegLib.compression.cache import get_compressed_network as g;"

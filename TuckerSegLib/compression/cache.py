@@ -31,18 +31,20 @@ from TuckerSegLib.models.nnunet_folder import DEFAULT_CHECKPOINT, NnUNetModel, l
 from TuckerSegLib.network.cost import count_cost
 from TuckerSegLib.progress import NullProgress, Progress
 from TuckerSegLib.specs import CompressionSpec
-from TuckerSegLib.storage import merge_json, model_cache_dir, read_json
+from TuckerSegLib.storage import folder_digest, merge_json, model_cache_dir, read_json
 
 SENSITIVITIES_FILE = "layer_sensitivities.json"
 
 
-def entry_name(fold, checkpoint_name: str, spec: CompressionSpec) -> str:
-    """The entry's folder name: everything that changes the compressed network."""
+def entry_name(model_folder: Union[str, Path], fold, checkpoint_name: str, spec: CompressionSpec) -> str:
+    """The entry's folder name: the model (a shared cache folder holds several: without it the five
+    models of ``total`` overwrote each other's entries, and every run compressed again) and
+    everything that changes the compressed network."""
     stem = Path(checkpoint_name).stem
     floor = "" if spec.rank_min is None else f"-min{spec.rank_min}"
     refine = "" if spec.refine or spec.policy != "budget" else "-norefine"
-    return (f"fold{fold}-{stem}-{spec.policy}-r{spec.ratio:.4f}-{spec.method}-m{spec.rank_multiple}"
-            f"{floor}{refine}-v{ALGORITHM_VERSION}")
+    return (f"{folder_digest(model_folder)}-fold{fold}-{stem}-{spec.policy}-r{spec.ratio:.4f}-{spec.method}"
+            f"-m{spec.rank_multiple}{floor}{refine}-v{ALGORITHM_VERSION}")
 
 
 def original_report(model: NnUNetModel) -> dict:
@@ -74,7 +76,7 @@ def get_compressed_model(model_folder: Union[str, Path], spec: CompressionSpec, 
         return model
     root = model_cache_dir(model_folder, cache_dir)
     root.mkdir(parents=True, exist_ok=True)
-    entry = root / entry_name(fold, checkpoint_name, spec)
+    entry = root / entry_name(model_folder, fold, checkpoint_name, spec)
     ckpt = model_folder / f"fold_{fold}" / checkpoint_name
     with FileLock(str(entry) + ".lock"):
         cached = _load_valid(entry, ckpt, progress)

@@ -17,7 +17,6 @@ search that is stopped resumes where it was in the next one.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
 from TuckerSegLib.specs import CompressionSpec, RunSpec
-from TuckerSegLib.storage import cache_root, model_cache_dir
+from TuckerSegLib.storage import cache_root, folder_digest, model_cache_dir
 
 LOG_FILE = "quality_search.log"
 QUEUE_LOCK = "quality_search.queue.lock"
@@ -76,8 +75,7 @@ def _lock_in(cache: Path, model_folder: Union[str, Path]) -> Path:
 
 
 def _lock_name(model_folder: Union[str, Path]) -> str:
-    digest = hashlib.sha1(str(Path(model_folder).resolve()).encode()).hexdigest()[:10]
-    return f"quality_search-{digest}.lock"
+    return f"quality_search-{folder_digest(model_folder)}.lock"
 
 
 def running(model_folder: Union[str, Path], cache_dirs: Sequence[Union[str, Path]]) -> bool:
@@ -91,6 +89,12 @@ def running(model_folder: Union[str, Path], cache_dirs: Sequence[Union[str, Path
         if lock.is_file() and _held(lock):
             return True
     return False
+
+
+def any_running(cache: Union[str, Path]) -> bool:
+    """True while a search of any model holds its lock in ``cache`` (queued searches hold theirs
+    too: ``total`` starts five, which run one after the other)."""
+    return any(_held(lock) for lock in Path(cache).glob("quality_search-*.lock"))
 
 
 def _held(lock_file: Path) -> bool:
