@@ -12,7 +12,8 @@ Peak memory is the PSS of the process and its workers. ``--exit-pairs N`` times 
 per setting in turns with the interpreter's ordinary exit, against the command's quick exit
 (``cli.main.console_main``). ``--rounds N`` ends with N rounds in turns of stock and each
 setting's warm run: on a machine whose speed drifts by tens of percent within an hour, the median
-of those per-round ratios is the figure to quote. The default (a quality target) measures its
+of those per-round ratios is the figure to quote (``--rounds-only --workdir W`` runs just those
+again in an earlier run's folder, its caches warm and its searches ended). The default (a quality target) measures its
 quality curve in a detached process after its cold run; the warm runs start once that has ended.
 
     nice -n 5 python benchmarks/bench_whole_process.py --mode fast \\
@@ -125,9 +126,13 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=0, metavar="N",
                    help="at the end, N rounds in turns of stock then each setting's warm run, so that "
                         "each ratio compares runs made in the same machine state (medians reported)")
+    p.add_argument("--rounds-only", action="store_true",
+                   help="with --workdir of an earlier run (its caches warm, its searches ended): only the --rounds")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.rounds_only and not (args.workdir and args.rounds):
+        p.error("--rounds-only needs the --workdir of an earlier run and --rounds N")
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-whole-"))
     home = work / "home"
@@ -158,11 +163,12 @@ def main(argv=None) -> int:
     log(f"imports of a fresh process: {imports['process']:.1f} s")
     stock_cmd = [BIN / "TotalSegmentator", "-i", args.ct, "-o", work / "stock.nii.gz", *mode_flags, "--ml",
                  "-d", "cpu", "-q"]
-    stock = [run_process(stock_cmd, env) for _ in range(1 + args.repeats)]
-    rows.append({"run": "stock TotalSegmentator", "cold_seconds": stock[0]["wall"],
-                 "warm_seconds": min(r["wall"] for r in stock[1:]),
-                 "peak_mb": max(r["peak_mb"] for r in stock)})
-    log(f"stock: {[round(r['wall'], 1) for r in stock]}")
+    if not args.rounds_only:
+        stock = [run_process(stock_cmd, env) for _ in range(1 + args.repeats)]
+        rows.append({"run": "stock TotalSegmentator", "cold_seconds": stock[0]["wall"],
+                     "warm_seconds": min(r["wall"] for r in stock[1:]),
+                     "peak_mb": max(r["peak_mb"] for r in stock)})
+        log(f"stock: {[round(r['wall'], 1) for r in stock]}")
 
     warm_cmds = []  # (run, command) of each setting's warm run, for --rounds
     for index in args.settings:
@@ -173,6 +179,9 @@ def main(argv=None) -> int:
             return [sys.executable, "-m", "TuckerSegLib", "segment", "-i", ct, "-o", out, *mode_flags,
                     "--device", "cpu", "--cache-dir", cache, "--progress", "json", *extra]
 
+        if args.rounds_only:
+            warm_cmds.append((f"tuckerseg segment, {name}", cmd(args.ct, work / f"round-{index}.nii.gz")))
+            continue
         cold = run_process(cmd(args.ct, work / f"cold-{index}.nii.gz"), env)
         search = None
         if not any(a in extra for a in ("--ratio", "--quality-search")):
@@ -230,7 +239,7 @@ def main(argv=None) -> int:
         rounds.append([run_process(stock_cmd, env)["wall"], *(run_process(c, env)["wall"] for _, c in warm_cmds)])
         log(f"round in turns (stock, then each setting): {[round(t, 1) for t in rounds[-1]]}")
 
-    stock_warm = rows[0]["warm_seconds"]
+    stock_warm = rows[0]["warm_seconds"] if rows else None
     print(f"\nTotalSegmentator {' '.join(mode_flags) or '(total, 1.5 mm)'} on {args.ct.name}, "
           f"{'trained weights ' + str(args.weights) if args.weights else 'test models (random weights)'}, "
           f"{os.cpu_count()} CPUs, a fresh process that only imports what `segment` runs: "
