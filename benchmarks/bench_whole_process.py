@@ -179,8 +179,8 @@ def main(argv=None) -> int:
             return [sys.executable, "-m", "TuckerSegLib", "segment", "-i", ct, "-o", out, *mode_flags,
                     "--device", "cpu", "--cache-dir", cache, "--progress", "json", *extra]
 
+        warm_cmds.append((f"tuckerseg segment, {name}", cmd(args.ct, work / f"round-{index}.nii.gz")))
         if args.rounds_only:
-            warm_cmds.append((f"tuckerseg segment, {name}", cmd(args.ct, work / f"round-{index}.nii.gz")))
             continue
         cold = run_process(cmd(args.ct, work / f"cold-{index}.nii.gz"), env)
         search = None
@@ -191,7 +191,6 @@ def main(argv=None) -> int:
         warm = [run_process(cmd(args.ct, work / f"warm-{index}.nii.gz"), env) for _ in range(args.repeats)]
         best = min(warm, key=lambda r: r["wall"])
         res = best["result"]
-        warm_cmds.append((f"tuckerseg segment, {name}", cmd(args.ct, work / f"round-{index}.nii.gz")))
         rows.append({"run": f"tuckerseg segment, {name}", "args": extra, "cold_seconds": cold["wall"],
                      "warm_seconds": best["wall"], "peak_mb": max(r["peak_mb"] for r in [cold, *warm]),
                      "breakdown": {k: round(v, 2) for k, v in breakdown(best["wall"], res).items()},

@@ -552,6 +552,7 @@ def train(bundle: Bundle, steps: int = 300, crop: Optional[Sequence[int]] = None
         outs = [o.float() for o in outs]
         targets = [torch.nn.functional.interpolate(y, size=o.shape[2:], mode="nearest-exact") for o in outs]
         loss = loss_fn(outs, targets)
+        value = float(loss.detach())
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -561,7 +562,7 @@ def train(bundle: Bundle, steps: int = 300, crop: Optional[Sequence[int]] = None
         else:
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
-            if not (math.isfinite(float(loss.detach())) and math.isfinite(float(norm))):
+            if not (math.isfinite(value) and math.isfinite(float(norm))):
                 nonfinite += 1  # one bad batch must not write NaN into every weight
                 if nonfinite >= MAX_NONFINITE_STEPS:
                     raise ModelError(f"training diverged at step {step + 1}: {nonfinite} steps in a row gave a "
@@ -569,7 +570,6 @@ def train(bundle: Bundle, steps: int = 300, crop: Optional[Sequence[int]] = None
                 continue
             nonfinite = 0
             opt.step()
-        value = float(loss.detach())
         running = value if running is None else 0.9 * running + 0.1 * value
         step += 1
         if step == 1 or step % log_every == 0:
