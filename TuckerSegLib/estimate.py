@@ -265,7 +265,8 @@ def _seconds_near(curve, fraction: float):
     (the original's time at 1.0), else (None, None)."""
     if fraction >= 1.0 - 1e-9 and curve.reference_seconds_per_patch:
         return float(curve.reference_seconds_per_patch), None
-    near = [p for p in curve.f32() if p.seconds_per_patch and abs(p.macs_fraction - fraction) <= SPEED_TOLERANCE]
+    near = [p for p in curve.f32() if p.seconds_per_patch and p.source != "original"
+            and abs(p.macs_fraction - fraction) <= SPEED_TOLERANCE]
     if not near:
         return None, None
     p = min(near, key=lambda p: abs(p.macs_fraction - fraction))
@@ -313,7 +314,7 @@ def quality_readout(task: str = "total", quality: str = "default", ratio: float 
         if curve is not None:
             m["reference_seconds_per_patch"] = curve.reference_seconds_per_patch
             if min_agreement is not None:
-                best = curve.fastest_for(float(min_agreement), TARGET_PRECISIONS)
+                best = curve.fastest_for(float(min_agreement), TARGET_PRECISIONS, fast_original=True)
                 fraction = 1.0 if best is None else best.macs_fraction
                 m.update(macs_fraction=fraction, predicted_agreement=1.0 if best is None else best.agreement,
                          fallback=best is None or best.source == "original",

@@ -63,6 +63,8 @@ class QualityPoint:
     # the engine precision it ran at: f32 points make the curve and choose the ranks (the same on
     # every machine); a lower precision point (source "original" for the uncompressed network) is
     # this machine's faster way to run a chosen network, measured against the same f32 reference
+    # (the original as stock runs it, PyTorch); an f32 point of source "original" is the original
+    # on a faster engine than stock's (``QualityCurve.original_f32``)
     precision: str = "f32"
     # the fastest of a few calls on one validation patch, timed in turns with the other ways to run
     # a target that were within ``RACE_MARGIN`` of it (``pipeline.quality_target``): compared only
@@ -121,6 +123,11 @@ class QualityCurve:
                 return p
         return None
 
+    def original_f32(self) -> Optional[QualityPoint]:
+        """The original network measured at f32 on a faster engine than stock's PyTorch (which made
+        the reference), if it was: a target that no compressed network meets may run it."""
+        return self.variant(None, "f32")
+
     def update(self, point: QualityPoint, **changes) -> None:
         """Change the stored point that ``point`` is (or is a copy of, e.g. from ``envelope``)."""
         same = (point.source, round(point.ratio, 4), point.folder, point.precision)
@@ -131,13 +138,19 @@ class QualityCurve:
         raise KeyError(f"no such point on the curve: {same}")
 
     def candidates(self, min_agreement: float, precisions: Sequence[str] = ("f32",),
-                   max_fraction: float = MAX_FRACTION) -> List[Tuple[Optional[float], Optional[QualityPoint]]]:
+                   max_fraction: float = MAX_FRACTION, fast_original: bool = False
+                   ) -> List[Tuple[Optional[float], Optional[QualityPoint]]]:
         """``(seconds per patch here, point)`` of each way to run a target here, preferred first on
-        equal times: ``best_for``'s network at f32 (None: the original), then the measured
-        ``precisions`` runs of it and of the original whose own agreement meets the target."""
+        equal times: ``best_for``'s network at f32 (None: the original as stock runs it), then the
+        measured ``precisions`` runs of it and of the original whose own agreement meets the
+        target. ``fast_original``: where the original runs, also its measured f32 run on a faster
+        engine than stock's (the ``original_f32`` point)."""
         best = self.best_for(min_agreement, max_fraction)
         out: List[Tuple[Optional[float], Optional[QualityPoint]]] = [
             (self.reference_seconds_per_patch if best is None else best.seconds_per_patch, best)]
+        fast = self.original_f32() if fast_original and best is None else None
+        if fast is not None and fast.meets(min_agreement) and fast.seconds_per_patch:
+            out.append((fast.seconds_per_patch, fast))
         for precision in precisions:
             if precision == "f32":
                 continue
@@ -148,17 +161,18 @@ class QualityCurve:
         return out
 
     def close_candidates(self, min_agreement: float, precisions: Sequence[str] = ("f32",),
-                         max_fraction: float = MAX_FRACTION) -> List[Tuple[Optional[float], Optional[QualityPoint]]]:
+                         max_fraction: float = MAX_FRACTION, fast_original: bool = False
+                         ) -> List[Tuple[Optional[float], Optional[QualityPoint]]]:
         """The ``candidates`` timed within ``RACE_MARGIN`` of the fastest (all of them where
         any was not timed): those whose order the noise of lone timings may have decided."""
-        return _close(self.candidates(min_agreement, precisions, max_fraction))
+        return _close(self.candidates(min_agreement, precisions, max_fraction, fast_original))
 
     def fastest_for(self, min_agreement: float, precisions: Sequence[str] = ("f32",),
-                    max_fraction: float = MAX_FRACTION) -> Optional[QualityPoint]:
+                    max_fraction: float = MAX_FRACTION, fast_original: bool = False) -> Optional[QualityPoint]:
         """What a target runs on this machine: the fastest of ``candidates`` measured here (the
         first on equal times; the f32 choice where that was not timed). Close candidates that were
-        all timed in turns are compared by those times. None: the original at f32."""
-        options = self.candidates(min_agreement, precisions, max_fraction)
+        all timed in turns are compared by those times. None: the original at f32 as stock runs it."""
+        options = self.candidates(min_agreement, precisions, max_fraction, fast_original)
         if options[0][0] is None:  # nothing to compare with: the f32 choice
             return options[0][1]
         close = _close(options)

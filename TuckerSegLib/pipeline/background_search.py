@@ -163,13 +163,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def search(request: SearchRequest, progress) -> None:
     """Measure the curve, then prepare the chosen network's engine as the next run will ask for it."""
     from TuckerSegLib.pipeline.predictor_hook import how_choice_runs, prepare_for_run
-    from TuckerSegLib.pipeline.quality_target import choose_for_target
+    from TuckerSegLib.pipeline.quality_target import choose_for_target, original_on_fast_engine
 
     t0 = time.perf_counter()
     target = request.spec.min_agreement
     progress.log(f"quality target {target:g}: measuring the curve of {request.model_folder}")
     choice = choose_for_target(request.model_folder, request.spec, request.fold, request.checkpoint_name,
-                               request.device, request.cache_dir, progress, precisions=request.precisions)
+                               request.device, request.cache_dir, progress, precisions=request.precisions,
+                               fast_original=original_on_fast_engine(request.run, request.device))
     measured = time.perf_counter() - t0
     spec, given, run = how_choice_runs(choice, request.run)
     progress.stage("prepare", "preparing the chosen network for the next run")

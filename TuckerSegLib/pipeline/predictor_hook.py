@@ -113,13 +113,16 @@ def original_run(run: RunSpec) -> RunSpec:
 def how_choice_runs(choice, run: RunSpec) -> Tuple[CompressionSpec, Optional[Path], RunSpec]:
     """``(spec, compressed folder or None, run)`` of a quality target's ``TargetChoice``: a lower
     precision measured faster here and meeting the target runs on OpenVINO; the original at f32
-    runs as stock does. The hook runs this; a background search prepares it for the next run."""
+    runs as stock does, or on the faster engine it was measured on (``fast_original``). The hook
+    runs this; a background search prepares it for the next run."""
     if choice.precision == "int8":  # the INT8 model the search quantised and measured
         from TuckerSegLib.pipeline.quality_target import target_int8_run
 
         return choice.spec, choice.compressed_folder, target_int8_run(run)
     if choice.precision != "f32":
         return choice.spec, choice.compressed_folder, replace(run, engine="openvino", precision=choice.precision)
+    if choice.fallback and choice.point is not None:  # the original measured on a faster engine
+        return choice.spec, choice.compressed_folder, replace(run, engine=choice.point.engine)
     return choice.spec, choice.compressed_folder, original_run(run) if choice.fallback else run
 
 
@@ -196,12 +199,14 @@ class CompressedPredictorHook:
         provisional = False  # what runs while the curve is measured elsewhere is not kept warm
         if spec.is_target and given is None:
             from TuckerSegLib.pipeline import background_search
-            from TuckerSegLib.pipeline.quality_target import DEFERRED_PRECISIONS, choose_for_target, lower_precisions
+            from TuckerSegLib.pipeline.quality_target import (DEFERRED_PRECISIONS, choose_for_target,
+                                                              lower_precisions, original_on_fast_engine)
 
             precisions = lower_precisions(run, predictor.device)
             choice = choose_for_target(folder, spec, folds[0], checkpoint_name, predictor.device,
                                        self.cache_dir, self.progress, precisions=precisions,
-                                       measure=spec.search == "now", defer=DEFERRED_PRECISIONS)
+                                       measure=spec.search == "now", defer=DEFERRED_PRECISIONS,
+                                       fast_original=original_on_fast_engine(run, predictor.device))
             if choice is None or choice.pending:  # what is not measured yet, a detached search measures
                 log = background_search.log_path(folder, self.cache_dir)
                 self.pending_searches.append(background_search.SearchRequest(
