@@ -13,8 +13,10 @@ per setting in turns with the interpreter's ordinary exit, against the command's
 (``cli.main.console_main``). ``--rounds N`` ends with N rounds in turns of stock and each
 setting's warm run: on a machine whose speed drifts by tens of percent within an hour, the median
 of those per-round ratios is the figure to quote (``--rounds-only --workdir W`` runs just those
-again in an earlier run's folder, its caches warm and its searches ended). The default (a quality target) measures its
-quality curve in a detached process after its cold run; the warm runs start once that has ended.
+again in an earlier run's folder, its caches warm and its searches ended; ``--cold-only --workdir W``
+prepares such a folder: each setting's cold run and its searches, no stock and no warm runs). The
+default (a quality target) measures its quality curve in a detached process after its cold run;
+the warm runs start once that has ended.
 
     nice -n 5 python benchmarks/bench_whole_process.py --mode fast \\
         --json benchmarks/results/bench_whole_process_fast.json
@@ -128,11 +130,16 @@ def main(argv=None) -> int:
                         "each ratio compares runs made in the same machine state (medians reported)")
     p.add_argument("--rounds-only", action="store_true",
                    help="with --workdir of an earlier run (its caches warm, its searches ended): only the --rounds")
+    p.add_argument("--cold-only", action="store_true",
+                   help="with --workdir: only each setting's cold run, waiting for its searches (no stock, no "
+                        "warm runs); a later --rounds-only in that folder compares the warm runs with stock")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.rounds_only and not (args.workdir and args.rounds):
         p.error("--rounds-only needs the --workdir of an earlier run and --rounds N")
+    if args.cold_only and (args.rounds_only or not args.workdir):
+        p.error("--cold-only needs --workdir (for a later --rounds-only) and excludes --rounds-only")
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-whole-"))
     home = work / "home"
@@ -163,7 +170,7 @@ def main(argv=None) -> int:
     log(f"imports of a fresh process: {imports['process']:.1f} s")
     stock_cmd = [BIN / "TotalSegmentator", "-i", args.ct, "-o", work / "stock.nii.gz", *mode_flags, "--ml",
                  "-d", "cpu", "-q"]
-    if not args.rounds_only:
+    if not (args.rounds_only or args.cold_only):
         stock = [run_process(stock_cmd, env) for _ in range(1 + args.repeats)]
         rows.append({"run": "stock TotalSegmentator", "cold_seconds": stock[0]["wall"],
                      "warm_seconds": min(r["wall"] for r in stock[1:]),
@@ -188,6 +195,11 @@ def main(argv=None) -> int:
             # the default left the quality curve to a detached search: warm runs come after it
             search = wait_for_background_search(cache / "quality_search.log")
             log(f"{name}: background search {search}")
+        if args.cold_only:
+            rows.append({"run": f"tuckerseg segment, {name}", "args": extra, "cold_seconds": cold["wall"],
+                         "peak_mb": cold["peak_mb"], "background_search": search})
+            log(f"{name}: cold {cold['wall']:.1f} s")
+            continue
         warm = [run_process(cmd(args.ct, work / f"warm-{index}.nii.gz"), env) for _ in range(args.repeats)]
         best = min(warm, key=lambda r: r["wall"])
         res = best["result"]
@@ -238,7 +250,7 @@ def main(argv=None) -> int:
         rounds.append([run_process(stock_cmd, env)["wall"], *(run_process(c, env)["wall"] for _, c in warm_cmds)])
         log(f"round in turns (stock, then each setting): {[round(t, 1) for t in rounds[-1]]}")
 
-    stock_warm = rows[0]["warm_seconds"] if rows else None
+    stock_warm = rows[0]["warm_seconds"] if rows and not args.cold_only else None
     print(f"\nTotalSegmentator {' '.join(mode_flags) or '(total, 1.5 mm)'} on {args.ct.name}, "
           f"{'trained weights ' + str(args.weights) if args.weights else 'test models (random weights)'}, "
           f"{os.cpu_count()} CPUs, a fresh process that only imports what `segment` runs: "
@@ -247,7 +259,9 @@ def main(argv=None) -> int:
         print(f"  import {name:71s} {seconds:5.2f} s")
     print(f"{'run':58s} {'cold s':>7s} {'warm s':>7s} {'vs stock':>8s} {'peak MB':>8s}")
     for r in rows:
-        if "warm_seconds" in r:
+        if args.cold_only:
+            print(f"{r['run']:58s} {r['cold_seconds']:7.1f} {'-':>7s} {'-':>8s} {r['peak_mb']:8.0f}")
+        elif "warm_seconds" in r:
             r["speedup_warm_vs_stock"] = round(stock_warm / r["warm_seconds"], 2)
             print(f"{r['run']:58s} {r['cold_seconds']:7.1f} {r['warm_seconds']:7.1f} "
                   f"{r['speedup_warm_vs_stock']:7.2f}x {r['peak_mb']:8.0f}")
