@@ -174,6 +174,51 @@ def test_engine_module_state_dict_contract(compressed, cache_dir):
         module.load_state_dict(changed)
 
 
+def test_openvino_runs_tiles_in_flight_in_order_with_its_one_thread_numbers(compressed, tmp_path, monkeypatch):
+    """``map_tiles`` keeps two tiles in flight and yields each tile's output in order, the very
+    numbers of the model compiled for one thread (a stream's share); a tile of another shape, a
+    consumer that stops early and ``TUCKERSEG_TILE_STREAMS`` behave."""
+    from TuckerSegLib.engines.base import predict_tiles
+    from TuckerSegLib.engines.openvino_engine import TILE_STREAMS_ENV, OpenVINOModule
+
+    monkeypatch.setenv(TILE_STREAMS_ENV, "2")
+    module, info = prepare_network(compressed, PATCH, 1, "cpu", RunSpec("openvino", "f32", "as-is"), tmp_path)
+    assert module.tile_streams == 2 and any("tiles 2 at a time" in n for n in info.notes)
+    one_thread = OpenVINOModule(module.ir_path, module.ir_shape, "CPU",
+                                {**module.config, "INFERENCE_NUM_THREADS": 1}, module._source_fp)
+    gen = torch.Generator().manual_seed(3)
+    tiles = [torch.randn(1, 1, *PATCH, generator=gen) for _ in range(5)]
+    tiles.insert(3, torch.randn(1, 1, 32, 32, 64, generator=gen))  # another shape mid-way
+    started = []
+    pool = module._stream_pool
+
+    def counting_pool(shape):
+        started.append(shape)
+        return pool(shape)
+
+    module._stream_pool = counting_pool
+    with torch.inference_mode():
+        outputs = list(predict_tiles(module, iter(tiles), len(tiles)))
+        expected = [one_thread(t) for t in tiles]
+    assert [o.shape for o in outputs] == [e.shape for e in expected]
+    assert all(torch.equal(o, e) for o, e in zip(outputs, expected))
+    assert started == [(1, 1, *PATCH), (1, 1, 32, 32, 64), (1, 1, *PATCH)]
+    assert len(pool((1, 1, *PATCH))) == 2  # two requests: two tiles in flight
+    # one tile: one call on every thread (the model nnU-Net's own calls run)
+    with torch.inference_mode():
+        assert torch.equal(next(iter(predict_tiles(module, iter(tiles[:1]), 1))), module(tiles[0]))
+        stopped = predict_tiles(module, iter(tiles), len(tiles))
+        next(stopped)
+        stopped.close()  # the tile still in flight is waited for
+        assert torch.equal(module(tiles[1]), module(tiles[1]))
+    monkeypatch.setenv(TILE_STREAMS_ENV, "1")
+    single, info = prepare_network(compressed, PATCH, 1, "cpu", RunSpec("openvino", "f32", "as-is"), tmp_path)
+    assert single.tile_streams == 1 and not any("at a time" in n for n in info.notes)
+    monkeypatch.setenv(TILE_STREAMS_ENV, "two")
+    with pytest.raises(EngineError, match="TUCKERSEG_TILE_STREAMS must be a whole number"):
+        prepare_network(compressed, PATCH, 1, "cpu", RunSpec("openvino", "f32", "as-is"), tmp_path)
+
+
 def test_openvino_inside_nnunet_sliding_window(tmp_path, compressed):
     """The engine module as predictor.network in nnU-Net's real sliding window (odd image size)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor

@@ -495,40 +495,51 @@ def test_gaussian_weights_are_nnunets_bit_for_bit():
         assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)), patch
 
 
-@pytest.mark.parametrize("mirroring", [False, True])
-def test_cpu_sliding_window_on_openvino_borrows_outputs_only_without_mirroring(tmp_path, mirroring):
+@pytest.mark.parametrize("mirroring,streams", [(False, 1), (False, 2), (True, 2)])
+def test_cpu_sliding_window_on_openvino_borrows_outputs_only_without_mirroring(tmp_path, monkeypatch,
+                                                                                mirroring, streams):
     """With an OpenVINO module, tiles read the engine's output memory without a copy where no
-    mirroring sums several forwards: the logits are nnU-Net's own, bit for bit, either way."""
+    mirroring sums several forwards, and run ``streams`` at a time: the logits are nnU-Net's own
+    accumulation of the same tile outputs, bit for bit, either way."""
     import torch
+    from torch import nn
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     import TuckerSegLib.pipeline.nnunet_speedups as speedups
     from TuckerSegLib.engines import prepare_network
+    from TuckerSegLib.engines.openvino_engine import TILE_STREAMS_ENV
     from TuckerSegLib.specs import RunSpec
 
+    monkeypatch.setenv(TILE_STREAMS_ENV, str(streams))
     patch, shape = (16, 12, 20), (29, 12, 37)
     predictor = _cpu_predictor(7, patch)
     module, _ = prepare_network(predictor.network, patch, 1, "cpu", RunSpec("openvino", "f32", "as-is"), tmp_path)
-    predictor.network = module
     predictor.use_mirroring = mirroring
-    borrowed = []
-    forward = type(module).forward
 
-    def spy(self, x):
-        borrowed.append(getattr(self, "_borrow_outputs", False))
-        return forward(self, x)
+    class TileByTile(nn.Module):
+        """nnU-Net's calls, one tile each, with the numbers the window's tiles get."""
+
+        def forward(self, x):
+            with module.borrowed_outputs():
+                return next(iter(module.map_tiles([x], 1 if mirroring else 2))).clone()
 
     data = torch.randn((1, *shape), generator=torch.Generator().manual_seed(2))
     slicers = predictor._internal_get_sliding_window_slicers(shape)
     original = nnUNetPredictor._internal_predict_sliding_window_return_logits
+    predictor.network = TileByTile()
     theirs = original(predictor, data, slicers, False)
-    type(module).forward = spy
-    try:
-        ours = speedups.cpu_sliding_window(original)(predictor, data, slicers, False)
-    finally:
-        type(module).forward = forward
+    predictor.network = module
+    borrowed = []
+    output = type(module)._output
+
+    def spy(self, request, device):
+        borrowed.append(self._borrow_outputs)
+        return output(self, request, device)
+
+    monkeypatch.setattr(type(module), "_output", spy)
+    ours = speedups.cpu_sliding_window(original)(predictor, data, slicers, False)
     assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
-    assert borrowed and all(b != mirroring for b in borrowed)
+    assert len(borrowed) == len(slicers) * (4 if mirroring else 1) and all(b != mirroring for b in borrowed)
     assert not getattr(module, "_borrow_outputs", False)  # only while the window runs
 
 

@@ -17,7 +17,7 @@ import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -145,6 +145,22 @@ class EngineModule(nn.Module):
             yield
         finally:
             self._borrow_outputs = previous
+
+    def map_tiles(self, tiles: Iterable[torch.Tensor], count: int) -> Iterator[torch.Tensor]:
+        """The outputs of ``count`` tiles, in their order; the same as calling the module on each
+        (an engine may keep several in flight: ``OpenVINOModule``)."""
+        for tile in tiles:
+            yield self(tile)
+
+
+def predict_tiles(network: nn.Module, tiles: Iterable[torch.Tensor], count: int) -> Iterator[torch.Tensor]:
+    """``network``'s output for each of ``count`` tiles, in order: through the engine's
+    ``map_tiles`` where it has one, else one call per tile. Under ``borrowed_outputs`` an output
+    is valid until the next one is asked for."""
+    mapper = getattr(network, "map_tiles", None)
+    if mapper is not None:
+        return mapper(tiles, count)
+    return (network(tile) for tile in tiles)
 
 
 class Engine(ABC):

@@ -16,6 +16,8 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
+from TuckerSegLib.engines.base import predict_tiles
+
 
 def in_process_predict_from_files(original: Callable) -> Callable:
     """``predict_from_files`` that runs one case in this process (``predict_from_files_sequential``).
@@ -111,7 +113,9 @@ def cpu_sliding_window(original: Callable) -> Callable:
     ``benchmarks/bench_nnunet_speedups.py``). The same float operations in the same order
     (multiply by the Gaussian in float32, add to the float16 sum in float32 and round, divide in
     float32 and round), done a few classes at a time in a float32 buffer, are vectorised and need
-    no full-size temporaries. Tiles on a GPU keep nnU-Net's code.
+    no full-size temporaries. Without mirroring, the tiles go through ``engines.base.predict_tiles``,
+    so an engine may run several at once; they are summed in nnU-Net's order. Tiles on a GPU keep
+    nnU-Net's code.
     """
 
     @functools.wraps(original)
@@ -136,9 +140,13 @@ def cpu_sliding_window(original: Callable) -> Callable:
                 gaussian = weight = None
             step = _classes_per_pass(classes, patch)
             buffer = torch.empty((step, *patch), dtype=torch.float32)
-            for sl in slicers:
-                tile = torch.clone(data[sl][None], memory_format=torch.contiguous_format)
-                prediction = predictor._internal_maybe_mirror_and_predict(tile)[0].to(results_device)
+            tiles = (torch.clone(data[sl][None], memory_format=torch.contiguous_format) for sl in slicers)
+            if mirroring:
+                outputs = (predictor._internal_maybe_mirror_and_predict(tile) for tile in tiles)
+            else:  # nnU-Net's call without mirroring; an engine may run several tiles at once
+                outputs = predict_tiles(network, tiles, len(slicers))
+            for sl, output in zip(slicers, outputs):
+                prediction = output[0].to(results_device)
                 if prediction.dtype != torch.float32:  # another network output type: nnU-Net's own steps
                     if gaussian is not None:
                         prediction *= gaussian

@@ -39,6 +39,7 @@ from torch import nn
 
 from TuckerSegLib.compression.quality_curve import (MAX_FRACTION, SEARCH_FRACTIONS, QualityCurve, QualityPoint,
                                                    curve_key, load_curve, next_fraction, save_curve)
+from TuckerSegLib.engines.base import predict_tiles
 from TuckerSegLib.engines.int8 import PLAIN_AT_OR_BELOW
 from TuckerSegLib.models.checkpoint import file_sha256
 from TuckerSegLib.models.nnunet_folder import NnUNetModel
@@ -196,19 +197,20 @@ def pooled_mean_dice(reference: torch.Tensor, test: torch.Tensor, num_classes: i
 
 def _run(network: nn.Module, model: NnUNetModel, patches: torch.Tensor, device: torch.device,
          precision: str = "f32", cache: Optional[Path] = None, engine: str = "auto") -> Tuple[torch.Tensor, float, str]:
-    """Argmax labels of ``network`` on ``patches``, median seconds per patch, engine name (f32:
+    """Argmax labels of ``network`` on ``patches``, mean seconds per patch, engine name (f32:
     ``engine``, by default the fastest that matches f32 here; a lower precision: OpenVINO), weights
     as they are. ``cache``: where the engine keeps its converted network (the original's, which a
     run reuses); None: a temporary folder."""
     module, engine = _module(network, model, device, precision, cache, engine)
-    labels, seconds = [], []
+    labels = []
     with torch.inference_mode():
-        for x in patches:
-            t0 = time.perf_counter()
-            logits = module(x[None].to(device))
+        # as the sliding window runs tiles (an engine may run several at once, so the time per
+        # patch is the whole time over the patches)
+        t0 = time.perf_counter()
+        for logits in predict_tiles(module, (x[None].to(device) for x in patches), len(patches)):
             labels.append(argmax_labels(logits, 1, torch.uint8 if logits.shape[1] <= 256 else torch.int16).cpu())
-            seconds.append(time.perf_counter() - t0)
-    return torch.cat(labels), float(np.median(seconds)), engine
+        seconds = (time.perf_counter() - t0) / max(1, len(patches))
+    return torch.cat(labels), seconds, engine
 
 
 def target_int8_run(run: RunSpec) -> RunSpec:
