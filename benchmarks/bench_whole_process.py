@@ -56,7 +56,10 @@ SETTINGS = [  # (name, tuckerseg segment arguments)
     # what the default runs where no compressed network keeps 0.95 on this CPU (the original in
     # bf16), without its search: for `total` with random weights, whose curves mean nothing
     ("ratio 1.0, OpenVINO bf16", ["--ratio", "1.0", "--engine", "openvino", "--precision", "bf16"]),
+    # the same with the sliding window's tiles one at a time on every core (as before map_tiles)
+    ("ratio 1.0, OpenVINO bf16, one tile at a time", ["--ratio", "1.0", "--engine", "openvino", "--precision", "bf16"]),
 ]
+SETTING_ENV = {4: {"TUCKERSEG_TILE_STREAMS": "1"}}  # environment of a setting's runs, beside the common one
 SERVE_SETTING = 1  # the warm worker runs this setting (index into SETTINGS)
 
 
@@ -178,15 +181,17 @@ def main(argv=None) -> int:
         log(f"stock: {[round(r['wall'], 1) for r in stock]}")
 
     warm_cmds = []  # (run, command) of each setting's warm run, for --rounds
+    common_env = env
     for index in args.settings:
         name, extra = SETTINGS[index]
         cache = work / f"cache-{index}"
+        env = dict(common_env, **SETTING_ENV.get(index, {}))
 
         def cmd(ct, out):
             return [sys.executable, "-m", "TuckerSegLib", "segment", "-i", ct, "-o", out, *mode_flags,
                     "--device", "cpu", "--cache-dir", cache, "--progress", "json", *extra]
 
-        warm_cmds.append((f"tuckerseg segment, {name}", cmd(args.ct, work / f"round-{index}.nii.gz")))
+        warm_cmds.append((f"tuckerseg segment, {name}", cmd(args.ct, work / f"round-{index}.nii.gz"), env))
         if args.rounds_only:
             continue
         cold = run_process(cmd(args.ct, work / f"cold-{index}.nii.gz"), env)
@@ -247,7 +252,8 @@ def main(argv=None) -> int:
 
     rounds = []  # stock, then each setting's warm run, in turns: the same machine state for each
     for _ in range(args.rounds):
-        rounds.append([run_process(stock_cmd, env)["wall"], *(run_process(c, env)["wall"] for _, c in warm_cmds)])
+        rounds.append([run_process(stock_cmd, common_env)["wall"],
+                       *(run_process(c, e)["wall"] for _, c, e in warm_cmds)])
         log(f"round in turns (stock, then each setting): {[round(t, 1) for t in rounds[-1]]}")
 
     stock_warm = rows[0]["warm_seconds"] if rows and not args.cold_only else None
@@ -274,7 +280,7 @@ def main(argv=None) -> int:
                   f"{r['second_request_vs_fresh_process']:7.2f}x")
     if rounds:
         print(f"\nin turns, {len(rounds)} rounds of stock then each setting (median of the per-round ratios):")
-        for i, (run, _) in enumerate(warm_cmds):
+        for i, (run, _, _) in enumerate(warm_cmds):
             ratios = [r[0] / r[1 + i] for r in rounds]
             print(f"  {run:56s} {float(np.median([r[1 + i] for r in rounds])):7.1f} s  "
                   f"{float(np.median(ratios)):5.2f}x stock (rounds {', '.join(f'{x:.2f}' for x in ratios)})")
@@ -300,7 +306,7 @@ def main(argv=None) -> int:
             "ct": args.ct.name, "mode": args.mode, "weights": str(args.weights) if args.weights else None,
             "imports_seconds": round(imports["process"], 2),
             "import_steps_seconds": {k: round(v, 2) for k, v in imports["steps"].items()}, "rows": rows,
-            "rounds_in_turns": {"runs": ["stock TotalSegmentator", *(n for n, _ in warm_cmds)],
+            "rounds_in_turns": {"runs": ["stock TotalSegmentator", *(n for n, _, _ in warm_cmds)],
                                 "seconds": [[round(t, 2) for t in r] for r in rounds]}}, indent=1))
     return 0
 

@@ -356,3 +356,40 @@ def test_weights_fingerprints_are_hashed_once_and_follow_every_change_of_the_wei
     second = base.weights_fingerprint(net)
     net[1].weight = nn.Parameter(net[1].weight.detach().clone() * 2)  # replaced
     assert base.weights_fingerprint(net) not in (first, second)
+
+
+def test_fingerprints_of_weights_from_a_file_are_hashed_once_per_file(tmp_path, monkeypatch):
+    """A network loaded from a checkpoint gets the fingerprints its file's weights had when they
+    were last hashed (same path, size, time and structure); a changed file, another structure or a
+    write into the loaded weights is hashed again."""
+    from TuckerSegLib.engines import base
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(2, 4, 3), nn.Conv3d(4, 3, 1))
+    hashed = []
+    state_fingerprint = base.state_fingerprint
+    monkeypatch.setattr(base, "state_fingerprint", lambda state: hashed.append(1) or state_fingerprint(state))
+    truth = (base.weights_fingerprint(net), base.network_state_fingerprint(net))
+
+    def loaded(identity, module=None):
+        module = module or nn.Sequential(nn.Conv3d(2, 4, 3), nn.Conv3d(4, 3, 1))
+        module.load_state_dict(net.state_dict())
+        base.fingerprints_from_file(module, identity, tmp_path)
+        return module
+
+    hashed.clear()
+    first = loaded("ckpt|100-1")
+    assert len(hashed) == 1 and (tmp_path / base.FINGERPRINTS_FILE).is_file()
+    second = loaded("ckpt|100-1")  # a later process: read, not hashed
+    assert (base.weights_fingerprint(second), base.network_state_fingerprint(second)) == truth
+    assert (base.weights_fingerprint(first), base.network_state_fingerprint(first)) == truth
+    assert len(hashed) == 1
+    loaded("ckpt|100-2")  # the file changed
+    assert len(hashed) == 2
+    other = nn.Sequential(nn.Conv3d(2, 4, 3), nn.Conv3d(4, 3, 1), nn.ReLU())
+    other.load_state_dict(net.state_dict())
+    base.fingerprints_from_file(other, "ckpt|100-1", tmp_path)  # another structure
+    assert len(hashed) == 3 and base.weights_fingerprint(other) != truth[0]
+    with torch.no_grad():
+        second[0].weight[0, 0, 0, 0, 0] += 1.0
+    assert base.network_state_fingerprint(second) == state_fingerprint(second.state_dict()) != truth[1]

@@ -568,3 +568,23 @@ def test_last_model_stage_is_recognised_only_for_the_last_model():
     assert last_model_started(stage(0, 1)) and last_model_started(stage(11, 12))
     assert not last_model_started(stage(1, 12))
     assert not last_model_started({**stage(0, 1), "type": "progress"})
+
+
+def test_seaborn_that_nnunets_trainer_imports_loads_only_when_used():
+    """A run imports TotalSegmentator's pipeline without importing seaborn (nnU-Net's training
+    plots); the logger's ``sns`` is the real seaborn on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import TuckerSegLib.pipeline.segment\n"
+        "import totalsegmentator.nnunet\n"
+        "import nnunetv2.training.logging.nnunet_logger as logger\n"
+        "print(type(sys.modules['seaborn']).__name__, 'seaborn.palettes' in sys.modules)\n"
+        "print(logger.sns.color_palette('Set1', 2) is not None, type(sys.modules['seaborn']).__name__)\n"
+        "import seaborn\n"
+        "print(seaborn is sys.modules['seaborn'], hasattr(seaborn, 'lineplot'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["DeferredModule", "False", "True", "module", "True", "True"]

@@ -14,7 +14,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 from torch import nn
 
 from TuckerSegLib.errors import ModelError
-from TuckerSegLib.models.checkpoint import load_checkpoint
+from TuckerSegLib.engines.base import fingerprints_from_file
+from TuckerSegLib.models.checkpoint import file_fingerprint, load_checkpoint
 from TuckerSegLib.models.nnunet_folder import build_network
 from TuckerSegLib.network.cost import count_cost
 from TuckerSegLib.progress import NullProgress, Progress
@@ -77,7 +78,10 @@ def load_model(folder: Path, folds: Sequence[Union[int, str]], checkpoint_name: 
         network = build_network(plans, dataset_json, configuration, first["trainer_name"], initialise=False)
         network.load_state_dict(first["network_weights"])
         patch = tuple(int(p) for p in configuration_manager.patch_size)
-        params, macs = original_cost(network, (1, in_channels, *patch), model_cache_dir(folder, cache_dir))
+        cache = model_cache_dir(folder, cache_dir)
+        checkpoint = (folder / f"fold_{folds[0]}" / checkpoint_name).resolve()
+        fingerprints_from_file(network, f"{checkpoint}|{file_fingerprint(checkpoint)}", cache)
+        params, macs = original_cost(network, (1, in_channels, *patch), cache)
         return LoadedModel(network, [c["network_weights"] for c in checkpoints], plans_manager,
                            configuration_manager, dataset_json, first["trainer_name"],
                            first.get("inference_allowed_mirroring_axes"), patch, in_channels,

@@ -22,9 +22,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from TuckerSegLib.devices import resolve_device
 from TuckerSegLib.errors import InputError, TuckerSegError
 from TuckerSegLib.inputs import check_input
+from TuckerSegLib.pipeline.lazy_imports import defer_training_imports
 from TuckerSegLib.pipeline.predictor_hook import compressed_predictors
 from TuckerSegLib.progress import JsonProgress, NullProgress, Progress
 from TuckerSegLib.specs import DEFAULT_MIN_AGREEMENT, INT8_MIN_AGREEMENT, CompressionSpec, RunSpec, check_mode
+
+# before anything imports TotalSegmentator's pipeline (which imports nnU-Net's trainer)
+defer_training_imports()
 
 
 @dataclass
