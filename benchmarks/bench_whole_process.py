@@ -94,7 +94,8 @@ IMPORT_STEPS = [
     ("torch", "import torch"),
     ("torch._dynamo (nnU-Net's predictor and trainer import it)", "import torch._dynamo"),
     ("nnU-Net's predictor", "import nnunetv2.inference.predict_from_raw_data"),
-    ("TotalSegmentator (its nnunet module imports nnU-Net's trainer, seaborn)",
+    ("TotalSegmentator (its nnunet module imports nnU-Net's trainer; seaborn left until used)",
+     "from TuckerSegLib.pipeline.lazy_imports import defer_training_imports; defer_training_imports(); "
      "import totalsegmentator.python_api, totalsegmentator.nnunet"),
     ("TuckerSeg's pipeline and OpenVINO", "import TuckerSegLib.pipeline.segment, openvino"),
 ]

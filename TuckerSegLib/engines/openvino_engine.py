@@ -216,27 +216,28 @@ class OpenVINOModule(EngineModule):
         in_flight: Deque[Tuple[object, torch.device]] = deque()
         idle: List[object] = []
         shape = None
+
+        def oldest() -> Tuple[object, torch.Tensor]:
+            request, device = in_flight.popleft()
+            request.wait()
+            return request, self._output(request, device)
+
         try:
             for tile in tiles:
                 tile_shape = tuple(int(s) for s in tile.shape)
                 if tile_shape != shape:  # another shape: finish this pool's tiles first
                     while in_flight:
-                        request, device = in_flight.popleft()
-                        request.wait()
-                        yield self._output(request, device)
+                        yield oldest()[1]
                     shape, idle = tile_shape, list(self._stream_pool(tile_shape))
                 if not idle:  # the oldest tile's output is consumed before its request runs again
-                    request, device = in_flight.popleft()
-                    request.wait()
-                    yield self._output(request, device)
+                    request, output = oldest()
+                    yield output
                     idle.append(request)
                 request = idle.pop()
                 request.start_async({0: self._array(tile)})
                 in_flight.append((request, tile.device))
             while in_flight:
-                request, device = in_flight.popleft()
-                request.wait()
-                yield self._output(request, device)
+                yield oldest()[1]
         finally:  # a consumer that stops early: no request may still write into its memory
             for request, _ in in_flight:
                 request.wait()
