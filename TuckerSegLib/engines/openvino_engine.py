@@ -207,9 +207,9 @@ class OpenVINOModule(EngineModule):
         """The outputs of ``count`` tiles in order, ``tile_streams`` in flight at a time.
 
         Why: one 3-D convolution network on all cores waits on its threads at every layer; on 2
-        cores two tiles at once, one thread each, ran six full-width 1.5 mm tiles 9 % faster
-        (``benchmarks/bench_tile_streams.py``). The numbers are those of the model on one
-        thread: bf16 rounds differently from the two-thread model (both are bf16)."""
+        cores two tiles at once, one thread each, ran six full-width 1.5 mm tiles 1.12x faster in
+        bf16 and 1.04x in f32 (``benchmarks/bench_tile_streams.py``, AMD EPYC). The numbers are
+        those of the model on one thread: bf16 rounds differently from the two-thread model."""
         if count < 2 or self.tile_streams < 2:
             yield from super().map_tiles(tiles, count)
             return
