@@ -58,8 +58,11 @@ SETTINGS = [  # (name, tuckerseg segment arguments)
     ("ratio 1.0, OpenVINO bf16", ["--ratio", "1.0", "--engine", "openvino", "--precision", "bf16"]),
     # the same with the sliding window's tiles one at a time on every core (as before map_tiles)
     ("ratio 1.0, OpenVINO bf16, one tile at a time", ["--ratio", "1.0", "--engine", "openvino", "--precision", "bf16"]),
+    # the same as 3 with the training-only imports (torch._dynamo, scikit-learn, seaborn, pandas) not deferred
+    ("ratio 1.0, OpenVINO bf16, training imports not deferred",
+     ["--ratio", "1.0", "--engine", "openvino", "--precision", "bf16"]),
 ]
-SETTING_ENV = {4: {"TUCKERSEG_TILE_STREAMS": "1"}}  # environment of a setting's runs, beside the common one
+SETTING_ENV = {4: {"TUCKERSEG_TILE_STREAMS": "1"}, 5: {"TUCKERSEG_DEFER_IMPORTS": "0"}}  # environment of a setting's runs, beside the common one
 SERVE_SETTING = 1  # the warm worker runs this setting (index into SETTINGS)
 
 
@@ -92,10 +95,10 @@ def breakdown(wall: float, result: dict) -> dict:
 # timed after the ones above it in one fresh process: the rows are what each step adds.
 IMPORT_STEPS = [
     ("torch", "import torch"),
-    ("torch._dynamo (nnU-Net's predictor and trainer import it)", "import torch._dynamo"),
-    ("nnU-Net's predictor", "import nnunetv2.inference.predict_from_raw_data"),
-    ("TotalSegmentator (its nnunet module imports nnU-Net's trainer; seaborn left until used)",
+    ("nnU-Net's predictor (training-only imports deferred as segment defers them)",
      "from TuckerSegLib.pipeline.lazy_imports import defer_training_imports; defer_training_imports(); "
+     "import nnunetv2.inference.predict_from_raw_data"),
+    ("TotalSegmentator (its nnunet module imports nnU-Net's trainer)",
      "import totalsegmentator.python_api, totalsegmentator.nnunet"),
     ("TuckerSeg's pipeline and OpenVINO", "import TuckerSegLib.pipeline.segment, openvino"),
 ]

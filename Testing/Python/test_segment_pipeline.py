@@ -570,21 +570,49 @@ def test_last_model_stage_is_recognised_only_for_the_last_model():
     assert not last_model_started({**stage(0, 1), "type": "progress"})
 
 
-def test_seaborn_that_nnunets_trainer_imports_loads_only_when_used():
-    """A run imports TotalSegmentator's pipeline without importing seaborn (nnU-Net's training
-    plots); the logger's ``sns`` is the real seaborn on first use."""
+DEFERRED_PROBE = (
+    "import sys\n"
+    "import TuckerSegLib.pipeline.segment\n"
+    "import totalsegmentator.python_api, totalsegmentator.nnunet\n"
+    "import nnunetv2.inference.predict_from_raw_data as prd\n"
+    "import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer\n"
+    "import nnunetv2.training.logging.nnunet_logger as logger\n"
+    "from TuckerSegLib.models import totalseg_archs\n"
+    "from TuckerSegLib.models.nnunet_folder import build_network\n"
+    "plans, dj = totalseg_archs.totalseg_plans(297, width_scale=0.125)\n"
+    "net = build_network(plans, dj, '3d_fullres', 'nnUNetTrainer_4000epochs_NoMirroring', initialise=False)\n"
+    "names = ('seaborn', 'pandas', 'sklearn', 'torch._dynamo')\n"
+    "def kinds():\n"
+    "    return ' '.join(type(sys.modules[n]).__name__ if n in sys.modules else '-' for n in names)\n"
+    "print(kinds(), isinstance(net, prd.OptimizedModule), 'scipy.stats' in sys.modules)\n"
+    "print(logger.sns.color_palette('Set1', 2) is not None, [str(v) for v in trainer.generate_crossval_split(list('abcde'))[0]['val']])\n"
+    "import torch\n"
+    "compiled = torch.compile(net)\n"
+    "print(kinds(), isinstance(compiled, prd.OptimizedModule), isinstance(net, trainer.OptimizedModule))\n"
+    "conv = torch.compile(torch.nn.Conv3d(1, 2, 3), backend='eager')\n"
+    "x = torch.ones(1, 1, 4, 4, 4)\n"
+    "import torch._dynamo.utils as u\n"
+    "print(torch.allclose(conv(x), conv._orig_mod(x)), u is sys.modules['torch._dynamo'].utils, u.counters is torch._dynamo.utils.counters)\n")
+
+
+@pytest.mark.parametrize("defer", ["1", "0"])
+def test_training_only_imports_load_only_when_used(defer):
+    """A run imports TotalSegmentator's pipeline and builds a network without importing what only
+    training uses (seaborn, pandas, scikit-learn, torch._dynamo); each is the real module on first
+    use, and nnU-Net's ``isinstance(.., OptimizedModule)`` is right before and after.
+    ``TUCKERSEG_DEFER_IMPORTS=0`` imports them as usual."""
+    import os
     import subprocess
     import sys
 
-    code = (
-        "import sys\n"
-        "import TuckerSegLib.pipeline.segment\n"
-        "import totalsegmentator.nnunet\n"
-        "import nnunetv2.training.logging.nnunet_logger as logger\n"
-        "print(type(sys.modules['seaborn']).__name__, 'seaborn.palettes' in sys.modules)\n"
-        "print(logger.sns.color_palette('Set1', 2) is not None, type(sys.modules['seaborn']).__name__)\n"
-        "import seaborn\n"
-        "print(seaborn is sys.modules['seaborn'], hasattr(seaborn, 'lineplot'))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, TUCKERSEG_DEFER_IMPORTS=defer)
+    out = subprocess.run([sys.executable, "-c", DEFERRED_PROBE], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["DeferredModule", "False", "True", "module", "True", "True"]
+    lines = out.stdout.splitlines()
+    if defer == "1":
+        assert lines[0] == "DeferredModule DeferredModule - DeferredModule False False"
+    else:
+        assert lines[0] == "module module module module False True"
+    assert lines[1] == "True ['a']"
+    assert lines[2].split()[-3:] == ["module", "True", "False"]  # torch._dynamo real once compile needs it
+    assert lines[3] == "True True True"  # compiled code runs; one torch._dynamo.utils, not two

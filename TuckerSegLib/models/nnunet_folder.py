@@ -94,14 +94,14 @@ def build_network(plans: dict, dataset_json: dict, configuration: str = "3d_full
     """The architecture of a model (untrained), built the way nnU-Net's predictor builds it
     (``deep_supervision=True``: as its trainer builds it for training).
 
-    ``initialise=False`` allocates the parameters without nnU-Net's random initialisation, for a
-    caller that loads every weight next (strictly): it saves a fifth of a second per model load.
+    ``initialise=False`` skips nnU-Net's random initialisation, for a caller that loads every
+    weight next (strictly): it saves a fifth of a second per model load. It builds on the CPU with
+    ``allow_init=False`` where the trainer uses nnU-Net's own ``build_network_architecture``: not on
+    the meta device, whose random initialisers import ``torch._dynamo`` (a second of every run,
+    deferred by ``pipeline.lazy_imports``).
     """
-    if not initialise:
-        with torch.device("meta"):
-            net = build_network(plans, dataset_json, configuration, trainer_name, deep_supervision)
-        if not any(m._non_persistent_buffers_set for m in net.modules()):  # all state is loaded
-            return net.to_empty(device="cpu")
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
     pm = plans_manager(plans)
@@ -111,17 +111,16 @@ def build_network(plans: dict, dataset_json: dict, configuration: str = "3d_full
         raise ModelError(f"configuration {configuration!r} not in the plans ({exc})") from None
     n_in = determine_num_input_channels(pm, cm, dataset_json)
     n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
-    trainer = _trainer_class(trainer_name)
+    build = _trainer_class(trainer_name).build_network_architecture
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if "plans_manager" in inspect.signature(trainer.build_network_architecture).parameters:
-            net = trainer.build_network_architecture(pm, cm, n_in, n_out,
-                                                     enable_deep_supervision=deep_supervision)
-        else:
-            net = trainer.build_network_architecture(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                                     cm.network_arch_init_kwargs_req_import, n_in, n_out,
-                                                     enable_deep_supervision=deep_supervision)
-    return net
+        if "plans_manager" in inspect.signature(build).parameters:  # nnU-Net before 2.4
+            return build(pm, cm, n_in, n_out, enable_deep_supervision=deep_supervision)
+        arch = (cm.network_arch_class_name, cm.network_arch_init_kwargs, cm.network_arch_init_kwargs_req_import,
+                n_in, n_out)
+        if not initialise and build is nnUNetTrainer.build_network_architecture:
+            return get_network_from_plans(*arch, allow_init=False, deep_supervision=deep_supervision)
+        return build(*arch, enable_deep_supervision=deep_supervision)
 
 
 def _trainer_class(trainer_name: str):
