@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
-import torch
 from torch import nn
 
 from TuckerSegLib.errors import ModelError
