@@ -63,7 +63,7 @@ SETTINGS = [  # (name, tuckerseg segment arguments)
      ["--ratio", "1.0", "--engine", "openvino", "--precision", "bf16"]),
 ]
 SETTING_ENV = {4: {"TUCKERSEG_TILE_STREAMS": "1"}, 5: {"TUCKERSEG_DEFER_IMPORTS": "0"}}  # environment of a setting's runs, beside the common one
-SERVE_SETTING = 1  # the warm worker runs this setting (index into SETTINGS)
+SERVE_SETTING = 1  # the warm worker runs this setting by default (index into SETTINGS)
 
 
 def run_process(cmd, env) -> dict:
@@ -140,6 +140,9 @@ def main(argv=None) -> int:
     p.add_argument("--cold-only", action="store_true",
                    help="with --workdir: only each setting's cold run, waiting for its searches (no stock, no "
                         "warm runs); a later --rounds-only in that folder compares the warm runs with stock")
+    p.add_argument("--serve-setting", type=int, default=SERVE_SETTING, metavar="I",
+                   help=f"the setting the warm worker runs, if among --settings (default {SERVE_SETTING}; "
+                        "2 is what the Slicer module runs)")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -233,7 +236,7 @@ def main(argv=None) -> int:
             rows[-1]["exit_pairs"] = [[round(q, 2), round(o, 2)] for q, o in pairs]
             log(f"{name}: quick exit / ordinary exit, in turns: {rows[-1]['exit_pairs']}")
 
-        if index == SERVE_SETTING:  # the warm worker: one process, two requests on two CTs
+        if index == args.serve_setting:  # the warm worker: one process, two requests on two CTs
             from TuckerSegLib.serve import ServeClient
 
             fresh_other = run_process(cmd(other, work / f"fresh-other-{index}.nii.gz"), env)

@@ -125,3 +125,19 @@ def test_uninitialised_build_loads_to_the_same_network():
     x = torch.randn(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(ref(x), fast(x))
+
+
+def test_uninitialised_build_skips_nnunets_initialisation(monkeypatch):
+    """``initialise=False`` does not run nnU-Net's He initialisation (a fifth of a second per
+    full-width model), whichever signature this nnU-Net's ``build_network_architecture`` has."""
+    from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+
+    def refuse(self, module):
+        raise AssertionError("nnU-Net's initialisation ran")
+
+    monkeypatch.setattr(InitWeights_He, "__call__", refuse)
+    plans, dj = totalseg_archs.totalseg_plans(297, width_scale=0.125)
+    net = build_network(plans, dj, "3d_fullres", "nnUNetTrainer_4000epochs_NoMirroring", initialise=False)
+    assert sum(p.numel() for p in net.parameters()) > 0
+    with pytest.raises(AssertionError, match="initialisation ran"):
+        build_network(plans, dj, "3d_fullres", "nnUNetTrainer_4000epochs_NoMirroring")

@@ -111,14 +111,14 @@ def build_network(plans: dict, dataset_json: dict, configuration: str = "3d_full
     n_in = determine_num_input_channels(pm, cm, dataset_json)
     n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
     build = _trainer_class(trainer_name).build_network_architecture
+    arch = (cm.network_arch_class_name, cm.network_arch_init_kwargs, cm.network_arch_init_kwargs_req_import,
+            n_in, n_out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if "plans_manager" in inspect.signature(build).parameters:  # nnU-Net before 2.4
-            return build(pm, cm, n_in, n_out, enable_deep_supervision=deep_supervision)
-        arch = (cm.network_arch_class_name, cm.network_arch_init_kwargs, cm.network_arch_init_kwargs_req_import,
-                n_in, n_out)
-        if not initialise and build is nnUNetTrainer.build_network_architecture:
+        if not initialise and build is nnUNetTrainer.build_network_architecture:  # what it calls, minus the init
             return get_network_from_plans(*arch, allow_init=False, deep_supervision=deep_supervision)
+        if "plans_manager" in inspect.signature(build).parameters:  # the signature of some nnU-Net versions
+            return build(pm, cm, n_in, n_out, enable_deep_supervision=deep_supervision)
         return build(*arch, enable_deep_supervision=deep_supervision)
 
 
