@@ -12,7 +12,8 @@ Peak memory is the PSS of the process and its workers. ``--exit-pairs N`` times 
 per setting in turns with the interpreter's ordinary exit, against the command's quick exit
 (``cli.main.console_main``). ``--rounds N`` ends with N rounds in turns of stock and each
 setting's warm run: on a machine whose speed drifts by tens of percent within an hour, the median
-of those per-round ratios is the figure to quote (``--rounds-only --workdir W`` runs just those
+of those per-round ratios is the figure to quote (``--worker-rounds N`` the same for a fresh process
+against the warm worker's request; ``--rounds-only --workdir W`` runs just those
 again in an earlier run's folder, its caches warm and its searches ended; ``--cold-only --workdir W``
 prepares such a folder: each setting's cold run and its searches, no stock and no warm runs). The
 default (a quality target) measures its quality curve in a detached process after its cold run;
@@ -135,6 +136,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=0, metavar="N",
                    help="at the end, N rounds in turns of stock then each setting's warm run, so that "
                         "each ratio compares runs made in the same machine state (medians reported)")
+    p.add_argument("--worker-rounds", type=int, default=0, metavar="N",
+                   help="at the end, N rounds in turns of a fresh process and the warm worker's request on the "
+                        "second CT (the worker started once, warmed by one request; medians reported)")
     p.add_argument("--rounds-only", action="store_true",
                    help="with --workdir of an earlier run (its caches warm, its searches ended): only the --rounds")
     p.add_argument("--cold-only", action="store_true",
@@ -188,6 +192,7 @@ def main(argv=None) -> int:
         log(f"stock: {[round(r['wall'], 1) for r in stock]}")
 
     warm_cmds = []  # (run, command) of each setting's warm run, for --rounds
+    worker_cmds = None  # the warm worker's setting: its name, warm-up and turn commands
     common_env = env
     for index in args.settings:
         name, extra = SETTINGS[index]
@@ -199,6 +204,9 @@ def main(argv=None) -> int:
                     "--device", "cpu", "--cache-dir", cache, "--progress", "json", *extra]
 
         warm_cmds.append((f"tuckerseg segment, {name}", cmd(args.ct, work / f"round-{index}.nii.gz"), env))
+        if index == args.serve_setting:
+            worker_cmds = (name, cmd(args.ct, work / "worker-warmup.nii.gz")[4:],
+                           cmd(other, work / "fresh-turns.nii.gz"), cmd(other, work / "worker-turns.nii.gz")[4:], env)
         if args.rounds_only:
             continue
         cold = run_process(cmd(args.ct, work / f"cold-{index}.nii.gz"), env)
@@ -257,6 +265,20 @@ def main(argv=None) -> int:
             log(f"serve: ready {ready:.1f} s, requests {[round(s, 1) for s in seconds]}, "
                 f"fresh process on the second CT {fresh_other['wall']:.1f} s")
 
+    worker_rounds = []  # (fresh process, the warm worker's request) on the second CT, in turns
+    if args.worker_rounds and worker_cmds:
+        from TuckerSegLib.serve import ServeClient
+
+        name, warmup, fresh_cmd, request, env = worker_cmds
+        with ServeClient(env=env) as client:
+            client.segment(warmup)
+            for _ in range(args.worker_rounds):
+                fresh = run_process(fresh_cmd, env)["wall"]
+                t1 = time.perf_counter()
+                client.segment(request)
+                worker_rounds.append((fresh, time.perf_counter() - t1))
+                log(f"worker round in turns (fresh process, request): {[round(t, 1) for t in worker_rounds[-1]]}")
+
     rounds = []  # stock, then each setting's warm run, in turns: the same machine state for each
     for _ in range(args.rounds):
         rounds.append([run_process(stock_cmd, common_env)["wall"],
@@ -292,6 +314,12 @@ def main(argv=None) -> int:
             print(f"  {run:56s} {float(np.median([r[1 + i] for r in rounds])):7.1f} s  "
                   f"{float(np.median(ratios)):5.2f}x stock (rounds {', '.join(f'{x:.2f}' for x in ratios)})")
         print(f"  {'stock TotalSegmentator':56s} {float(np.median([r[0] for r in rounds])):7.1f} s")
+    if worker_rounds:
+        ratios = [f / w for f, w in worker_rounds]
+        print(f"\nin turns, {len(worker_rounds)} rounds of a fresh process then the warm worker's request "
+              f"({worker_cmds[0]}, second CT): fresh {float(np.median([f for f, _ in worker_rounds])):.1f} s, "
+              f"request {float(np.median([w for _, w in worker_rounds])):.1f} s, {float(np.median(ratios)):.2f}x "
+              f"(rounds {', '.join(f'{x:.2f}' for x in ratios)})")
     for r in rows:
         if r.get("exit_pairs"):
             quick, slow = (min(x) for x in zip(*r["exit_pairs"]))
@@ -314,7 +342,10 @@ def main(argv=None) -> int:
             "imports_seconds": round(imports["process"], 2),
             "import_steps_seconds": {k: round(v, 2) for k, v in imports["steps"].items()}, "rows": rows,
             "rounds_in_turns": {"runs": ["stock TotalSegmentator", *(n for n, _, _ in warm_cmds)],
-                                "seconds": [[round(t, 2) for t in r] for r in rounds]}}, indent=1))
+                                "seconds": [[round(t, 2) for t in r] for r in rounds]},
+            "worker_rounds_in_turns": {"setting": worker_cmds[0] if worker_cmds else None,
+                                       "fresh_and_request_seconds": [[round(t, 2) for t in r] for r in worker_rounds]}},
+            indent=1))
     return 0
 
 
