@@ -255,7 +255,7 @@ def model_curve(folder: Path, policy: str = "budget", cache_dir=None):
         for key, curve in _curves_in(str(path), (st.st_mtime_ns, st.st_size)).items():
             parts = key.split("|")
             ok = key.startswith(prefix) if prefix else (len(parts) > 1 and parts[1] == policy)
-            if ok and curve.points:
+            if ok and (curve.points or not curve.judged):  # a curve that judges nothing has no points
                 found.append(curve)
     return max(found, key=lambda c: len(c.points)) if found else None
 
@@ -286,7 +286,9 @@ def quality_readout(task: str = "total", quality: str = "default", ratio: float 
     seconds per patch. Keys: ``predicted_agreement`` (None: not measured), ``agreement_at_most``
     (below the lowest measured point: the envelope's bound), ``measured`` (every model has a
     curve), ``measuring`` (a detached search is measuring a model's curve now), ``seconds_per_patch`` / ``reference_seconds_per_patch`` (None: not measured),
-    ``engine``, ``macs_fraction``, ``warn`` (below ``WARN_BELOW``), ``combine``, ``models``.
+    ``engine``, ``macs_fraction``, ``warn`` (below ``WARN_BELOW``), ``combine``, ``models`` (each with
+    ``judged``: False where the original labels too little on the validation data to judge any
+    compression, so the original runs).
     """
     from TuckerSegLib.compression.quality_curve import TARGET_PRECISIONS, WARN_BELOW
     from TuckerSegLib.pipeline.background_search import running
@@ -311,6 +313,7 @@ def quality_readout(task: str = "total", quality: str = "default", ratio: float 
              "measuring": running(folder, _cache_dirs(folder, cache_dir)),
              "predicted_agreement": None, "agreement_at_most": None, "macs_fraction": macs_fraction,
              "seconds_per_patch": None, "reference_seconds_per_patch": None, "engine": None}
+        m["judged"] = curve is None or curve.judged
         if curve is not None:
             m["reference_seconds_per_patch"] = curve.reference_seconds_per_patch
             if min_agreement is not None:

@@ -148,6 +148,31 @@ def test_candidates_prefer_f32_on_ties_and_a_copy_updates_its_stored_point():
     assert QualityCurve.from_dict(stored).points == curve.points
 
 
+def test_a_curve_whose_original_labels_nothing_judges_nothing():
+    """Two empty label maps agree perfectly: where the original finds (almost) no foreground on
+    every source, no point is evidence, so only the original as stock runs it may run."""
+    curve = _curve((0.9, 1.0), (0.67, 1.0))
+    curve.reference_seconds_per_patch = 9.0
+    curve.points.append(QualityPoint(1.0, 1.0, source="original", seconds_per_patch=3.0, precision="bf16"))
+    curve.points.append(QualityPoint(0.67, 1.0, ratio=0.67, seconds_per_patch=1.0, precision="int8"))
+    curve.points.append(QualityPoint(1.0, 1.0, source="original", seconds_per_patch=6.0, engine="openvino"))
+    curve.points.append(QualityPoint(0.3, 1.0, source="distilled", folder="/x"))
+    assert curve.judged and curve.judged_sources() is None  # not known (an older curve): trusted as before
+    assert curve.best_for(0.95).folder == "/x"
+    assert curve.fastest_for(0.95, ("f32", "bf16", "int8")).source == "distilled"
+    curve.reference_foreground = {"phantoms": 0.0004, "mine.nii.gz": 0.0}
+    assert not curve.judged and curve.judged_sources() == []
+    assert curve.envelope() == [] and curve.best_for(0.5) is None and curve.predicted(0.9) is None
+    assert curve.fastest_for(0.95, ("f32", "bf16", "int8"), fast_original=True) is None
+    assert curve.candidates(0.95, ("f32", "bf16", "int8"), fast_original=True) == [(9.0, None)]
+    # one source with enough foreground is evidence; the other is left out of the judging
+    curve.reference_foreground["mine.nii.gz"] = 0.02
+    assert curve.judged and curve.judged_sources() == ["mine.nii.gz"]
+    assert curve.best_for(0.95).folder == "/x"
+    back = QualityCurve.from_dict(json.loads(json.dumps(curve.as_dict())))
+    assert back.reference_foreground == curve.reference_foreground
+
+
 def test_timed_in_turns_gives_each_module_its_fastest_call():
     import time as _time
 
@@ -448,3 +473,42 @@ def test_registered_distilled_model_is_validated_and_chosen_when_it_meets_the_ta
                                fractions=(0.5,))
     assert choice.compressed_folder == (tmp_path / "student").resolve()
     assert choice.agreement >= 0.9 and choice.point.source == "distilled"
+
+
+def test_a_network_that_finds_nothing_on_the_validation_data_runs_as_stock_without_a_search(model_297, tmp_path):
+    """A real nnU-Net network whose head labels every voxel background: the target measures only
+    the original's labels, compresses nothing, runs the original and says why in one line."""
+    import shutil
+
+    from TuckerSegLib.models.checkpoint import load_checkpoint
+    from TuckerSegLib.pipeline.predictor_hook import how_choice_runs
+    from TuckerSegLib.specs import RunSpec
+
+    folder = tmp_path / model_297.parent.name / model_297.name
+    shutil.copytree(model_297, folder)
+    path = folder / "fold_0" / "checkpoint_final.pth"
+    ckpt = load_checkpoint(path)
+    for name, tensor in ckpt["network_weights"].items():
+        if name.startswith("decoder.seg_layers."):
+            tensor.zero_()
+            if name.endswith(".bias"):
+                tensor[0] = 10.0
+    torch.save(ckpt, path)
+    cache = tmp_path / "cache"
+    spec = CompressionSpec(min_agreement=0.5, policy="paper")
+    assert choose_for_target(folder, spec, cache_dir=cache, fractions=FRACTIONS, measure=False) is None
+    choice = choose_for_target(folder, spec, cache_dir=cache, fractions=FRACTIONS,
+                               precisions=("f32", "bf16", "int8"), fast_original=True)
+    (curve,) = curves(folder, cache).values()
+    assert curve.reference_foreground == {"phantoms": 0.0} and curve.points == []
+    assert not list(cache.glob("**/manifest.json"))  # nothing was compressed
+    assert choice.unjudged and choice.fallback and choice.point is None and choice.spec.is_original
+    said = choice.summary(0.5)
+    assert "too few voxels as foreground" in said and "--validate-on" in said and "\n" not in said
+    assert how_choice_runs(choice, RunSpec())[2].engine == "torch"
+    again = choose_for_target(folder, spec, cache_dir=cache, fractions=FRACTIONS, measure=False)
+    assert again is not None and again.unjudged
+    # the original network of the same layout finds foreground: its search measures points
+    judged = choose_for_target(model_297, spec, cache_dir=tmp_path / "cache2", fractions=(0.7,))
+    (curve,) = curves(model_297, tmp_path / "cache2").values()
+    assert curve.reference_foreground["phantoms"] > 0.001 and curve.points and not judged.unjudged

@@ -43,6 +43,12 @@ RACE_MARGIN = 1.3
 # network's agreement falls steeply (0.96 at 90 % of the MACs, 0.82 at 80 % on the full-width
 # 3 mm network), so the grid alone gives every target between those the same answer.
 REFINE_STEPS = 2
+# A validation source tells nothing about a model where the original labels less than this
+# fraction of its voxels as foreground: a network that finds nothing there agrees with any
+# compression of itself (Dice 1.0 of two empty maps). A weakly trained ribs network labelled none
+# of the phantoms' voxels, and its search then chose 67 % of the MACs in INT8 at "agreement 1.000";
+# real ribs models meet the same emptiness on the phantoms, which hold no ribs.
+MIN_REFERENCE_FOREGROUND = 0.001
 
 
 @dataclass
@@ -82,6 +88,21 @@ class QualityCurve:
     validation: dict  # what the agreement was measured on (``describe`` of the validation data)
     reference_seconds_per_patch: Optional[float] = None
     points: List[QualityPoint] = field(default_factory=list)
+    # fraction of each source's validation voxels the original labels as foreground (None: not
+    # known, a curve from before it was kept; its points are trusted as they were)
+    reference_foreground: Optional[Dict[str, float]] = None
+
+    def judged_sources(self) -> Optional[List[str]]:
+        """The sources whose agreement says something (``MIN_REFERENCE_FOREGROUND``); None: not known."""
+        if self.reference_foreground is None:
+            return None
+        return [k for k, v in self.reference_foreground.items() if v >= MIN_REFERENCE_FOREGROUND]
+
+    @property
+    def judged(self) -> bool:
+        """False where the original labels (almost) nothing on every source: no point of this
+        curve is evidence, so only the original as stock runs it may run."""
+        return self.judged_sources() != []
 
     def f32(self) -> List[QualityPoint]:
         """The points that make the curve (f32)."""
@@ -96,6 +117,8 @@ class QualityCurve:
         """The zero-shot points from the most MACs down, each agreement capped by those above it:
         fewer MACs never promise more agreement (a point measured above a miss is not trusted)."""
         out: List[QualityPoint] = []
+        if not self.judged:
+            return out
         best = 1.0
         for p in sorted((p for p in self.f32() if p.source == "zero-shot"), key=lambda p: -p.macs_fraction):
             best = min(best, p.agreement)
@@ -105,7 +128,7 @@ class QualityCurve:
     def best_for(self, min_agreement: float, max_fraction: float = MAX_FRACTION) -> Optional[QualityPoint]:
         """The cheapest point (fewest MACs; the faster measured one on ties) that meets the target,
         zero-shot points judged by their envelope."""
-        candidates = self.envelope() + [p for p in self.f32() if p.source == "distilled"]
+        candidates = self.envelope() + [p for p in self.f32() if p.source == "distilled" and self.judged]
         ok = [p for p in candidates if p.meets(min_agreement) and p.macs_fraction <= max_fraction + 1e-9]
         if not ok:
             return None
@@ -148,6 +171,8 @@ class QualityCurve:
         best = self.best_for(min_agreement, max_fraction)
         out: List[Tuple[Optional[float], Optional[QualityPoint]]] = [
             (self.reference_seconds_per_patch if best is None else best.seconds_per_patch, best)]
+        if not self.judged:
+            return out
         fast = self.original_f32() if fast_original and best is None else None
         if fast is not None and fast.meets(min_agreement) and fast.seconds_per_patch:
             out.append((fast.seconds_per_patch, fast))
@@ -194,13 +219,14 @@ class QualityCurve:
 
     def as_dict(self) -> dict:
         return {"validation": self.validation, "reference_seconds_per_patch": self.reference_seconds_per_patch,
-                "points": [asdict(p) for p in self.points]}
+                "points": [asdict(p) for p in self.points], "reference_foreground": self.reference_foreground}
 
     @classmethod
     def from_dict(cls, d: dict) -> "QualityCurve":
         known = {f.name for f in fields(QualityPoint)}  # a curve written by another version may hold more
         return cls(d.get("validation", {}), d.get("reference_seconds_per_patch"),
-                   [QualityPoint(**{k: v for k, v in p.items() if k in known}) for p in d.get("points", [])])
+                   [QualityPoint(**{k: v for k, v in p.items() if k in known}) for p in d.get("points", [])],
+                   d.get("reference_foreground"))
 
 
 def _close(options: List[Tuple[Optional[float], Optional[QualityPoint]]]

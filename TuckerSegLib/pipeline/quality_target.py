@@ -37,8 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from TuckerSegLib.compression.quality_curve import (MAX_FRACTION, SEARCH_FRACTIONS, QualityCurve, QualityPoint,
-                                                   curve_key, load_curve, next_fraction, save_curve)
+from TuckerSegLib.compression.quality_curve import (MAX_FRACTION, MIN_REFERENCE_FOREGROUND, SEARCH_FRACTIONS,
+                                                   QualityCurve, QualityPoint, curve_key, load_curve, next_fraction,
+                                                   save_curve)
 from TuckerSegLib.engines.base import predict_tiles
 from TuckerSegLib.engines.int8 import PLAIN_AT_OR_BELOW
 from TuckerSegLib.models.checkpoint import file_sha256
@@ -80,14 +81,17 @@ class TargetChoice:
     precision: str = "f32"  # the engine precision the chosen network runs at on this machine
     curve: Optional[QualityCurve] = field(default=None, repr=False)
     pending: Tuple[str, ...] = ()  # precisions left unmeasured (``defer``): a later search may choose them
+    # the original labels (almost) no foreground on the validation data: agreement could not be
+    # judged (``QualityCurve.judged``), so the original runs as stock runs it
+    unjudged: bool = False
 
     @property
     def source(self) -> str:
         """Where ``agreement`` comes from, in words."""
         v = self.validation
-        data = f"{len(v.get('phantoms', []))} phantom CT(s)"
-        if v.get("cts"):
-            data += f" and {len(v['cts'])} CT(s) of yours ({', '.join(v['cts'])})"
+        data = _data_said(v)
+        if self.unjudged:
+            return f"original network (nothing to judge agreement by on {data})"
         if self.point is None:
             return f"original network (no compressed network met the target on {data})"
         if self.point.source == "original":
@@ -102,6 +106,8 @@ class TargetChoice:
 
     def summary(self, min_agreement: float) -> str:
         faster = self._faster()
+        if self.unjudged:
+            return f"{_unjudged_said(self.curve, self.validation)}: running the original network"
         if self.fallback:
             if self.point is not None:
                 return (f"no compressed network keeps agreement >= {min_agreement:g} below "
@@ -175,6 +181,22 @@ class ValidationPatches:
                         PATCHES_PER_CT - 1, seed=PATCH_SEED + i))
             self._patches = torch.stack([p.float() for p in out])
         return self._patches
+
+
+def _data_said(v: dict) -> str:
+    """The validation data of description ``v``, in words."""
+    data = f"{len(v.get('phantoms', []))} phantom CT(s)"
+    if v.get("cts"):
+        data += f" and {len(v['cts'])} CT(s) of yours ({', '.join(v['cts'])})"
+    return data
+
+
+def _unjudged_said(curve: Optional[QualityCurve], validation: dict) -> str:
+    """Why a curve that judges nothing cannot choose, and what helps."""
+    found = ", ".join(f"{k} {100 * v:.2f} %" for k, v in ((curve and curve.reference_foreground) or {}).items())
+    return (f"the original network labels too few voxels as foreground on {_data_said(validation)} ({found}; "
+            f"at least {100 * MIN_REFERENCE_FOREGROUND:g} % needed) to judge any compression's agreement; "
+            f"--validate-on a CT that shows this model's structures can")
 
 
 def _centre(shape, patch) -> Tuple[int, ...]:
@@ -265,8 +287,10 @@ def _reference(model: NnUNetModel, data: ValidationPatches, key: str, cache: Pat
                 return torch.from_numpy(f["labels"]), float(f["seconds"])
         except (OSError, ValueError, KeyError):
             pass  # damaged: computed again
+    from TuckerSegLib.models.nnunet_folder import with_weights
+
     progress.log(f"quality target: the original network on {len(data.patches)} validation patches (once)")
-    labels, seconds, _ = _run(model.network, model, data.patches, device, engine=REFERENCE_ENGINE)
+    labels, seconds, _ = _run(with_weights(model).network, model, data.patches, device, engine=REFERENCE_ENGINE)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.npz")
     np.savez_compressed(tmp, labels=labels.numpy(), seconds=seconds)
@@ -318,19 +342,36 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
     cache = model_cache_dir(folder, cache_dir)
     reference: List[torch.Tensor] = []  # computed on first need
 
-    def measured(network: nn.Module, precision: str = "f32", engine_cache: Optional[Path] = None
-                 ) -> Tuple[float, Optional[dict], float, str]:
-        """``(agreement, agreement per source or None, seconds per patch, engine)``."""
-        with_weights(model)
+    def reference_labels() -> torch.Tensor:
         if not reference:
             labels, seconds = _reference(model, data, key, cache, device, progress)
             reference.append(labels)
             curve.reference_seconds_per_patch = seconds
+            curve.reference_foreground = {name: round(float((labels[rows] > 0).float().mean()), 6)
+                                          for name, rows in data.sources}
+        return reference[0]
+
+    def measured(network: nn.Module, precision: str = "f32", engine_cache: Optional[Path] = None
+                 ) -> Tuple[float, Optional[dict], float, str]:
+        """``(agreement, agreement per judged source where several were validated, seconds per
+        patch, engine)``: the worst of the sources where the original labels enough foreground."""
+        ref = reference_labels()
         labels, seconds, engine = _run(network, model, data.patches, device, precision, engine_cache)
-        k = max(int(model.num_classes), int(reference[0].max()) + 1, int(labels.max()) + 1)
-        by_source = {name: round(pooled_mean_dice(reference[0][rows], labels[rows], k), 4)
-                     for name, rows in data.sources}
-        return min(by_source.values()), by_source if len(by_source) > 1 else None, seconds, engine
+        k = max(int(model.num_classes), int(ref.max()) + 1, int(labels.max()) + 1)
+        judged = curve.judged_sources()
+        by_source = {name: round(pooled_mean_dice(ref[rows], labels[rows], k), 4)
+                     for name, rows in data.sources if name in judged}
+        return min(by_source.values()), by_source if len(data.sources) > 1 else None, seconds, engine
+
+    # first what the original finds on the validation data: where it labels (almost) nothing,
+    # no agreement there is evidence, and nothing is measured
+    if curve.reference_foreground is None:
+        if not measure:
+            return None
+        reference_labels()
+        save_curve(folder, key, curve, cache_dir)
+    if not curve.judged:
+        return TargetChoice(spec.concrete(1.0), 1.0, data.description, fallback=True, curve=curve, unjudged=True)
 
     while True:
         f = next_fraction(curve, target, fractions)
