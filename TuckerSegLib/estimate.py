@@ -286,9 +286,9 @@ def quality_readout(task: str = "total", quality: str = "default", ratio: float 
     seconds per patch. Keys: ``predicted_agreement`` (None: not measured), ``agreement_at_most``
     (below the lowest measured point: the envelope's bound), ``measured`` (every model has a
     curve), ``measuring`` (a detached search is measuring a model's curve now), ``seconds_per_patch`` / ``reference_seconds_per_patch`` (None: not measured),
-    ``engine``, ``macs_fraction``, ``warn`` (below ``WARN_BELOW``), ``combine``, ``models`` (each with
-    ``judged``: False where the original labels too little on the validation data to judge any
-    compression, so the original runs).
+    ``engine``, ``macs_fraction``, ``warn`` (below ``WARN_BELOW``), ``combine``, ``models``,
+    ``unjudged`` (the dataset ids whose original labels too little on the validation data to judge
+    any compression: the original runs there; each model's ``judged`` says the same).
     """
     from TuckerSegLib.compression.quality_curve import TARGET_PRECISIONS, WARN_BELOW
     from TuckerSegLib.pipeline.background_search import running
@@ -362,6 +362,7 @@ def quality_readout(task: str = "total", quality: str = "default", ratio: float 
             "seconds_per_patch": combined("seconds_per_patch", sum),
             "reference_seconds_per_patch": combined("reference_seconds_per_patch", sum),
             "engine": engines[0] if engines and len(set(engines)) == 1 else (", ".join(sorted(set(engines))) or None),
+            "unjudged": [m["dataset_id"] for m in models if not m["judged"]],
             "warn": lowest is not None and round(lowest, 3) < WARN_BELOW,
             "warn_below": WARN_BELOW, "combine": COMBINE, "models": models}
 

@@ -23,7 +23,7 @@ def test_readout_numbers_and_missing_estimate():
     assert "n/a" in cost_readout.format_readout(None)
 
 
-def _write_curve(root, dataset_id, points, reference_seconds=0.8, policy="budget"):
+def _write_curve(root, dataset_id, points, reference_seconds=0.8, policy="budget", foreground=None):
     """A ``quality_curve.json`` as a quality-target run leaves it, beside a (dummy) checkpoint in
     a TotalSegmentator weights root."""
     from TuckerSegLib.compression.quality_curve import QualityCurve, QualityPoint, save_curve
@@ -35,7 +35,8 @@ def _write_curve(root, dataset_id, points, reference_seconds=0.8, policy="budget
     ckpt.write_bytes(b"weights")
     st = ckpt.stat()
     curve = QualityCurve({"phantoms": ["p1", "p2"]}, reference_seconds,
-                         [QualityPoint(f, a, "zero-shot", policy, f, None, s, "openvino") for f, a, s in points])
+                         [QualityPoint(f, a, "zero-shot", policy, f, None, s, "openvino") for f, a, s in points],
+                         foreground)
     save_curve(folder, f"{st.st_size}-{st.st_mtime_ns}|{policy}|hosvd|8|None|0123abcd", curve)
     return folder
 
@@ -77,6 +78,22 @@ def test_readout_says_not_measured_yet_without_a_curve(tmp_path, monkeypatch):
     _write_curve(tmp_path, 291, CURVE)
     q = cost_readout.quality("total", "default", 0.8, "budget", weights_root=tmp_path)
     assert q["predicted_agreement"] is None and not q["measured"]
+
+
+def test_readout_says_when_a_network_finds_too_little_on_the_validation_data_to_judge(tmp_path, monkeypatch):
+    """A curve whose original labels almost nothing (no points: nothing was compressed) is
+    measured; ratio mode cannot predict there and says why, the target runs the original."""
+    monkeypatch.delenv("TUCKERSEG_CACHE_DIR", raising=False)
+    _write_curve(tmp_path, 297, [], foreground={"phantoms": 0.0})
+    q = cost_readout.quality("total", "fast", 0.5, "budget", weights_root=tmp_path)
+    assert q["measured"] and q["unjudged"] == [297] and q["predicted_agreement"] is None
+    text = cost_readout.readout("total", "fast", 0.5, "budget", weights_root=tmp_path)
+    assert "Agreement cannot be judged for 1 network(s)" in text and "not measured yet" not in text.splitlines()[1]
+    target = cost_readout.quality("total", "fast", 0.5, "budget", min_agreement=0.95, weights_root=tmp_path)
+    assert target["models"][0]["fallback"] and target["macs_fraction"] == 1.0
+    # a judged curve of the same model reads as before
+    _write_curve(tmp_path, 297, CURVE, foreground={"phantoms": 0.05})
+    assert cost_readout.quality("total", "fast", 0.8, "budget", weights_root=tmp_path)["unjudged"] == []
 
 
 def test_readout_says_when_a_curve_is_being_measured_in_the_background(tmp_path, monkeypatch):

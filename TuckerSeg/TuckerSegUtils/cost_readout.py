@@ -96,6 +96,9 @@ def _agreement_text(q: Optional[dict], target_mode: bool) -> str:
     bound = q.get("agreement_at_most")
     if bound is not None:
         return f"Predicted agreement at most {float(bound):.3f}{where} (not measured this low)"
+    if q.get("unjudged"):
+        return (f"Agreement cannot be judged for {len(q['unjudged'])} network(s): the original finds almost "
+                f"nothing on the validation data, so it runs uncompressed (--validate-on a CT can judge it)")
     if q.get("measuring"):
         return MEASURING
     if target_mode:

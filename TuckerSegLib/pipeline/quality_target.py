@@ -23,7 +23,9 @@ With the user's CTs a point's agreement is the worst of its sources (the phantom
 pooled), not all patches pooled: on the trained full-width 3 mm network the phantoms agree more
 than a real CT does (0.934 against 0.880 at 87.5 % of the MACs,
 ``benchmarks/results/bench_quality_target_w32_validate_on_ct_worst_source.txt``), so pooling them
-promised a user more than their CT got.
+promised a user more than their CT got. A source counts only where the original labels at least
+``MIN_REFERENCE_FOREGROUND`` of its voxels as foreground (two empty maps agree perfectly); where
+none does, nothing is compressed and the original runs as stock runs it (``TargetChoice.unjudged``).
 """
 from __future__ import annotations
 
