@@ -109,7 +109,7 @@ class TargetChoice:
     def summary(self, min_agreement: float) -> str:
         faster = self._faster()
         if self.unjudged:
-            return f"{_unjudged_said(self.curve, self.validation)}: running the original network"
+            return f"running the original network: {_unjudged_said(self.curve, self.validation)}"
         if self.fallback:
             if self.point is not None:
                 return (f"no compressed network keeps agreement >= {min_agreement:g} below "
@@ -195,10 +195,10 @@ def _data_said(v: dict) -> str:
 
 def _unjudged_said(curve: Optional[QualityCurve], validation: dict) -> str:
     """Why a curve that judges nothing cannot choose, and what helps."""
-    found = ", ".join(f"{k} {100 * v:.2f} %" for k, v in ((curve and curve.reference_foreground) or {}).items())
+    found = ", ".join(f"{k} {100 * v:.2g} %" for k, v in ((curve and curve.reference_foreground) or {}).items())
     return (f"the original network labels too few voxels as foreground on {_data_said(validation)} ({found}; "
             f"at least {100 * MIN_REFERENCE_FOREGROUND:g} % needed) to judge any compression's agreement; "
-            f"--validate-on a CT that shows this model's structures can")
+            f"name a CT that shows this model's structures with --validate-on")
 
 
 def _centre(shape, patch) -> Tuple[int, ...]:
