@@ -312,8 +312,8 @@ def quality_readout(task: str = "total", quality: str = "default", ratio: float 
         m = {"dataset_id": dataset_id, "folder": str(folder), "measured": curve is not None,
              "measuring": running(folder, _cache_dirs(folder, cache_dir)),
              "predicted_agreement": None, "agreement_at_most": None, "macs_fraction": macs_fraction,
-             "seconds_per_patch": None, "reference_seconds_per_patch": None, "engine": None}
-        m["judged"] = curve is None or curve.judged
+             "seconds_per_patch": None, "reference_seconds_per_patch": None, "engine": None,
+             "judged": curve is None or curve.judged}
         if curve is not None:
             m["reference_seconds_per_patch"] = curve.reference_seconds_per_patch
             if min_agreement is not None:

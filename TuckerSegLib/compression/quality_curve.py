@@ -128,7 +128,9 @@ class QualityCurve:
     def best_for(self, min_agreement: float, max_fraction: float = MAX_FRACTION) -> Optional[QualityPoint]:
         """The cheapest point (fewest MACs; the faster measured one on ties) that meets the target,
         zero-shot points judged by their envelope."""
-        candidates = self.envelope() + [p for p in self.f32() if p.source == "distilled" and self.judged]
+        if not self.judged:
+            return None
+        candidates = self.envelope() + [p for p in self.f32() if p.source == "distilled"]
         ok = [p for p in candidates if p.meets(min_agreement) and p.macs_fraction <= max_fraction + 1e-9]
         if not ok:
             return None
