@@ -414,7 +414,7 @@ def test_int8_is_measured_by_the_target_once_and_its_run_reuses_the_quantised_mo
     stored = [int8_mod.read_int8(d) for d in (cache / "openvino").glob("int8-*") if d.is_dir()]
     assert stored and all(r["min_agreement"] == TARGET_INT8_MIN_AGREEMENT for r in stored)
     assert all(r["accuracy_control"] is False for r in stored)  # plain nncf.quantize: the target validates
-    assert all(r["calibration"].startswith("8 patches at random positions of phantom CTs [400") for r in stored)
+    assert all(r["calibration"].startswith("8 patches at random positions of torso phantom CTs [400") for r in stored)
     # the original in INT8, as a run of that choice prepares it: no second quantisation
     as_int8 = replace(choice, spec=spec.concrete(1.0), fallback=True, point=original, precision="int8",
                       compressed_folder=None)

@@ -6,6 +6,14 @@ liver, spleen, kidneys in perirenal fat, the aorta and a vertebral column of bon
 separated by discs. Every phantom is drawn from a seed: organ sizes and positions vary, the whole
 anatomy is smoothly deformed, and the image gets partial-volume blur and noise.
 
+``torso=True`` adds the thorax and back that TotalSegmentator's other parts segment: ribs that
+descend anteriorly into costal cartilages, a sternum, the heart (myocardium around contrast-filled
+chambers), a neural arch around the spinal cord, and the paraspinal (autochthon) muscles. Why:
+a quality target judges a network only on data where the original finds its structures, and
+the ribs, cardiac and muscle networks find little in an abdomen. The additions come from their
+own random stream, so the abdominal anatomy of a seed (the demo model's training data) is the
+same either way.
+
 Arrays are in NIfTI voxel order (i, j, k) = (patient left-right, posterior-anterior,
 inferior-superior) with a RAS affine: +i towards the patient's left, +j anterior, +k superior.
 """
@@ -30,6 +38,15 @@ LABEL_NAMES: Dict[int, str] = {
     6: "vertebrae",
     7: "lung_left",
     8: "lung_right",
+}
+TORSO_LABEL_NAMES: Dict[int, str] = {
+    **LABEL_NAMES,
+    9: "heart",
+    10: "ribs",
+    11: "costal_cartilages",
+    12: "sternum",
+    13: "spinal_cord",
+    14: "autochthon",
 }
 
 DEFAULT_SHAPE: Tuple[int, int, int] = (120, 90, 80)
@@ -66,8 +83,10 @@ def _smooth_field(rng: np.random.Generator, shape: Sequence[int], coarse: int, a
 
 
 def make_phantom(seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE,
-                 spacing: Sequence[float] = DEFAULT_SPACING, noise_hu: float = 15.0) -> Phantom:
-    """Draw one phantom from ``seed`` (same seed, same phantom)."""
+                 spacing: Sequence[float] = DEFAULT_SPACING, noise_hu: float = 15.0,
+                 torso: bool = False) -> Phantom:
+    """Draw one phantom from ``seed`` (same seed, same phantom); ``torso``: with the thorax and
+    back added (labels in ``TORSO_LABEL_NAMES``)."""
     rng = np.random.default_rng(seed)
     shape = tuple(int(s) for s in shape)
     spacing = tuple(float(s) for s in spacing)
@@ -87,7 +106,8 @@ def make_phantom(seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE,
     body = r_body <= 1.0
     fat_thick = u(8, 20)
     subcut = body & (r_body > 1.0 - fat_thick / by)
-    muscle = body & ~subcut & (r_body > 1.0 - (fat_thick + u(6, 12)) / by)
+    muscle_thick = u(6, 12)
+    muscle = body & ~subcut & (r_body > 1.0 - (fat_thick + muscle_thick) / by)
 
     labels = np.zeros(shape, dtype=np.uint8)
     # Organ centres relative to the body; sizes scaled per phantom.
@@ -106,6 +126,7 @@ def make_phantom(seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE,
     r = (bx * u(0.40, 0.48) * s, by * u(0.55, 0.7) * s, half_z * u(0.35, 0.45) * s)
     liver = _ellipsoid((x, y, z), c, r) & ((x - c[0]) - 0.8 * (z - c[2]) < r[0] * 0.6)
     labels[liver & body] = 1
+    liver_top = c[2] + r[2]
     # Spleen: patient left, posterior, level with the upper liver.
     c = (cx + bx * u(0.5, 0.62), spine_y + by * u(0.3, 0.45), lung_top - half_z * u(0.05, 0.2))
     r = (bx * u(0.13, 0.17) * s, by * u(0.25, 0.32) * s, half_z * u(0.2, 0.28) * s)
@@ -136,6 +157,11 @@ def make_phantom(seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE,
     ao_r = u(9, 13)
     aorta = (((x - ao_c[0]) ** 2 + (y - ao_c[1]) ** 2) <= ao_r ** 2) & body
     labels[aorta & (labels != 6)] = 5
+    if torso:
+        torso_hu = _add_torso(np.random.default_rng([seed, 1]), labels, (x, y, z), body, r_body,
+                              dict(cx=cx, cy=cy, bx=bx_z, by=by, wall=fat_thick + muscle_thick, s=s,
+                                   half_z=half_z, lung_top=lung_top, liver_top=liver_top,
+                                   vert_c=vert_c, vert_r=vert_r))
 
     # Intensities (HU), with per-phantom jitter of each tissue.
     image = np.full(shape, -1000.0, dtype=np.float32)
@@ -143,7 +169,8 @@ def make_phantom(seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE,
     mixture = _smooth_field(rng, shape, 10, 1.0)
     image[interior] = np.where(mixture[interior] > 0.2, u(15, 35), u(-110, -80))
     image[subcut] = u(-110, -90)
-    image[muscle] = u(45, 60)
+    muscle_hu = u(45, 60)
+    image[muscle] = muscle_hu
     image[perirenal & interior & (labels == 0)] = u(-110, -90)
     # Portal-venous contrast phase (as in most abdominal CTs): enhanced liver, spleen, kidneys
     # and aorta; bone, lungs and fat as without contrast.
@@ -154,6 +181,13 @@ def make_phantom(seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE,
     # Cortical rim of the vertebrae: denser bone on their surface.
     rim = (labels == 6) & ~ndimage.binary_erosion(labels == 6, iterations=1)
     image[rim] = u(700, 900)
+    if torso:
+        for label in range(9, 15):
+            image[labels == label] = muscle_hu + torso_hu[label] if label == 14 else torso_hu[label]
+        for label in (10, 12):  # cortical bone on the surface of ribs and sternum
+            bone = labels == label
+            image[bone & ~ndimage.binary_erosion(bone, iterations=1)] = torso_hu["cortex"]
+        image[(labels == 9) & ~torso_hu["chambers"]] = torso_hu["myocardium"]
     image = ndimage.gaussian_filter(image, sigma=0.6)
     image += rng.normal(0.0, noise_hu, size=shape).astype(np.float32) * body
     image += rng.normal(0.0, 3.0, size=shape).astype(np.float32) * ~body
@@ -162,7 +196,59 @@ def make_phantom(seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE,
     affine = np.diag([spacing[0], spacing[1], spacing[2], 1.0])
     affine[:3, 3] = [-e / 2 for e in extent]
     return Phantom(image=image, labels=labels, spacing=spacing, affine=affine,
-                   label_names=dict(LABEL_NAMES), seed=seed)
+                   label_names=dict(TORSO_LABEL_NAMES if torso else LABEL_NAMES), seed=seed)
+
+
+def _add_torso(rng: np.random.Generator, labels: np.ndarray, coords: Sequence[np.ndarray],
+               body: np.ndarray, r_body: np.ndarray, g: dict) -> dict:
+    """Draw the thorax and back into ``labels`` (geometry ``g`` of the abdominal phantom); return
+    their HU: per label, plus ``cortex``, ``myocardium`` and the heart's ``chambers`` mask."""
+    x, y, z = coords
+    u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
+    cx, cy, bx, by, s = g["cx"], g["cy"], g["bx"], g["by"], g["s"]
+    (vx, vy), vr = g["vert_c"], g["vert_r"]
+    free = lambda *keep: ~np.isin(labels, keep)  # noqa: E731  (voxels not held by ``keep``)
+
+    # Neural arch around the spinal canal, behind each vertebral body; the cord inside it.
+    canal_y = vy - 1.2 * vr
+    d_canal = np.sqrt((x - vx) ** 2 + (y - canal_y) ** 2)
+    labels[(d_canal <= 0.7 * vr) & (d_canal > 0.38 * vr) & body & free(5)] = 6
+    labels[(d_canal <= 0.38 * vr) & body] = 13
+    # Paraspinal muscles either side of the arch, from the ribs' level down, inside the wall.
+    wall_inner = 1.0 - g["wall"] / by
+    beside = (np.abs(x - vx) > 0.7 * vr) & (np.abs(x - vx) < u(2.2, 2.8) * vr)
+    labels[beside & (y < vy - 0.5 * vr) & (r_body <= wall_inner) & body & (labels == 0)] = 14
+
+    # Heart: above the liver's dome, left of the midline, anterior; it displaces the lungs.
+    hz = min(g["liver_top"] + u(30, 45), g["half_z"] - 25.0)
+    hc = (cx + bx * u(0.05, 0.15), cy + by * u(0.10, 0.25), hz)
+    hr = np.array([u(48, 60), u(40, 50), u(42, 52)]) * s
+    heart = _ellipsoid((x, y, z), hc, hr) & body & free(5, 6)
+    labels[heart] = 9
+    chambers = _ellipsoid((x, y, z), hc, hr - u(8, 12)) & heart
+
+    # Ribs: bands just inside the muscle wall that descend anteriorly, from above the lungs' base
+    # to the lower ribs beside the liver and spleen; cartilage joins them to the sternum.
+    theta = np.arctan2(y - cy, (x - cx) * by / bx)
+    anterior = (1.0 + np.sin(theta)) / 2.0  # 0 at the back, 1 at the front
+    depth = u(7, 10) / by
+    shell = (r_body <= wall_inner) & (r_body > wall_inner - depth) & body
+    pitch, height, drop = u(22, 27), u(8, 11), u(30, 45)
+    level = z + drop * anterior
+    bottom = g["lung_top"] - g["half_z"] * u(0.35, 0.55)
+    band = shell & (np.mod(level - u(0, pitch), pitch) < height) & (level > bottom)
+    band &= ~((np.abs(x - vx) < 1.8 * vr) & (y < vy))  # ribs start beside the spine
+    sternum_w = u(12, 17)
+    cartilage_from = u(0.82, 0.88)
+    # (over lungs, liver, spleen and muscle, which the ribs enclose; never over other bone or vessels)
+    labels[band & (anterior < cartilage_from) & np.isin(labels, (0, 1, 2, 7, 8, 14))] = 10
+    labels[band & (anterior >= cartilage_from) & (np.abs(x - cx) >= sternum_w) & (labels == 0)] = 11
+    sternum = shell & (anterior >= cartilage_from) & (np.abs(x - cx) < sternum_w) & \
+        (z > hz - hr[2]) & (labels == 0)
+    labels[sternum] = 12
+
+    return {9: u(140, 190), 10: u(250, 400), 11: u(90, 160), 12: u(250, 400), 13: u(20, 40),
+            14: u(-5, 5), "cortex": u(650, 900), "myocardium": u(90, 120), "chambers": chambers}
 
 
 def _atomic_save(nifti, path: Path) -> None:

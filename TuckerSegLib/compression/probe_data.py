@@ -126,9 +126,12 @@ def default_probe(model: NnUNetModel, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.stack(batch).astype(np.float32))
 
 
-def default_validation(model: NnUNetModel, seeds: Sequence[int] = VALIDATION_SEEDS) -> ValidationSet:
+def default_validation(model: NnUNetModel, seeds: Sequence[int] = VALIDATION_SEEDS,
+                       torso: bool = False) -> ValidationSet:
     """Phantom CTs preprocessed as nnU-Net's predictor does (transpose, crop, resample, CT
-    normalisation with the model's statistics); empty for models that are not 3-D single-channel CT."""
+    normalisation with the model's statistics); empty for models that are not 3-D single-channel CT.
+    ``torso``: phantoms with the thorax and back (``phantom.make_phantom``), for measurements that
+    must see the structures of every part of ``total`` (quality curves, INT8)."""
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
     from TuckerSegLib.compression.phantom import DEFAULT_SHAPE, DEFAULT_SPACING, make_phantom
@@ -147,7 +150,7 @@ def default_validation(model: NnUNetModel, seeds: Sequence[int] = VALIDATION_SEE
         preprocessor = cm.preprocessor_class(verbose=False)
         volumes = []
         for seed in seeds:
-            ph = make_phantom(seed)
+            ph = make_phantom(seed, torso=torso)
             image = np.asarray(ph.image, dtype=np.float32).transpose(2, 1, 0)[None]
             props = {"spacing": [float(s) for s in ph.spacing[::-1]]}
             with contextlib.redirect_stdout(io.StringIO()):

@@ -84,14 +84,14 @@ def model_int8_data(plans: dict, configuration: str, dataset_json: dict, in_chan
     for c in cts:
         st = Path(c).stat()
         ct_ids.append(f"{Path(c).resolve()}:{st.st_size}:{st.st_mtime_ns}")
-    identity = hashlib.sha256(repr(("model-data-v1", patch, in_channels, tuple(calibration_seeds),
+    identity = hashlib.sha256(repr(("model-data-v2", patch, in_channels, tuple(calibration_seeds),
                                     tuple(validation_seeds), n_calibration, n_validation,
                                     tuple(ct_ids))).encode()).hexdigest()[:24]
     description = {
-        "calibration": f"{n_calibration} patches at random positions of phantom CTs "
+        "calibration": f"{n_calibration} patches at random positions of torso phantom CTs "
                        f"{list(calibration_seeds)}" + (f" and of {len(cts)} user CT(s)" if cts else "")
                        + ", preprocessed by nnU-Net with the model's plans",
-        "validation": f"up to {n_validation} sliding-window tiles of phantom CTs {list(validation_seeds)}"
+        "validation": f"up to {n_validation} sliding-window tiles of torso phantom CTs {list(validation_seeds)}"
                       + (" and of the user CT(s) at other positions" if cts else ""),
     }
     cache: dict = {}
@@ -102,7 +102,7 @@ def model_int8_data(plans: dict, configuration: str, dataset_json: dict, in_chan
         key = "phantoms-" + which
         if key not in cache:
             seeds = calibration_seeds if which == "cal" else validation_seeds
-            cache[key] = default_validation(model, seeds).build()
+            cache[key] = default_validation(model, seeds, torso=True).build()
         if "cts" not in cache:
             from TuckerSegLib.compression.ct_patches import preprocess
 

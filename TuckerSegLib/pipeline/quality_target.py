@@ -18,7 +18,9 @@ target and it is faster. The search walks the fractions from the top
 down and stops at the first that misses (a target that only the original meets costs one point),
 then bisects twice between the last that met and that miss (``quality_curve.next_fraction``).
 Validation data: the built-in phantom CTs (the same on every machine, so the same inputs give the
-same choice everywhere) plus the user's CTs given with ``validate_on``; the result says which.
+same choice everywhere; torso phantoms, with ribs, heart and back muscles beside the abdomen, so
+that every part of ``total`` has its structures there) plus the user's CTs given with
+``validate_on``; the result says which.
 With the user's CTs a point's agreement is the worst of its sources (the phantoms pooled, each CT
 pooled), not all patches pooled: on the trained full-width 3 mm network the phantoms agree more
 than a real CT does (0.934 against 0.880 at 87.5 % of the MACs,
@@ -145,7 +147,7 @@ class ValidationPatches:
         self.cts = tuple(cts)
         self.seeds = tuple(VALIDATION_SEEDS)
         self.description = {
-            "phantoms": list(self.seeds), "patches_per_phantom": PATCHES_PER_PHANTOM,
+            "phantoms": list(self.seeds), "phantom_anatomy": "torso", "patches_per_phantom": PATCHES_PER_PHANTOM,
             "cts": [Path(p).name for p in self.cts], "ct_sha256": [file_sha256(Path(p))[:16] for p in self.cts],
             "patches_per_ct": PATCHES_PER_CT if self.cts else 0, "patch_size": list(model.patch_size),
             "patches": len(self.seeds) * PATCHES_PER_PHANTOM + len(self.cts) * PATCHES_PER_CT,
@@ -170,7 +172,7 @@ class ValidationPatches:
             from TuckerSegLib.compression.ct_patches import Case, PatchSampler, preprocess
             from TuckerSegLib.compression.probe_data import default_validation
 
-            volumes = default_validation(self.model, self.seeds).build()
+            volumes = default_validation(self.model, self.seeds, torso=True).build()
             cases = [Case(f"phantom{s}", v.numpy()) for s, v in zip(self.seeds, volumes)]
             sampler = PatchSampler(cases, self.model.patch_size)
             out = [torch.from_numpy(sampler.crop(i, _centre(c.shape, self.model.patch_size))[0])
