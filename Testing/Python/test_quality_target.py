@@ -512,3 +512,21 @@ def test_a_network_that_finds_nothing_on_the_validation_data_runs_as_stock_witho
     judged = choose_for_target(model_297, spec, cache_dir=tmp_path / "cache2", fractions=(0.7,))
     (curve,) = curves(model_297, tmp_path / "cache2").values()
     assert curve.reference_foreground["phantoms"] > 0.001 and curve.points and not judged.unjudged
+
+
+def test_validation_patches_come_from_torso_phantoms_and_their_anatomy_keys_the_curve(model_297):
+    """Quality curves are measured on phantoms with the thorax and back (ribs, sternum, heart,
+    back muscles), so that every part of ``total`` meets its structures; the anatomy is part of
+    the validation description, so curves measured on the abdomen alone are not reused."""
+    from TuckerSegLib.compression.quality_curve import validation_id
+    from TuckerSegLib.models.nnunet_folder import load_model_folder
+    from TuckerSegLib.pipeline.quality_target import ValidationPatches
+
+    model = load_model_folder(model_297)
+    torso, abdomen = ValidationPatches(model), ValidationPatches(model, torso=False)
+    assert torso.description["phantom_anatomy"] == "torso" and abdomen.description["phantom_anatomy"] == "abdomen"
+    assert validation_id(torso.description) != validation_id(abdomen.description)
+    assert torso.patches.shape == abdomen.patches.shape
+    props = model.plans["foreground_intensity_properties_per_channel"]["0"]
+    bone = (300.0 - props["mean"]) / props["std"]  # ribs and sternum add bone beside the spine's
+    assert int((torso.patches > bone).sum()) > 1.2 * int((abdomen.patches > bone).sum())

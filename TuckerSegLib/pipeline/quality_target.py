@@ -140,14 +140,15 @@ class TargetChoice:
 class ValidationPatches:
     """The patches a quality curve is measured on, nnU-Net-preprocessed for one model."""
 
-    def __init__(self, model: NnUNetModel, cts: Tuple[str, ...] = ()):
+    def __init__(self, model: NnUNetModel, cts: Tuple[str, ...] = (), torso: bool = True):
         from TuckerSegLib.compression.probe_data import VALIDATION_SEEDS
 
         self.model = model
         self.cts = tuple(cts)
         self.seeds = tuple(VALIDATION_SEEDS)
+        self.torso = torso  # False: the abdominal phantoms alone (``benchmarks/bench_validation_evidence.py``)
         self.description = {
-            "phantoms": list(self.seeds), "phantom_anatomy": "torso", "patches_per_phantom": PATCHES_PER_PHANTOM,
+            "phantoms": list(self.seeds), "phantom_anatomy": "torso" if torso else "abdomen", "patches_per_phantom": PATCHES_PER_PHANTOM,
             "cts": [Path(p).name for p in self.cts], "ct_sha256": [file_sha256(Path(p))[:16] for p in self.cts],
             "patches_per_ct": PATCHES_PER_CT if self.cts else 0, "patch_size": list(model.patch_size),
             "patches": len(self.seeds) * PATCHES_PER_PHANTOM + len(self.cts) * PATCHES_PER_CT,
@@ -172,7 +173,7 @@ class ValidationPatches:
             from TuckerSegLib.compression.ct_patches import Case, PatchSampler, preprocess
             from TuckerSegLib.compression.probe_data import default_validation
 
-            volumes = default_validation(self.model, self.seeds, torso=True).build()
+            volumes = default_validation(self.model, self.seeds, torso=self.torso).build()
             cases = [Case(f"phantom{s}", v.numpy()) for s, v in zip(self.seeds, volumes)]
             sampler = PatchSampler(cases, self.model.patch_size)
             out = [torch.from_numpy(sampler.crop(i, _centre(c.shape, self.model.patch_size))[0])
