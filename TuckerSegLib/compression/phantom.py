@@ -214,7 +214,7 @@ def _add_torso(rng: np.random.Generator, labels: np.ndarray, coords: Sequence[np
     d_canal = np.sqrt((x - vx) ** 2 + (y - canal_y) ** 2)
     labels[(d_canal <= 0.7 * vr) & (d_canal > 0.38 * vr) & body & free(5)] = 6
     labels[(d_canal <= 0.38 * vr) & body] = 13
-    # Paraspinal muscles either side of the arch, from the ribs' level down, inside the wall.
+    # Paraspinal muscles either side of the arch, the whole height, inside the muscle wall.
     wall_inner = 1.0 - g["wall"] / by
     beside = (np.abs(x - vx) > 0.7 * vr) & (np.abs(x - vx) < u(2.2, 2.8) * vr)
     labels[beside & (y < vy - 0.5 * vr) & (r_body <= wall_inner) & body & (labels == 0)] = 14
