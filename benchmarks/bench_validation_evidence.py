@@ -24,7 +24,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from TuckerSegLib.compression.quality_curve import MIN_REFERENCE_FOREGROUND
+from TuckerSegLib.compression.quality_curve import MIN_REFERENCE_FOREGROUND, QualityCurve
 from TuckerSegLib.models.nnunet_folder import load_model_folder
 from TuckerSegLib.pipeline.quality_target import REFERENCE_ENGINE, ValidationPatches, _run
 
@@ -32,14 +32,15 @@ from TuckerSegLib.pipeline.quality_target import REFERENCE_ENGINE, ValidationPat
 TORSO_GROUPS = ("rib", "costal", "sternum", "heart", "spinal_cord", "autochthon")
 
 
-def _found(labels: torch.Tensor, names: Dict[int, str], top: int, groups: Sequence[str]) -> dict:
-    """Foreground fraction of ``labels``, the ``top`` classes by voxels and the voxels of each group
-    of classes (names containing it), in percent of all voxels."""
+def _found(labels: torch.Tensor, foreground: float, judged: bool, names: Dict[int, str], top: int,
+           groups: Sequence[str]) -> dict:
+    """The source's foreground fraction and whether it counts (as the quality target has them), the
+    ``top`` classes by voxels and the voxels of each group of classes (names containing it), in
+    percent of all voxels."""
     counts = torch.bincount(labels.reshape(-1).long(), minlength=max(names) + 1).double()
     total = float(counts.sum())
     order = [int(c) for c in torch.argsort(counts[1:], descending=True)[:top] + 1 if counts[c] > 0]
-    fg = float(counts[1:].sum()) / total
-    return {"foreground": round(fg, 6), "counts": fg >= MIN_REFERENCE_FOREGROUND,
+    return {"foreground": foreground, "counts": judged,
             "classes_found": int((counts[1:] > 0).sum()),
             "top": {names.get(c, str(c)): round(100 * float(counts[c]) / total, 4) for c in order},
             "groups": {g: round(100 * sum(float(counts[c]) for c, n in names.items() if c and g in n) / total, 4)
@@ -51,9 +52,12 @@ def measure(folder: Path, ct: Sequence[str], top: int, groups: Sequence[str]) ->
     out = {}
     for anatomy in ("abdomen", "torso"):
         data = ValidationPatches(model, tuple(ct) if anatomy == "torso" else (), torso=anatomy == "torso")
-        labels, seconds, _ = _run(model.network, model, data.patches, torch.device("cpu"), engine=REFERENCE_ENGINE)
+        labels, _, _ = _run(model.network, model, data.patches, torch.device("cpu"), engine=REFERENCE_ENGINE)
+        foreground = data.foreground(labels)
+        judged = QualityCurve(data.description, reference_foreground=foreground).judged_sources()
         for name, rows in data.sources:
-            out[f"{anatomy} phantoms" if name == "phantoms" else name] = _found(labels[rows], model.label_names, top, groups)
+            out[f"{anatomy} phantoms" if name == "phantoms" else name] = _found(
+                labels[rows], foreground[name], name in judged, model.label_names, top, groups)
     return out
 
 

@@ -182,7 +182,7 @@ def make_phantom(seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE,
     rim = (labels == 6) & ~ndimage.binary_erosion(labels == 6, iterations=1)
     image[rim] = u(700, 900)
     if torso:
-        for label in range(9, 15):
+        for label in sorted(set(TORSO_LABEL_NAMES) - set(LABEL_NAMES)):
             image[labels == label] = muscle_hu + torso_hu[label] if label == 14 else torso_hu[label]
         for label in (10, 12):  # cortical bone on the surface of ribs and sternum
             bone = labels == label

@@ -35,7 +35,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -165,6 +165,10 @@ class ValidationPatches:
         for i, path in enumerate(self.cts):
             out.append((Path(path).name, slice(n + i * PATCHES_PER_CT, n + (i + 1) * PATCHES_PER_CT)))
         return out
+
+    def foreground(self, labels: torch.Tensor) -> Dict[str, float]:
+        """The fraction of each source's voxels that ``labels`` (on ``patches``) call foreground."""
+        return {name: round(float((labels[rows] > 0).float().mean()), 6) for name, rows in self.sources}
 
     @property
     def patches(self) -> torch.Tensor:
@@ -352,8 +356,7 @@ def choose_for_target(model_folder: Union[str, Path], spec: CompressionSpec, fol
             labels, seconds = _reference(model, data, key, cache, device, progress)
             reference.append(labels)
             curve.reference_seconds_per_patch = seconds
-            curve.reference_foreground = {name: round(float((labels[rows] > 0).float().mean()), 6)
-                                          for name, rows in data.sources}
+            curve.reference_foreground = data.foreground(labels)
         return reference[0]
 
     def measured(network: nn.Module, precision: str = "f32", engine_cache: Optional[Path] = None
