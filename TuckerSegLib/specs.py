@@ -151,6 +151,13 @@ class CompressionSpec:
         return asdict(self)
 
 
+def default_compression() -> CompressionSpec:
+    """What every front end runs when neither a ratio nor a target is named: the quality target
+    ``DEFAULT_MIN_AGREEMENT`` (the command line, the Python API, ``pipeline.segment`` and batch
+    agree on it)."""
+    return CompressionSpec(ratio=1.0, min_agreement=DEFAULT_MIN_AGREEMENT)
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """How to run a network: engine, precision, layer forms and device (see ``engines``).

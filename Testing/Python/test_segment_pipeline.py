@@ -182,6 +182,24 @@ def test_quality_target_is_the_default_and_an_unmet_target_runs_the_original(sto
         compression_spec(ratio=0.5, min_agreement=0.9)
 
 
+def test_every_entry_point_defaults_to_the_quality_target():
+    """Neither a ratio nor a target named: the command line, the Python API, ``pipeline.segment``
+    and batch all run the default quality target (``pipeline.segment`` once defaulted to ratio 0.5)."""
+    import inspect
+
+    from TuckerSegLib.cohort.options import SegmentOptions
+    from TuckerSegLib.pipeline.segment import compression_spec, segment, segment_api
+    from TuckerSegLib.specs import DEFAULT_MIN_AGREEMENT, default_compression
+
+    target = default_compression()
+    assert target.is_target and target.min_agreement == DEFAULT_MIN_AGREEMENT and not target.is_original
+    assert compression_spec() == target  # the command line's and the API's spec without --ratio
+    assert SegmentOptions().compression == target
+    assert inspect.signature(segment).parameters["compression"].default is None
+    assert inspect.signature(segment_api).parameters["ratio"].default is None
+    assert inspect.signature(segment_api).parameters["min_agreement"].default is None
+
+
 @pytest.mark.slow
 def test_first_run_of_a_target_runs_the_original_and_measures_the_curve_in_the_background(
         stock_fast, shared_data, tmp_path):

@@ -10,14 +10,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from TuckerSegLib.errors import InputError
-from TuckerSegLib.specs import CompressionSpec, RunSpec, check_mode
+from TuckerSegLib.specs import CompressionSpec, RunSpec, check_mode, default_compression
 
 
 @dataclass(frozen=True)
 class SegmentOptions:
     """The ``segment`` options every case of a batch runs with."""
 
-    compression: CompressionSpec = field(default_factory=CompressionSpec)
+    compression: CompressionSpec = field(default_factory=default_compression)
     run: RunSpec = field(default_factory=RunSpec)
     task: str = "total"
     fast: bool = False

@@ -25,7 +25,8 @@ from TuckerSegLib.inputs import check_input
 from TuckerSegLib.pipeline.lazy_imports import defer_training_imports
 from TuckerSegLib.pipeline.predictor_hook import compressed_predictors
 from TuckerSegLib.progress import JsonProgress, NullProgress, Progress
-from TuckerSegLib.specs import DEFAULT_MIN_AGREEMENT, INT8_MIN_AGREEMENT, CompressionSpec, RunSpec, check_mode
+from TuckerSegLib.specs import (DEFAULT_MIN_AGREEMENT, INT8_MIN_AGREEMENT, CompressionSpec, RunSpec, check_mode,
+                                default_compression)
 
 # before anything imports TotalSegmentator's pipeline (which imports nnU-Net's trainer)
 defer_training_imports()
@@ -194,7 +195,7 @@ def last_model_started(event: dict) -> bool:
 
 
 def segment(input: Union[str, Path], output: Union[str, Path],
-            compression: CompressionSpec = CompressionSpec(), run: RunSpec = RunSpec(), *,
+            compression: Optional[CompressionSpec] = None, run: RunSpec = RunSpec(), *,
             task: str = "total", mode: str = "default", roi_subset: Optional[Sequence[str]] = None,
             ml: Optional[bool] = None, cache_dir: Optional[Union[str, Path]] = None,
             progress: Optional[Progress] = None, allow_download: bool = True, quiet: bool = False,
@@ -202,8 +203,9 @@ def segment(input: Union[str, Path], output: Union[str, Path],
             **totalseg_kwargs: Any) -> SegmentResult:
     """Segment ``input`` (NIfTI file or DICOM folder) into ``output`` with compressed networks.
 
-    ``compression`` says which networks run (ratio 1.0 = stock TotalSegmentator; see
-    ``TuckerSegLib.compression``), ``run`` how (engine, precision, layer forms, device; see
+    ``compression`` says which networks run (ratio 1.0 = stock TotalSegmentator; None: the
+    default quality target, as on the command line; see ``TuckerSegLib.compression``), ``run``
+    how (engine, precision, layer forms, device; see
     ``TuckerSegLib.engines``); both were validated where they were built. ``mode`` is
     TotalSegmentator's resolution (default, fast, fastest). Other TotalSegmentator options
     (``statistics``, ``body_seg``, ``nr_thr_resamp``, ...) pass through ``totalseg_kwargs``.
@@ -230,6 +232,7 @@ def segment(input: Union[str, Path], output: Union[str, Path],
         raise TypeError(f"segment() does not take {', '.join(sorted(unknown | given_twice))}: plain options "
                         f"(ratio, policy, fast, device, engine, ...) go to TuckerSegLib.segment")
     progress = progress or NullProgress()
+    compression = compression or default_compression()
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
     fast, fastest = mode == "fast", mode == "fastest"
