@@ -1,5 +1,4 @@
 """Network surgery, rank policies and cost accounting on real nnU-Net architectures."""
-import math
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ cancel reaches a running prediction between two patches.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
