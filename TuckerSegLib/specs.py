@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, replace
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 from TuckerSegLib.errors import InputError
 
@@ -151,11 +151,19 @@ class CompressionSpec:
         return asdict(self)
 
 
-def default_compression() -> CompressionSpec:
-    """What every front end runs when neither a ratio nor a target is named: the quality target
-    ``DEFAULT_MIN_AGREEMENT`` (the command line, the Python API, ``pipeline.segment`` and batch
-    agree on it)."""
-    return CompressionSpec(ratio=1.0, min_agreement=DEFAULT_MIN_AGREEMENT)
+def compression_spec(ratio: Optional[float] = None, min_agreement: Optional[float] = None,
+                     policy: str = "budget", validate_on: Sequence[Union[str, os.PathLike]] = (),
+                     quality_search: str = "now") -> CompressionSpec:
+    """The spec of ``--ratio`` or ``--min-agreement`` (one of them; neither: the default target
+    ``DEFAULT_MIN_AGREEMENT``, which the command line, the Python API, ``pipeline.segment``, batch
+    and the Slicer module all run); ``quality_search``: what a target does before its curve is
+    measured (``SEARCH_MODES``)."""
+    if ratio is not None and min_agreement is not None:
+        raise InputError("give either a ratio or a minimum agreement, not both")
+    if ratio is None and min_agreement is None:
+        min_agreement = DEFAULT_MIN_AGREEMENT
+    return CompressionSpec(ratio=1.0 if ratio is None else ratio, policy=policy, min_agreement=min_agreement,
+                           validate_on=tuple(str(p) for p in validate_on), search=quality_search)
 
 
 @dataclass(frozen=True)

@@ -175,7 +175,7 @@ def test_quality_target_is_the_default_and_an_unmet_target_runs_the_original(sto
     # measured points (paper factorises every conv: on thin test layers that can cost more MACs than
     # the original, which the target never chooses: only fractions up to 90 % count)
     assert entry["points"] and all(p["macs_fraction"] > 0 and 0 <= p["agreement"] <= 1 for p in entry["points"])
-    from TuckerSegLib.pipeline.segment import compression_spec
+    from TuckerSegLib.specs import compression_spec
 
     assert compression_spec().min_agreement == 0.95 and compression_spec(ratio=0.5).min_agreement is None
     with pytest.raises(Exception, match="not both"):
@@ -188,12 +188,11 @@ def test_every_entry_point_defaults_to_the_quality_target():
     import inspect
 
     from TuckerSegLib.cohort.options import SegmentOptions
-    from TuckerSegLib.pipeline.segment import compression_spec, segment, segment_api
-    from TuckerSegLib.specs import DEFAULT_MIN_AGREEMENT, default_compression
+    from TuckerSegLib.pipeline.segment import segment, segment_api
+    from TuckerSegLib.specs import DEFAULT_MIN_AGREEMENT, compression_spec
 
-    target = default_compression()
+    target = compression_spec()  # the command line's and the API's spec without --ratio
     assert target.is_target and target.min_agreement == DEFAULT_MIN_AGREEMENT and not target.is_original
-    assert compression_spec() == target  # the command line's and the API's spec without --ratio
     assert SegmentOptions().compression == target
     assert inspect.signature(segment).parameters["compression"].default is None
     assert inspect.signature(segment_api).parameters["ratio"].default is None

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from TuckerSegLib.errors import Cancelled, InputError, TuckerSegError
-from TuckerSegLib.specs import (DEFAULT_MIN_AGREEMENT, DEVICES, ENGINES, MODES, POLICIES, CompressionSpec,
-                                RunSpec)
+from TuckerSegLib.specs import (DEFAULT_MIN_AGREEMENT, DEVICES, ENGINES, MODES, POLICIES, RunSpec,
+                                compression_spec)
 
 from . import segmentation_import, structures, terminology, volume_io
 from .warm_worker import WarmWorker
@@ -62,12 +62,7 @@ class SegmentationRequest:
 
     def check(self) -> "SegmentationRequest":
         """Validate with the core's own specs (the same checks and messages as the command line)."""
-        if self.ratio is not None and self.min_agreement is not None:
-            raise InputError("give either a ratio or a minimum agreement, not both")
-        if self.ratio is None and self.min_agreement is None:
-            self.min_agreement = DEFAULT_MIN_AGREEMENT
-        compression = CompressionSpec(ratio=1.0 if self.ratio is None else self.ratio, policy=self.policy,
-                                      min_agreement=self.min_agreement)
+        compression = compression_spec(self.ratio, self.min_agreement, self.policy)
         run = RunSpec(engine=self.engine, device=self.device)
         if self.ratio is not None:
             self.ratio = compression.ratio

@@ -7,7 +7,7 @@ from typing import Optional
 
 from TuckerSegLib.progress import JsonProgress, Progress
 from TuckerSegLib.specs import (DEFAULT_MIN_AGREEMENT, ENGINES, INT8_MIN_AGREEMENT, LAYER_FORMS, POLICIES,
-                                PRECISION_CHOICES, SEARCH_MODES, RunSpec, check_mode)
+                                PRECISION_CHOICES, SEARCH_MODES, RunSpec, check_mode, compression_spec)
 
 HELP = "segment a CT with compressed TotalSegmentator models"
 
@@ -97,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, progress: Progress) -> int:
-    from TuckerSegLib.pipeline.segment import compression_spec, segment
+    from TuckerSegLib.pipeline.segment import segment
 
     # With JSON events on stdout, TotalSegmentator's own prints go to stderr (quiet mode).
     quiet = bool(args.quiet or isinstance(progress, JsonProgress))

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Union
 from TuckerSegLib.cohort.cases import Case, collect_cases
 from TuckerSegLib.cohort.options import ClusterOptions, SegmentOptions
 from TuckerSegLib.progress import Progress
-from TuckerSegLib.specs import RunSpec
+from TuckerSegLib.specs import RunSpec, compression_spec
 
 __all__ = ["batch", "Case", "collect_cases", "ClusterOptions", "SegmentOptions"]
 
@@ -44,7 +44,6 @@ def batch(inputs: Union[str, Path, Iterable[Union[str, Path]]], outdir: Union[st
     on unusable input or options; ``Cancelled`` when interrupted (rerun to continue).
     """
     from TuckerSegLib.cohort.runner import run_batch
-    from TuckerSegLib.pipeline.segment import compression_spec
 
     options = SegmentOptions(
         compression=compression_spec(ratio, min_agreement, policy, validate_on),

@@ -10,14 +10,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from TuckerSegLib.errors import InputError
-from TuckerSegLib.specs import CompressionSpec, RunSpec, check_mode, default_compression
+from TuckerSegLib.specs import CompressionSpec, RunSpec, check_mode, compression_spec
 
 
 @dataclass(frozen=True)
 class SegmentOptions:
     """The ``segment`` options every case of a batch runs with."""
 
-    compression: CompressionSpec = field(default_factory=default_compression)
+    compression: CompressionSpec = field(default_factory=compression_spec)
     run: RunSpec = field(default_factory=RunSpec)
     task: str = "total"
     fast: bool = False

@@ -25,8 +25,7 @@ from TuckerSegLib.inputs import check_input
 from TuckerSegLib.pipeline.lazy_imports import defer_training_imports
 from TuckerSegLib.pipeline.predictor_hook import compressed_predictors
 from TuckerSegLib.progress import JsonProgress, NullProgress, Progress
-from TuckerSegLib.specs import (DEFAULT_MIN_AGREEMENT, INT8_MIN_AGREEMENT, CompressionSpec, RunSpec, check_mode,
-                                default_compression)
+from TuckerSegLib.specs import INT8_MIN_AGREEMENT, CompressionSpec, RunSpec, check_mode, compression_spec
 
 # before anything imports TotalSegmentator's pipeline (which imports nnU-Net's trainer)
 defer_training_imports()
@@ -232,7 +231,7 @@ def segment(input: Union[str, Path], output: Union[str, Path],
         raise TypeError(f"segment() does not take {', '.join(sorted(unknown | given_twice))}: plain options "
                         f"(ratio, policy, fast, device, engine, ...) go to TuckerSegLib.segment")
     progress = progress or NullProgress()
-    compression = compression or default_compression()
+    compression = compression or compression_spec()
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
     fast, fastest = mode == "fast", mode == "fastest"
@@ -322,19 +321,6 @@ def segment(input: Union[str, Path], output: Union[str, Path],
     progress.update(1.0, "done", stage="predict")
     progress.result(result.to_event())
     return result
-
-
-def compression_spec(ratio: Optional[float] = None, min_agreement: Optional[float] = None,
-                     policy: str = "budget", validate_on: Sequence[Union[str, Path]] = (),
-                     quality_search: str = "now") -> CompressionSpec:
-    """The spec of ``--ratio`` or ``--min-agreement`` (one of them; neither: the default target);
-    ``quality_search``: what a target does before its curve is measured (``specs.SEARCH_MODES``)."""
-    if ratio is not None and min_agreement is not None:
-        raise InputError("give either a ratio or a minimum agreement, not both")
-    if ratio is None and min_agreement is None:
-        min_agreement = DEFAULT_MIN_AGREEMENT
-    return CompressionSpec(ratio=1.0 if ratio is None else ratio, policy=policy, min_agreement=min_agreement,
-                           validate_on=tuple(str(p) for p in validate_on), search=quality_search)
 
 
 def segment_api(input: Union[str, Path], output: Union[str, Path], ratio: Optional[float] = None,
