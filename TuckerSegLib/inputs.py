@@ -2,19 +2,26 @@
 
 Why: TotalSegmentator and nnU-Net fail on bad input deep inside worker processes (or call
 ``sys.exit``), with tracebacks that do not say what is wrong with the file. These checks are cheap
-(header plus one pass over the voxels, slab by slab) and name the problem.
+(header plus one pass over the voxels, slab by slab) and name the problem. An image of the wrong
+modality does not fail at all: a CT network segments an MR image (or a CT stored without its
+rescale intercept) into confident nonsense, so ``check_modality`` refuses what cannot be a CT.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
 from TuckerSegLib.errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# A CT in Hounsfield units shows air (about -1000 HU) or lung (-500 and below) somewhere; fat alone
+# reaches about -190. MR and PET images, and CTs stored without their rescale intercept, have no
+# voxel this low.
+CT_LOWEST_HU_AT_MOST = -200.0
+DICOM_MODALITY_TAG = "0008|0060"
 
 
 @dataclass(frozen=True)
@@ -25,9 +32,11 @@ class CheckedInput:
     kind: str
     shape: Tuple[int, ...]
     spacing: Tuple[float, ...]
+    value_range: Tuple[float, float] = (float("-inf"), float("inf"))  # lowest and highest voxel value
+    modality: Optional[str] = None  # a DICOM series' Modality tag (CT, MR, PT, ...); None for NIfTI
 
 
-def _check_voxels(shape: Tuple[int, ...], slabs, where: str) -> None:
+def _check_voxels(shape: Tuple[int, ...], slabs, where: str) -> Tuple[float, float]:
     if len(shape) != 3:
         raise InputError(f"{where} is a {len(shape)}D image with shape {tuple(shape)}; a 3D CT is needed")
     if min(shape) < 1:
@@ -41,6 +50,7 @@ def _check_voxels(shape: Tuple[int, ...], slabs, where: str) -> None:
             lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
     if lo == hi:
         raise InputError(f"{where} is empty: every voxel has the value {lo:g}")
+    return lo, hi
 
 
 def _check_nifti(path: Path) -> CheckedInput:
@@ -53,11 +63,12 @@ def _check_nifti(path: Path) -> CheckedInput:
     except Exception as exc:
         raise InputError(f"{path} is not a readable NIfTI image ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:120]})") from None
+    value_range = (float("-inf"), float("inf"))
     if len(shape) == 3:
         step = max(1, 2 ** 24 // max(1, shape[0] * shape[1]))  # ~16 M voxels per slab
         try:
             slabs = (img.dataobj[:, :, k:k + step] for k in range(0, shape[2], step))
-            _check_voxels(shape, slabs, str(path))
+            value_range = _check_voxels(shape, slabs, str(path))
         except InputError:
             raise
         except Exception as exc:  # truncated or corrupt data
@@ -67,7 +78,7 @@ def _check_nifti(path: Path) -> CheckedInput:
         _check_voxels(shape, [], str(path))
     if any(not np.isfinite(z) or z <= 0 for z in zooms):
         raise InputError(f"{path} has invalid voxel spacing {zooms}")
-    return CheckedInput(path, "nifti", shape, zooms)
+    return CheckedInput(path, "nifti", shape, zooms, value_range)
 
 
 def _check_dicom(path: Path) -> CheckedInput:
@@ -87,14 +98,18 @@ def _check_dicom(path: Path) -> CheckedInput:
     try:
         files = reader.GetGDCMSeriesFileNames(str(path), series[0])
         reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()  # for the Modality tag
         image = reader.Execute()
     except Exception as exc:
         raise InputError(f"the DICOM series in {path} cannot be read ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:120]})") from None
     array = sitk.GetArrayViewFromImage(image)
     shape = tuple(int(s) for s in image.GetSize())
-    _check_voxels(shape if image.GetDimension() == 3 else tuple(array.shape), [array], str(path))
-    return CheckedInput(path, "dicom", shape, tuple(float(s) for s in image.GetSpacing()))
+    value_range = _check_voxels(shape if image.GetDimension() == 3 else tuple(array.shape), [array], str(path))
+    modality = None
+    if reader.HasMetaDataKey(0, DICOM_MODALITY_TAG):
+        modality = reader.GetMetaData(0, DICOM_MODALITY_TAG).strip().upper() or None
+    return CheckedInput(path, "dicom", shape, tuple(float(s) for s in image.GetSpacing()), value_range, modality)
 
 
 def check_input(path: Union[str, Path]) -> CheckedInput:
@@ -107,3 +122,23 @@ def check_input(path: Union[str, Path]) -> CheckedInput:
     if not str(p).lower().endswith(NIFTI_SUFFIXES):
         raise InputError(f"{p} is neither a NIfTI file (.nii, .nii.gz) nor a DICOM folder")
     return _check_nifti(p)
+
+
+def check_modality(checked: CheckedInput, modality: str, purpose: str) -> None:
+    """Refuse an image that cannot be of ``modality`` ("CT" or "MR") for ``purpose`` (e.g. "task
+    'total'"): a DICOM series whose Modality tag says otherwise, or, for CT, an image without a
+    voxel at or below ``CT_LOWEST_HU_AT_MOST`` (no air, no lung: not in Hounsfield units).
+
+    Why: nothing downstream fails on the wrong modality; the networks return plausible-looking
+    labels. MR images are only checked by their tag: their intensities have no fixed scale.
+    """
+    modality = modality.upper()
+    if checked.modality and checked.modality != modality:
+        raise InputError(f"{checked.path} is a DICOM series of modality {checked.modality} (its Modality "
+                         f"tag), but {purpose} segments {modality} images")
+    lowest, highest = checked.value_range
+    if modality == "CT" and lowest > CT_LOWEST_HU_AT_MOST:
+        raise InputError(f"{checked.path} does not look like a CT in Hounsfield units: its values run from "
+                         f"{lowest:.4g} to {highest:.4g}, with no air or lung (nothing at or below "
+                         f"{CT_LOWEST_HU_AT_MOST:g} HU); {purpose} needs a CT in HU (an MR image needs an MR "
+                         f"task such as total_mr; a CT stored without its rescale intercept needs it applied)")

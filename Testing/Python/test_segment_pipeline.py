@@ -295,9 +295,22 @@ def _write(path: Path, data: np.ndarray, affine=None) -> Path:
     return path
 
 
+def _mr_dicom(ct_dicom: Path, folder: Path) -> Path:
+    """The shared DICOM CT series with its Modality tag set to MR (HU pixels, so only the tag
+    tells)."""
+    pydicom = pytest.importorskip("pydicom")
+    folder.mkdir()
+    for f in sorted(ct_dicom.iterdir()):
+        ds = pydicom.dcmread(str(f))
+        ds.Modality = "MR"
+        ds.save_as(str(folder / f.name))
+    return folder
+
+
 def _bad_inputs(tmp: Path, ct: Path):
     """(name, extra CLI args, expected fragment of the one-line error)."""
     vol = np.random.default_rng(0).normal(0, 100, (20, 20, 20)).astype(np.float32)
+    mr = np.abs(vol) * 4 + 20  # MR-like: non-negative intensities, no air in HU
     nan = vol.copy()
     nan[3, 4, 5] = np.nan
     (tmp / "text.nii.gz").write_text("not an image")
@@ -314,6 +327,9 @@ def _bad_inputs(tmp: Path, ct: Path):
         ("nan", ["-i", _write(tmp / "nan.nii.gz", nan)], "NaN"),
         ("constant", ["-i", _write(tmp / "const.nii.gz", np.zeros((20, 20, 20), np.float32))], "empty"),
         ("no_dicom", ["-i", tmp / "readonly"], "without a DICOM series"),
+        ("mr", ["-i", _write(tmp / "mr.nii.gz", mr)], "does not look like a CT in Hounsfield units"),
+        ("mr_dicom", ["-i", _mr_dicom(ct.parent / "example_ct_dicom", tmp / "mr_dicom")],
+         "modality MR (its Modality tag), but task 'total' segments CT"),
         ("task", ["-i", ct, "--task", "no_such_task"], "unknown task"),
         ("ratio", ["-i", ct, "--ratio", "1.5"], "ratio must be in"),
         ("ratio0", ["-i", ct, "--ratio", "0"], "ratio must be in"),
@@ -346,6 +362,28 @@ def test_dicom_folder_is_accepted(shared_data):
 
     checked = check_input(shared_data / "example_ct_dicom")
     assert checked.kind == "dicom" and len(checked.shape) == 3 and min(checked.shape) > 1
+    assert checked.modality == "CT" and checked.value_range[0] < -900  # rescaled to HU: air
+
+
+def test_only_images_that_can_be_ct_reach_a_ct_task(shared_data, tmp_path):
+    """The modality check: a real CT passes; an MR-like image (no voxel in air's or lung's HU
+    range) and a raw CT without its rescale intercept are refused for CT tasks; MR tasks take
+    them; TotalSegmentator's registry says which task is which."""
+    from TuckerSegLib.errors import InputError
+    from TuckerSegLib.inputs import check_input, check_modality
+    from TuckerSegLib.models.totalseg import task_modality
+
+    assert task_modality("total") == "CT" and task_modality("total_mr") == "MR"
+    real = check_input(shared_data / "example_ct_sm.nii.gz")
+    check_modality(real, "CT", "task 'total'")
+    hu = np.asarray(nib.load(str(shared_data / "example_ct_sm.nii.gz")).dataobj).astype(np.int32)
+    raw = np.clip(hu + 1024, 0, None).astype(np.uint16)  # stored values, intercept -1024 not applied
+    for name, data in (("mr", np.random.default_rng(1).gamma(2.0, 150.0, (24, 24, 24)).astype(np.float32)),
+                       ("raw", raw)):
+        checked = check_input(_write(tmp_path / f"{name}.nii.gz", data))
+        with pytest.raises(InputError, match=r"does not look like a CT in Hounsfield units: its values run from"):
+            check_modality(checked, "CT", "task 'total'")
+        check_modality(checked, "MR", "task 'total_mr'")
 
 
 def test_missing_weights_offline_one_line(shared_data, tmp_path):

@@ -27,18 +27,21 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def check_ct(path: Union[str, Path]) -> Path:
-    """An existing, readable, finite, non-constant 3-D NIfTI image, or a one-line ``InputError``.
+    """An existing, readable, finite, non-constant 3-D NIfTI CT in Hounsfield units, or a one-line
+    ``InputError``.
 
-    The checks are the pipeline's (``pipeline.inputs.check_input``); nnU-Net's reader would fail
-    on bad files deep inside, with tracebacks that do not name the problem. DICOM folders are
-    refused here because the model's NIfTI reader preprocesses the training data.
+    The checks are the pipeline's (``inputs.check_input``, ``inputs.check_modality``); nnU-Net's
+    reader would fail on bad files deep inside, with tracebacks that do not name the problem, and
+    an MR image would pass silently as calibration or validation data of a CT network. DICOM
+    folders are refused here because the model's NIfTI reader preprocesses the training data.
     """
-    from TuckerSegLib.inputs import check_input
+    from TuckerSegLib.inputs import check_input, check_modality
 
     checked = check_input(path)
     if checked.kind != "nifti":
         raise InputError(f"{checked.path} is a DICOM folder; convert it to NIfTI (.nii.gz) for "
                          f"calibration and fine-tuning")
+    check_modality(checked, "CT", "calibrating, validating or fine-tuning a CT network")
     return checked.path
 
 

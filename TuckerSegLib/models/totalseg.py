@@ -57,6 +57,16 @@ def task_models(task: str = "total", fast: bool = False, fastest: bool = False) 
                       plans=cfg.get("plans") or PLANS, configuration=cfg.get("model") or CONFIGURATION)
 
 
+def task_modality(task: str) -> str:
+    """"CT" or "MR": the images a TotalSegmentator task segments, by its own registry where it has
+    one (recent versions), else by its naming rule (MR tasks end in ``_mr``)."""
+    try:
+        from totalsegmentator.registry import task_modality as registry_modality
+    except ImportError:
+        return "MR" if task.endswith("_mr") else "CT"
+    return registry_modality(task)
+
+
 def dataset_folder_name(dataset_id: int) -> str:
     """The folder name TotalSegmentator downloads a dataset id into."""
     from totalsegmentator.map_tasks_config import TASK_ID_WEIGHTS_CONFIGS

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from TuckerSegLib.devices import resolve_device
 from TuckerSegLib.errors import InputError, TuckerSegError
-from TuckerSegLib.inputs import check_input
+from TuckerSegLib.inputs import check_input, check_modality
 from TuckerSegLib.pipeline.lazy_imports import defer_training_imports
 from TuckerSegLib.pipeline.predictor_hook import compressed_predictors
 from TuckerSegLib.progress import JsonProgress, NullProgress, Progress
@@ -215,7 +215,7 @@ def segment(input: Union[str, Path], output: Union[str, Path],
     prepared networks for a later ``segment`` in this process; a one-shot process passes False
     and frees each network once it has predicted (``total`` then holds one of its five at a time).
     """
-    from TuckerSegLib.models.totalseg import ensure_weights
+    from TuckerSegLib.models.totalseg import ensure_weights, task_modality
 
     import inspect
 
@@ -248,6 +248,7 @@ def segment(input: Union[str, Path], output: Union[str, Path],
     output = Path(output).expanduser().absolute()
     trainers = models_needed(task, mode, roi_subset, bool(totalseg_kwargs.get("robust_crop")),
                              bool(totalseg_kwargs.get("body_seg")))  # refuses an unknown task
+    check_modality(checked, task_modality(task), f"task {task!r}")
     labels = _labels(task, roi_subset)
     ts_device = resolve_device(run.device)
     tmp = _prepare_output(output, ml)
