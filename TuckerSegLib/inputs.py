@@ -125,19 +125,21 @@ def check_input(path: Union[str, Path]) -> CheckedInput:
 
 
 def check_modality(checked: CheckedInput, modality: str, purpose: str) -> None:
-    """Refuse an image that cannot be of ``modality`` ("CT" or "MR") for ``purpose`` (e.g. "task
-    'total'"): a DICOM series whose Modality tag says otherwise, or, for CT, an image without a
-    voxel at or below ``CT_LOWEST_HU_AT_MOST`` (no air, no lung: not in Hounsfield units).
+    """Refuse an image that cannot be a CT when ``modality`` (of ``purpose``, e.g. "task 'total'")
+    is "CT": a DICOM series whose Modality tag says otherwise, or an image without a voxel at or
+    below ``CT_LOWEST_HU_AT_MOST`` (no air, no lung: not in Hounsfield units).
 
-    Why: nothing downstream fails on the wrong modality; the networks return plausible-looking
-    labels. MR images are only checked by their tag: their intensities have no fixed scale.
+    Why: nothing downstream fails on the wrong modality; a CT network labels an MR image without
+    complaint. "MR" checks nothing: TotalSegmentator's MR models were trained on MR and CT, and MR
+    intensities have no fixed scale.
     """
-    modality = modality.upper()
-    if checked.modality and checked.modality != modality:
+    if modality.upper() != "CT":
+        return
+    if checked.modality and checked.modality != "CT":
         raise InputError(f"{checked.path} is a DICOM series of modality {checked.modality} (its Modality "
-                         f"tag), but {purpose} segments {modality} images")
+                         f"tag), but {purpose} segments CT images")
     lowest, highest = checked.value_range
-    if modality == "CT" and lowest > CT_LOWEST_HU_AT_MOST:
+    if lowest > CT_LOWEST_HU_AT_MOST:
         raise InputError(f"{checked.path} does not look like a CT in Hounsfield units: its values run from "
                          f"{lowest:.4g} to {highest:.4g}, with no air or lung (nothing at or below "
                          f"{CT_LOWEST_HU_AT_MOST:g} HU); {purpose} needs a CT in HU (an MR image needs an MR "
