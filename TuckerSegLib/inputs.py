@@ -32,7 +32,7 @@ class CheckedInput:
     kind: str
     shape: Tuple[int, ...]
     spacing: Tuple[float, ...]
-    value_range: Tuple[float, float] = (float("-inf"), float("inf"))  # lowest and highest voxel value
+    value_range: Tuple[float, float]  # lowest and highest voxel value
     modality: Optional[str] = None  # a DICOM series' Modality tag (CT, MR, PT, ...); None for NIfTI
 
 
@@ -63,19 +63,17 @@ def _check_nifti(path: Path) -> CheckedInput:
     except Exception as exc:
         raise InputError(f"{path} is not a readable NIfTI image ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:120]})") from None
-    value_range = (float("-inf"), float("inf"))
-    if len(shape) == 3:
-        step = max(1, 2 ** 24 // max(1, shape[0] * shape[1]))  # ~16 M voxels per slab
-        try:
-            slabs = (img.dataobj[:, :, k:k + step] for k in range(0, shape[2], step))
-            value_range = _check_voxels(shape, slabs, str(path))
-        except InputError:
-            raise
-        except Exception as exc:  # truncated or corrupt data
-            raise InputError(f"{path} cannot be read ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:120]})") from None
-    else:
-        _check_voxels(shape, [], str(path))
+    if len(shape) != 3:
+        _check_voxels(shape, [], str(path))  # raises: not a 3D image
+    step = max(1, 2 ** 24 // max(1, shape[0] * shape[1]))  # ~16 M voxels per slab
+    try:
+        slabs = (img.dataobj[:, :, k:k + step] for k in range(0, shape[2], step))
+        value_range = _check_voxels(shape, slabs, str(path))
+    except InputError:
+        raise
+    except Exception as exc:  # truncated or corrupt data
+        raise InputError(f"{path} cannot be read ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:120]})") from None
     if any(not np.isfinite(z) or z <= 0 for z in zooms):
         raise InputError(f"{path} has invalid voxel spacing {zooms}")
     return CheckedInput(path, "nifti", shape, zooms, value_range)
